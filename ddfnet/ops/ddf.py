@@ -1,0 +1,218 @@
+"""The DDF operation as a PyTorch custom operator.
+
+Two operators live in the ``ddfnet`` namespace:
+
+* ``torch.ops.ddfnet.ddf(input, channel_filter, spatial_filter, kernel_size, dilation, stride,
+  kernel_combine) -> Tensor``
+* ``torch.ops.ddfnet.ddf_backward(grad_output, input, channel_filter, spatial_filter, kernel_size,
+  dilation, stride, kernel_combine) -> (grad_input, grad_channel_filter, grad_spatial_filter)``
+
+Both have fake (meta) implementations, and the forward has a ``register_autograd`` formula that calls
+the backward operator, so ``torch.library.opcheck`` passes and ``torch.compile(fullgraph=True)`` traces
+through them without graph breaks.
+
+Dispatch point. :func:`kernels_for` is the single place that decides which implementation runs for a
+device type. Native kernels (``csrc/``) plug in with :func:`register_kernels`; every device without a
+registered native kernel uses the pure-PyTorch reference in :mod:`ddfnet.ops.reference`, and says so
+once with a :class:`DDFSlowPathWarning`.
+
+Autocast rule. :func:`ddf` (the public wrapper) follows autocast: if autocast is enabled for the
+device type of ``input`` (CUDA or CPU), all three tensors are cast to the autocast dtype and the op runs
+in that dtype, accumulating in float32; the output has the autocast dtype. Outside autocast the three
+tensors must share one dtype. (The original release silently cast float16 to float32; we do not.)
+Calling ``torch.ops.ddfnet.ddf`` directly bypasses the autocast rule.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
+
+from .reference import ddf_backward_reference, ddf_forward_reference, new_output, output_size
+
+__all__ = ['ddf', 'kernels_for', 'register_kernels', 'DDFSlowPathWarning', 'KERNEL_COMBINES']
+
+KERNEL_COMBINES = ('mul', 'add')
+_FLOATING = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+class DDFSlowPathWarning(UserWarning):
+    """Raised (once) when the DDF op falls back to the pure-PyTorch reference implementation."""
+
+
+@dataclass(frozen=True)
+class DDFKernels:
+    """A forward/backward pair with the signatures of the two ``ddfnet`` operators."""
+    forward: Callable[..., Tensor]
+    backward: Callable[..., tuple[Tensor, Tensor, Tensor]]
+    name: str
+
+
+REFERENCE = DDFKernels(ddf_forward_reference, ddf_backward_reference, 'reference')
+_native: dict[str, DDFKernels] = {}
+_warned: set[str] = set()
+
+
+def register_kernels(device_type: str, forward: Callable, backward: Callable, name: str = 'native') -> None:
+    """Plug a native forward/backward pair in for ``device_type`` ('cpu', 'cuda', ...)."""
+    _native[device_type] = DDFKernels(forward, backward, name)
+
+
+def kernels_for(device_type: str) -> DDFKernels:
+    """The dispatch point: the kernels the ``ddfnet`` ops run on ``device_type``."""
+    kernels = _native.get(device_type)
+    if kernels is not None:
+        return kernels
+    if device_type not in _warned:
+        _warned.add(device_type)
+        warnings.warn(f'ddfnet: no native DDF kernel for device type {device_type!r}; using the '
+                      'pure-PyTorch reference implementation (correct, but slower).',
+                      DDFSlowPathWarning, stacklevel=3)
+    return REFERENCE
+
+
+def _shape(t: Tensor) -> str:
+    return '(' + ', '.join(str(s) for s in t.shape) + ')'
+
+
+def _check_arg_types(input, channel_filter, spatial_filter, kernel_size, dilation, stride,
+                     kernel_combine) -> None:
+    # The dispatcher's own message for a wrong Python type does not name our argument, so check first.
+    for name, t in (('input', input), ('channel_filter', channel_filter), ('spatial_filter', spatial_filter)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f'ddf: {name} must be a Tensor, got {type(t).__name__}')
+    for name, value in (('kernel_size', kernel_size), ('dilation', dilation), ('stride', stride)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f'ddf: {name} must be an int, got {type(value).__name__}')
+    if not isinstance(kernel_combine, str):
+        raise TypeError(f"ddf: kernel_combine must be 'mul' or 'add', got {kernel_combine!r}")
+
+
+def check_ddf_args(input: Tensor, channel_filter: Tensor, spatial_filter: Tensor, kernel_size: int,
+                   dilation: int, stride: int, kernel_combine: str) -> None:
+    """Validate the op's arguments; raise ValueError/TypeError naming the argument and expected shape."""
+    _check_arg_types(input, channel_filter, spatial_filter, kernel_size, dilation, stride, kernel_combine)
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f'ddf: kernel_size must be a positive odd int, got {kernel_size}')
+    if dilation < 1:
+        raise ValueError(f'ddf: dilation must be >= 1, got {dilation}')
+    if stride < 1:
+        raise ValueError(f'ddf: stride must be >= 1, got {stride}')
+    if kernel_combine not in KERNEL_COMBINES:
+        raise ValueError(f"ddf: kernel_combine must be 'mul' or 'add', got {kernel_combine!r}")
+    tensors = (('input', input), ('channel_filter', channel_filter), ('spatial_filter', spatial_filter))
+    for name, t in tensors:
+        if t.dim() != 4:
+            raise ValueError(f'ddf: {name} must be 4-D, got shape {_shape(t)}')
+        if t.dtype not in _FLOATING:
+            raise TypeError(f'ddf: {name} must be float64/32/16 or bfloat16, got {t.dtype}')
+    if len({t.device for _, t in tensors}) != 1:
+        raise ValueError('ddf: input, channel_filter and spatial_filter must be on one device, got '
+                         + ', '.join(f'{n} on {t.device}' for n, t in tensors))
+    if len({t.dtype for _, t in tensors}) != 1:
+        raise TypeError('ddf: input, channel_filter and spatial_filter must share one dtype (outside '
+                        'autocast), got ' + ', '.join(f'{n} {t.dtype}' for n, t in tensors))
+    batch, channels, height, width = input.shape
+    k = kernel_size
+    if tuple(channel_filter.shape) != (batch, channels, k, k):
+        raise ValueError(f'ddf: channel_filter must have shape (B, C, k, k) = ({batch}, {channels}, '
+                         f'{k}, {k}) for input {_shape(input)}, got {_shape(channel_filter)}')
+    out_h, out_w = output_size(height, stride), output_size(width, stride)
+    if tuple(spatial_filter.shape) != (batch, k * k, out_h, out_w):
+        raise ValueError(f'ddf: spatial_filter must have shape (B, k*k, Ho, Wo) = ({batch}, {k * k}, '
+                         f'{out_h}, {out_w}) for input {_shape(input)} with stride {stride}, got '
+                         f'{_shape(spatial_filter)}')
+
+
+@torch.library.custom_op('ddfnet::ddf', mutates_args=())
+def _ddf_op(input: Tensor, channel_filter: Tensor, spatial_filter: Tensor, kernel_size: int,
+            dilation: int, stride: int, kernel_combine: str) -> Tensor:
+    check_ddf_args(input, channel_filter, spatial_filter, kernel_size, dilation, stride, kernel_combine)
+    forward = kernels_for(input.device.type).forward
+    return forward(input, channel_filter, spatial_filter, kernel_size, dilation, stride, kernel_combine)
+
+
+@_ddf_op.register_fake
+def _ddf_fake(input, channel_filter, spatial_filter, kernel_size, dilation, stride, kernel_combine):
+    check_ddf_args(input, channel_filter, spatial_filter, kernel_size, dilation, stride, kernel_combine)
+    return new_output(input, output_size(input.shape[2], stride), output_size(input.shape[3], stride),
+                      input.dtype)
+
+
+@torch.library.custom_op('ddfnet::ddf_backward', mutates_args=())
+def _ddf_backward_op(grad_output: Tensor, input: Tensor, channel_filter: Tensor, spatial_filter: Tensor,
+                     kernel_size: int, dilation: int, stride: int,
+                     kernel_combine: str) -> tuple[Tensor, Tensor, Tensor]:
+    backward = kernels_for(input.device.type).backward
+    return backward(grad_output, input, channel_filter, spatial_filter, kernel_size, dilation, stride,
+                    kernel_combine)
+
+
+@_ddf_backward_op.register_fake
+def _ddf_backward_fake(grad_output, input, channel_filter, spatial_filter, kernel_size, dilation, stride,
+                       kernel_combine):
+    return torch.empty_like(input), torch.empty_like(channel_filter), torch.empty_like(spatial_filter)
+
+
+def _setup_context(ctx, inputs, output):
+    input, channel_filter, spatial_filter, kernel_size, dilation, stride, kernel_combine = inputs
+    ctx.save_for_backward(input, channel_filter, spatial_filter)
+    ctx.args = (kernel_size, dilation, stride, kernel_combine)
+
+
+def _backward(ctx, grad_output):
+    input, channel_filter, spatial_filter = ctx.saved_tensors
+    grads = torch.ops.ddfnet.ddf_backward(grad_output, input, channel_filter, spatial_filter, *ctx.args)
+    return (*grads, None, None, None, None)
+
+
+_ddf_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.ddfnet.ddf)
+def _ddf_flops(input_shape, channel_filter_shape, spatial_filter_shape, kernel_size, dilation, stride,
+               kernel_combine, out_shape=None, **kwargs) -> int:
+    # Per output element and tap: one op to combine the two filters, one multiply, one add = 3 FLOPs
+    # (1.5 MACs). Counting only the multiply-add (as SPEC §3's "0.012 GMACs" does) would give 2 FLOPs.
+    batch, channels = input_shape[:2]
+    return 3 * batch * channels * out_shape[2] * out_shape[3] * kernel_size * kernel_size
+
+
+@register_flop_formula(torch.ops.ddfnet.ddf_backward)
+def _ddf_backward_flops(grad_output_shape, input_shape, *args, out_shape=None, **kwargs) -> int:
+    # Three gradients, each one combine + one multiply-add per output element and tap.
+    kernel_size = args[2]
+    batch, channels, out_h, out_w = grad_output_shape
+    return 3 * 3 * batch * channels * out_h * out_w * kernel_size * kernel_size
+
+
+def ddf(input: Tensor, channel_filter: Tensor, spatial_filter: Tensor, kernel_size: int = 3,
+        dilation: int = 1, stride: int = 1, kernel_combine: str = 'mul') -> Tensor:
+    """Decoupled dynamic filtering (SPEC §1).
+
+    ``out[b, c, y, x] = sum_{i,j} input[b, c, y*stride + (i - k//2)*dilation, x*stride + (j - k//2)*dilation]
+    * F[b, c, i, j, y, x]`` with zero padding, where ``F = channel_filter[b, c, i, j] (*|+)
+    spatial_filter[b, i*k + j, y, x]`` for ``kernel_combine`` 'mul' or 'add'.
+
+    Args:
+        input: (B, C, H, W) features.
+        channel_filter: (B, C, k, k) per-sample, per-channel filter.
+        spatial_filter: (B, k*k, Ho, Wo) per-pixel filter, Ho = (H - 1) // stride + 1 (same for Wo).
+        kernel_size: odd k >= 1. dilation, stride: >= 1. kernel_combine: 'mul' or 'add'.
+
+    Returns:
+        (B, C, Ho, Wo) in the inputs' dtype (the autocast dtype under autocast) and the input's memory
+        format. Differentiable w.r.t. all three tensors. Argument order matches the original release.
+    """
+    _check_arg_types(input, channel_filter, spatial_filter, kernel_size, dilation, stride, kernel_combine)
+    device_type = input.device.type
+    if device_type in ('cuda', 'cpu') and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        input, channel_filter, spatial_filter = (
+            t.to(dtype) if t.is_floating_point() else t for t in (input, channel_filter, spatial_filter))
+    return torch.ops.ddfnet.ddf(input, channel_filter, spatial_filter, kernel_size, dilation, stride,
+                                kernel_combine)

@@ -1,0 +1,47 @@
+"""FLOP/MAC accounting with PyTorch's own ``FlopCounterMode``.
+
+The DDF op has a registered FLOP formula (:mod:`ddfnet.ops.ddf`), so it is counted like any aten op.
+FlopCounterMode reports FLOPs (a multiply-add is 2); we report MACs = FLOPs / 2, like timm's tables.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = ['count_macs']
+
+# aten/custom op name -> part of the breakdown
+_OP_PARTS = {'convolution': 'conv', 'mm': 'linear', 'addmm': 'linear', 'bmm': 'matmul', 'ddf': 'ddf_op'}
+
+
+def count_macs(model: nn.Module, img_size: int = 224, in_chans: int = 3) -> dict[str, Any]:
+    """Count one forward pass of ``model`` on a (1, in_chans, img_size, img_size) input.
+
+    Returns ``params_m``, ``gmacs`` and two breakdowns in GMACs: ``by_op`` (conv, linear, ddf_op, ...) and
+    ``by_module`` (the model's top-level children: stem, stages, head).
+    """
+    model = model.eval()
+    x = torch.zeros(1, in_chans, img_size, img_size)
+    counter = FlopCounterMode(display=False, depth=1)
+    with counter, torch.no_grad():
+        model(x)
+    total = counter.get_total_flops()
+    by_op: dict[str, float] = defaultdict(float)
+    by_module: dict[str, float] = {}
+    for module_name, ops in counter.get_flop_counts().items():
+        if module_name == 'Global':
+            for op, flops in ops.items():
+                name = str(op).split('.')[-1]  # 'aten.convolution' -> 'convolution'
+                by_op[_OP_PARTS.get(name, name)] += flops / 2e9
+        elif module_name.count('.') == 1:  # 'ResNet.layer1' -> 'layer1'
+            by_module[module_name.split('.', 1)[1]] = sum(ops.values()) / 2e9
+    return {
+        'params_m': round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+        'gmacs': round(total / 2e9, 3),
+        'by_op': {k: round(v, 4) for k, v in sorted(by_op.items())},
+        'by_module': {k: round(v, 4) for k, v in by_module.items()},
+    }
