@@ -1,0 +1,33 @@
+"""Naive loop implementation of the DDF op (SPEC §1), the oracle for the tests. Differentiable."""
+import torch
+
+
+def naive_ddf(x, channel_filter, spatial_filter, kernel_size, dilation=1, stride=1, kernel_combine='mul'):
+    b, c, h, w = x.shape
+    k, half = kernel_size, kernel_size // 2
+    out_h, out_w = (h - 1) // stride + 1, (w - 1) // stride + 1
+    rows = []
+    for y in range(out_h):
+        cols = []
+        for xo in range(out_w):
+            acc = x.new_zeros(b, c)
+            for i in range(k):
+                for j in range(k):
+                    yy, xx = y * stride + (i - half) * dilation, xo * stride + (j - half) * dilation
+                    if not (0 <= yy < h and 0 <= xx < w):
+                        continue
+                    s = spatial_filter[:, i * k + j, y, xo][:, None]
+                    f = channel_filter[:, :, i, j] * s if kernel_combine == 'mul' else channel_filter[:, :, i, j] + s
+                    acc = acc + x[:, :, yy, xx] * f
+            cols.append(acc)
+        rows.append(torch.stack(cols, dim=-1))
+    return torch.stack(rows, dim=-2)
+
+
+def random_inputs(b, c, h, w, k, stride=1, dtype=torch.float64, requires_grad=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out_h, out_w = (h - 1) // stride + 1, (w - 1) // stride + 1
+    tensors = (torch.randn(b, c, h, w, generator=g, dtype=dtype),
+               torch.randn(b, c, k, k, generator=g, dtype=dtype),
+               torch.randn(b, k * k, out_h, out_w, generator=g, dtype=dtype))
+    return tuple(t.requires_grad_(requires_grad) for t in tensors)
