@@ -2,7 +2,6 @@
 import pytest
 import timm
 import torch
-from timm.models.resnet import Bottleneck
 
 import ddfnet  # noqa: F401  (registers the models)
 from ddfnet import DDFPack
@@ -123,19 +122,28 @@ def test_block_args_extend_kernel_combine():
     assert model.layer1[0].conv2.channel_branch[1].out_channels == 16
 
 
-def test_torch_compile_fullgraph_resnet():
-    # aot_eager traces exactly what inductor would see (dynamo graph, fake tensors, AOT autograd with
-    # our fake and backward ops) without a minute of C++ codegen on a 2-core CI machine.
+def test_torch_compile_fullgraph_resnet_inductor():
+    # A one-block-per-stage DDF-ResNet keeps inductor's C++ codegen to ~30 s on a 2-core CI machine.
     torch.manual_seed(0)
-    model = timm.create_model('ddf_resnet26', num_classes=5)
-    x = torch.randn(2, 3, 32, 32)
-    compiled = torch.compile(model, fullgraph=True, backend='aot_eager')
-    got = compiled(x)
+    model = timm.create_model('ddf_resnet26', num_classes=5, layers=(1, 1, 1, 1))
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last)
+    got = torch.compile(model, fullgraph=True)(x)
     got.sum().backward()
     got_grad = model.layer2[0].conv2.spatial_branch[0].weight.grad.clone()
     model.zero_grad()
     want = model(x)
     want.sum().backward()
-    torch.testing.assert_close(got, want)
-    torch.testing.assert_close(got_grad, model.layer2[0].conv2.spatial_branch[0].weight.grad)
-    assert isinstance(model.layer1[0], Bottleneck)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_grad, model.layer2[0].conv2.spatial_branch[0].weight.grad, rtol=1e-3, atol=1e-4)
+
+
+def test_torch_compile_fullgraph_under_autocast():
+    # aot_eager traces what inductor would see (dynamo graph, fake kernels, AOT autograd) in seconds.
+    model = timm.create_model('ddf_resnet26', num_classes=5)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = torch.compile(model, fullgraph=True, backend='aot_eager')(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert model.layer1[0].conv2.channel_branch[4].std.grad is not None

@@ -71,7 +71,7 @@ def kernels_for(device_type: str) -> DDFKernels:
         _warned.add(device_type)
         warnings.warn(f'ddfnet: no native DDF kernel for device type {device_type!r}; using the '
                       'pure-PyTorch reference implementation (correct, but slower).',
-                      DDFSlowPathWarning, stacklevel=3)
+                      DDFSlowPathWarning, stacklevel=2)
     return REFERENCE
 
 
