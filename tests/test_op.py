@@ -206,3 +206,24 @@ def test_torch_compile_fullgraph_cpu():
     torch.testing.assert_close(got, want)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w)
+
+
+def test_register_kernels_is_the_dispatch_point(monkeypatch):
+    from ddfnet.ops import ddf_op as ddf_module
+    calls = []
+
+    def forward(*args):
+        calls.append('forward')
+        return ddf_forward_reference(*args)
+
+    def backward(*args):
+        calls.append('backward')
+        return ddf_backward_reference(*args)
+
+    assert ddf_module.kernels_for('cpu').name == 'reference'
+    monkeypatch.setattr(ddf_module, '_native', {})
+    ddfnet.ops.register_kernels('cpu', forward, backward, name='test-native')
+    assert ddf_module.kernels_for('cpu').name == 'test-native'
+    x, cf, sf = random_inputs(1, 2, 5, 5, 3, requires_grad=True)
+    ddfnet.ddf(x, cf, sf).sum().backward()
+    assert calls == ['forward', 'backward']

@@ -22,7 +22,6 @@ in that dtype, accumulating in float32; the output has the autocast dtype. Outsi
 tensors must share one dtype. (The original release silently cast float16 to float32; we do not.)
 Calling ``torch.ops.ddfnet.ddf`` directly bypasses the autocast rule.
 """
-from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor
-from torch.utils.flop_counter import register_flop_formula
+from torch.utils import flop_counter
 
 from .reference import ddf_backward_reference, ddf_forward_reference, new_output, output_size
 
@@ -41,7 +40,7 @@ _FLOATING = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 class DDFSlowPathWarning(UserWarning):
-    """Raised (once) when the DDF op falls back to the pure-PyTorch reference implementation."""
+    """Issued once per device type when the DDF op falls back to the pure-PyTorch reference implementation."""
 
 
 @dataclass(frozen=True)
@@ -173,7 +172,17 @@ def _backward(ctx, grad_output):
 _ddf_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@register_flop_formula(torch.ops.ddfnet.ddf)
+def _register_flop_formula(op):
+    def register(formula):
+        wrapped = flop_counter.register_flop_formula(op)(formula)
+        # torch 2.4 files the formula under the op's overloads while FlopCounterMode looks it up by the
+        # overload packet; file it under the packet too so the op is counted on every supported torch.
+        flop_counter.flop_registry.setdefault(op, wrapped)
+        return wrapped
+    return register
+
+
+@_register_flop_formula(torch.ops.ddfnet.ddf)
 def _ddf_flops(input_shape, channel_filter_shape, spatial_filter_shape, kernel_size, dilation, stride,
                kernel_combine, out_shape=None, **kwargs) -> int:
     # Per output element and tap: one op to combine the two filters, one multiply, one add = 3 FLOPs
@@ -182,7 +191,7 @@ def _ddf_flops(input_shape, channel_filter_shape, spatial_filter_shape, kernel_s
     return 3 * batch * channels * out_shape[2] * out_shape[3] * kernel_size * kernel_size
 
 
-@register_flop_formula(torch.ops.ddfnet.ddf_backward)
+@_register_flop_formula(torch.ops.ddfnet.ddf_backward)
 def _ddf_backward_flops(grad_output_shape, input_shape, *args, out_shape=None, **kwargs) -> int:
     # Three gradients, each one combine + one multiply-add per output element and tap.
     kernel_size = args[2]
