@@ -174,3 +174,15 @@ def test_ddfuppack_strict_state_dict_round_trip():
     b.load_state_dict(a.state_dict(), strict=True)
     x = torch.randn(1, 8, 4, 4)
     torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+
+
+def test_ddfpack_exports_and_compiles_with_dynamic_shapes():
+    torch.manual_seed(0)
+    pack = DDFPack(8, stride=2).eval()
+    dims = {'x': {2: torch.export.Dim('h', min=3, max=64), 3: torch.export.Dim('w', min=3, max=64)}}
+    exported = torch.export.export(pack, (torch.randn(2, 8, 9, 9),), dynamic_shapes=dims).module()
+    compiled = torch.compile(pack, fullgraph=True, dynamic=True, backend='aot_eager')
+    for hw in ((9, 9), (13, 11), (7, 5)):
+        x = torch.randn(2, 8, *hw)
+        torch.testing.assert_close(exported(x), pack(x))
+        torch.testing.assert_close(compiled(x), pack(x))

@@ -157,7 +157,12 @@ def test_flop_formula_counts_the_op():
     counter = FlopCounterMode(display=False)
     with counter:
         ddfnet.ddf(x, cf, sf, 5, 1, 2)
-    assert counter.get_total_flops() == 3 * 2 * 4 * 4 * 4 * 25
+    forward_flops = 3 * 2 * 4 * 4 * 4 * 25  # 3 FLOPs per output element and tap
+    assert counter.get_total_flops() == forward_flops
+    x.requires_grad_()
+    with counter:
+        ddfnet.ddf(x, cf, sf, 5, 1, 2).sum().backward()
+    assert counter.get_total_flops() == forward_flops * (1 + 3)  # three gradients
 
 
 def test_reference_is_the_fallback_and_warns_once():
@@ -227,3 +232,24 @@ def test_register_kernels_is_the_dispatch_point(monkeypatch):
     x, cf, sf = random_inputs(1, 2, 5, 5, 3, requires_grad=True)
     ddfnet.ddf(x, cf, sf).sum().backward()
     assert calls == ['forward', 'backward']
+
+
+def test_random_configurations_match_naive():
+    # Seeded sweep over shapes the grid above does not pin: larger kernels, dilation 3, stride 3,
+    # thin images, and one-channel/one-sample batches.
+    rng = torch.Generator().manual_seed(1234)
+    for trial in range(12):
+        k = int(torch.randint(0, 5, (), generator=rng)) * 2 + 1
+        dilation = int(torch.randint(1, 4, (), generator=rng))
+        stride = int(torch.randint(1, 4, (), generator=rng))
+        b, c = int(torch.randint(1, 3, (), generator=rng)), int(torch.randint(1, 4, (), generator=rng))
+        h, w = (int(v) for v in torch.randint(1, 12, (2,), generator=rng))
+        combine = COMBINES[trial % 2]
+        x, cf, sf = random_inputs(b, c, h, w, k, stride, requires_grad=True, seed=trial)
+        out = ddfnet.ddf(x, cf, sf, k, dilation, stride, combine)
+        expected = naive_ddf(x, cf, sf, k, dilation, stride, combine)
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+        grads = torch.autograd.grad(out.sum(), (x, cf, sf))
+        want = torch.autograd.grad(expected.sum(), (x, cf, sf), allow_unused=True)
+        for g, wg in zip(grads, want):
+            torch.testing.assert_close(g, torch.zeros_like(g) if wg is None else wg, rtol=1e-12, atol=1e-12)
