@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import timm
     import torch
+
     import ddfnet  # noqa: F401  (registers the DDF models)
 
     for name in args.models:

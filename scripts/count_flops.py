@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f'--img-size must be positive, got {args.img_size}')
 
     import timm
+
     import ddfnet  # noqa: F401  (registers the DDF models)
     from ddfnet.ops import DDFSlowPathWarning
     from ddfnet.utils import count_macs

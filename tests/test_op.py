@@ -1,15 +1,14 @@
 """The DDF op: exactness against naive loops, gradients, custom-op registration, dtypes, errors."""
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
+from naive import naive_ddf, random_inputs
 from torch.utils.flop_counter import FlopCounterMode
 
 import ddfnet
-from ddfnet.ops import DDFSlowPathWarning, ddf_backward_reference, ddf_forward_reference
-from naive import naive_ddf, random_inputs
+from ddfnet.ops import ddf_backward_reference, ddf_forward_reference
 
 COMBINES = ('mul', 'add')
 

@@ -24,8 +24,8 @@ Calling ``torch.ops.ddfnet.ddf`` directly bypasses the autocast rule.
 """
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
