@@ -147,3 +147,9 @@ def test_torch_compile_fullgraph_under_autocast():
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     assert model.layer1[0].conv2.channel_branch[4].std.grad is not None
+
+
+def test_output_stride_dilates_the_ddf_layers():
+    model = timm.create_model('ddf_resnet26', output_stride=16, features_only=True)
+    assert [f.shape[-1] for f in model(torch.randn(1, 3, 64, 64))] == [32, 16, 8, 4, 4]
+    assert [(b.conv2.stride, b.conv2.dilation) for b in model.layer4] == [(1, 1), (1, 2)]
