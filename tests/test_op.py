@@ -76,6 +76,8 @@ def test_autocast_cpu_runs_in_autocast_dtype():
         out = ddfnet.ddf(x, cf.bfloat16(), sf, 3)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ddfnet.ddf(*(t.bfloat16() for t in (x, cf, sf)), 3).float())
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # float64 is left alone, as autocast does
+        assert ddfnet.ddf(x.double(), cf.double(), sf.double(), 3).dtype == torch.float64
 
 
 def test_empty_batch():

@@ -17,8 +17,9 @@ registered native kernel uses the pure-PyTorch reference in :mod:`ddfnet.ops.ref
 once with a :class:`DDFSlowPathWarning`.
 
 Autocast rule. :func:`ddf` (the public wrapper) follows autocast: if autocast is enabled for the
-device type of ``input`` (CUDA or CPU), all three tensors are cast to the autocast dtype and the op runs
-in that dtype, accumulating in float32; the output has the autocast dtype. Outside autocast the three
+device type of ``input`` (CUDA or CPU), the three tensors are cast to the autocast dtype (float64 ones
+excepted, as autocast does) and the op runs in that dtype, accumulating in float32; the output has the
+autocast dtype. Outside autocast the three
 tensors must share one dtype. (The original release silently cast float16 to float32; we do not.)
 Calling ``torch.ops.ddfnet.ddf`` directly bypasses the autocast rule.
 """
@@ -221,7 +222,9 @@ def ddf(input: Tensor, channel_filter: Tensor, spatial_filter: Tensor, kernel_si
     device_type = input.device.type
     if device_type in ('cuda', 'cpu') and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
+        # Like autocast's own casts: floating tensors except float64 ones.
         input, channel_filter, spatial_filter = (
-            t.to(dtype) if t.is_floating_point() else t for t in (input, channel_filter, spatial_filter))
+            t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+            for t in (input, channel_filter, spatial_filter))
     return torch.ops.ddfnet.ddf(input, channel_filter, spatial_filter, kernel_size, dilation, stride,
                                 kernel_combine)
