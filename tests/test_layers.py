@@ -42,6 +42,16 @@ def test_filter_norm_channel_uses_learned_std():
     torch.testing.assert_close(out, (normed.view(2, 36) * norm.std).view(2, 36, 1, 1))
 
 
+@pytest.mark.parametrize('dtype', (torch.float16, torch.bfloat16))
+def test_filter_norm_low_precision_keeps_dtype_and_stays_finite(dtype):
+    norm = FilterNorm(1, 3, 'spatial')
+    x = torch.randn(2, 9, 4, 4).to(dtype)
+    x[:, :, 0, 0] = 0.5  # nine equal taps: std 0, the epsilon must not underflow
+    out = norm(x)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), norm(x.float()), rtol=1e-2, atol=1e-2)
+
+
 def test_filter_norm_rejects_bad_arguments():
     with pytest.raises(ValueError, match='filter_type'):
         FilterNorm(1, 3, 'pixel')

@@ -50,10 +50,12 @@ class FilterNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         taps = self.kernel_size ** 2
-        grouped = x.unflatten(1, (self.in_channels, taps))  # (B, groups, k*k, ...)
+        # Statistics in at least float32: in float16 the 1e-10 epsilon underflows to 0 and nine equal
+        # taps would give 0/0. The filters are k*k values per pixel or channel, so this costs little.
+        grouped = x.unflatten(1, (self.in_channels, taps)).to(torch.promote_types(x.dtype, torch.float32))
         grouped = grouped - grouped.mean(dim=2, keepdim=True)
         grouped = grouped / (grouped.std(dim=2, keepdim=True) + _EPS)
-        out = grouped.flatten(1, 2)
+        out = grouped.flatten(1, 2).to(x.dtype)
         if self.std is None:
             return out * self.gain
         return out * self.std.view(-1, *([1] * (x.dim() - 2)))
