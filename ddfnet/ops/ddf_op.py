@@ -217,6 +217,15 @@ def ddf(input: Tensor, channel_filter: Tensor, spatial_filter: Tensor, kernel_si
     Returns:
         (B, C, Ho, Wo) in the inputs' dtype (the autocast dtype under autocast) and the input's memory
         format. Differentiable w.r.t. all three tensors. Argument order matches the original release.
+        An empty batch (B = 0) gives an empty output; non-contiguous inputs are fine.
+
+    Raises:
+        TypeError: a tensor argument is not a Tensor or not float64/32/16/bfloat16; kernel_size,
+            dilation or stride is not an int; the three tensors' dtypes differ (outside autocast).
+        ValueError: a tensor is not 4-D; channel_filter is not (B, C, k, k) or spatial_filter not
+            (B, k*k, Ho, Wo) for the input (the message gives the expected shape); kernel_size is even or
+            < 1; dilation or stride < 1; kernel_combine is not 'mul'/'add'; the tensors are on different
+            devices.
     """
     _check_arg_types(input, channel_filter, spatial_filter, kernel_size, dilation, stride, kernel_combine)
     device_type = input.device.type
