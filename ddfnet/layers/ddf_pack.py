@@ -106,8 +106,7 @@ def _ddf_heads(x: Tensor, channel_filter: Tensor, spatial_filter: Tensor, kernel
     """Run the op with channels split into ``head`` groups, group g using spatial filter g."""
     b, c, h, w = x.shape
     k = kernel_size
-    if head == 1:
-        return ddf(x, channel_filter.view(b, c, k, k), spatial_filter, k, dilation, stride, kernel_combine)
+    # Views, not copies, when head == 1 (and for contiguous inputs in general).
     out = ddf(x.reshape(b * head, c // head, h, w), channel_filter.reshape(b * head, c // head, k, k),
               spatial_filter.reshape(b * head, k * k, *spatial_filter.shape[2:]),
               k, dilation, stride, kernel_combine)
