@@ -84,7 +84,7 @@ def _args(layers: tuple[int, ...], kernel_combine: str, kwargs: dict[str, Any]) 
     # Caller kwargs override the variant's (timm's convention); caller block_args extend ours (e.g.
     # se_ratio) rather than replacing them and silently dropping kernel_combine.
     block_args = dict(kernel_combine=kernel_combine, **(kwargs.pop('block_args', None) or {}))
-    return dict(dict(block=DDFBottleneck, layers=layers), block_args=block_args, **kwargs)
+    return {'block': DDFBottleneck, 'layers': layers, **kwargs, 'block_args': block_args}
 
 
 @register_model

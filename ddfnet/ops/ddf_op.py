@@ -94,8 +94,11 @@ def _check_arg_types(input, channel_filter, spatial_filter, kernel_size, dilatio
 
 def check_ddf_args(input: Tensor, channel_filter: Tensor, spatial_filter: Tensor, kernel_size: int,
                    dilation: int, stride: int, kernel_combine: str) -> None:
-    """Validate the op's arguments; raise ValueError/TypeError naming the argument and expected shape."""
-    _check_arg_types(input, channel_filter, spatial_filter, kernel_size, dilation, stride, kernel_combine)
+    """Validate the op's arguments; raise ValueError/TypeError naming the argument and expected shape.
+
+    Python types are the schema's business (and :func:`ddf` checks them with clearer messages), so the
+    op bodies and fake kernels that call this do not check them again.
+    """
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f'ddf: kernel_size must be a positive odd int, got {kernel_size}')
     if dilation < 1:
