@@ -1,17 +1,28 @@
 """Install ddfnet.
 
-A pure-Python install always works. Native DDF kernels (``csrc/``) are compiled ahead of time only when
-``csrc/`` holds C++ sources and torch's C++ extension tooling is importable in the build environment
-(``pip install --no-build-isolation -e .``); for CUDA sources, nvcc (``CUDA_HOME``) and a CUDA build of
-torch are needed too, and ``TORCH_CUDA_ARCH_LIST`` picks the architectures (default sm_80 and sm_90).
-Set ``DDFNET_NO_EXTENSION=1`` to skip the extension.
+A pure-Python install always works; ddfnet then JIT-compiles ``csrc/`` at first import (cached). The
+native kernels are compiled ahead of time into ``ddfnet._C`` when torch is importable in the build
+environment, i.e. with ``pip install --no-build-isolation -e .`` (pip's default isolated build
+environment has no torch, and installing a second torch there would risk an ABI mismatch). The CUDA
+kernels are included when nvcc (``CUDA_HOME``) and a CUDA build of torch are present;
+``TORCH_CUDA_ARCH_LIST`` picks the architectures (default "8.0;9.0": A100, H100/H200). Set
+``DDFNET_NO_EXTENSION=1`` to skip the ahead-of-time build.
 """
 import glob
+import importlib.util
 import os
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _build_flags():
+    """cxx/nvcc flags from ddfnet/ops/_native.py, so the JIT and ahead-of-time builds match."""
+    spec = importlib.util.spec_from_file_location('_ddfnet_native', os.path.join(ROOT, 'ddfnet', 'ops', '_native.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.cxx_flags(), module.nvcc_flags()
 
 
 def native_extension():
@@ -23,15 +34,15 @@ def native_extension():
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-    except ImportError:
+    except ImportError:  # an isolated build environment without torch: pure Python, JIT at first use
         return [], {}
-    args = {'cxx': ['-O3', '-std=c++17']}
+    cxx, nvcc = _build_flags()
     if cuda and CUDA_HOME is not None and torch.version.cuda is not None:
-        os.environ.setdefault('TORCH_CUDA_ARCH_LIST', '8.0;9.0')
-        args['nvcc'] = ['-O3', '--use_fast_math', '-std=c++17']
-        ext = CUDAExtension('ddfnet._C', cpp + cuda, extra_compile_args=args)
+        os.environ.setdefault('TORCH_CUDA_ARCH_LIST', '8.0;9.0')  # A100, H100/H200
+        ext = CUDAExtension('ddfnet._C', cpp + cuda, define_macros=[('DDFNET_WITH_CUDA', None)],
+                            extra_compile_args={'cxx': cxx, 'nvcc': nvcc})
     else:
-        ext = CppExtension('ddfnet._C', cpp, extra_compile_args=args)
+        ext = CppExtension('ddfnet._C', cpp, extra_compile_args={'cxx': cxx})
     return [ext], {'build_ext': BuildExtension.with_options(use_ninja=True)}
 
 

@@ -166,18 +166,6 @@ def test_flop_formula_counts_the_op():
     assert counter.get_total_flops() == forward_flops * (1 + 3)  # three gradients
 
 
-def test_reference_is_the_fallback_and_warns_once():
-    code = ('import warnings, torch, ddfnet\n'
-            'warnings.simplefilter("always")\n'
-            'x = torch.randn(1, 2, 4, 4); cf = torch.randn(1, 2, 3, 3); sf = torch.randn(1, 9, 4, 4)\n'
-            'with warnings.catch_warnings(record=True) as w:\n'
-            '    warnings.simplefilter("always")\n'
-            '    ddfnet.ddf(x, cf, sf); ddfnet.ddf(x, cf, sf)\n'
-            'print(sum(issubclass(i.category, ddfnet.ops.DDFSlowPathWarning) for i in w))\n')
-    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == '1'
-
-
 def test_reference_memory_stays_near_output_size():
     # A k*k unfold of this input would need 49 x 16 MiB = 784 MiB; the tap loop needs a few outputs.
     code = ('import resource, torch, warnings\n'
@@ -212,27 +200,6 @@ def test_torch_compile_fullgraph_cpu():
     torch.testing.assert_close(got, want)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w)
-
-
-def test_register_kernels_is_the_dispatch_point(monkeypatch):
-    from ddfnet.ops import ddf_op as ddf_module
-    calls = []
-
-    def forward(*args):
-        calls.append('forward')
-        return ddf_forward_reference(*args)
-
-    def backward(*args):
-        calls.append('backward')
-        return ddf_backward_reference(*args)
-
-    assert ddf_module.kernels_for('cpu').name == 'reference'
-    monkeypatch.setattr(ddf_module, '_native', {})
-    ddfnet.ops.register_kernels('cpu', forward, backward, name='test-native')
-    assert ddf_module.kernels_for('cpu').name == 'test-native'
-    x, cf, sf = random_inputs(1, 2, 5, 5, 3, requires_grad=True)
-    ddfnet.ddf(x, cf, sf).sum().backward()
-    assert calls == ['forward', 'backward']
 
 
 def test_random_configurations_match_naive():

@@ -1,6 +1,8 @@
-"""The DDF operation: custom-op registration, dispatch point and pure-PyTorch reference."""
-from .ddf_op import KERNEL_COMBINES, DDFSlowPathWarning, check_ddf_args, ddf, kernels_for, register_kernels
+"""The DDF operation: operator registration, native-kernel loading and the pure-PyTorch reference."""
+from ._native import FORCE_REFERENCE_ENV
+from .ddf_op import KERNEL_COMBINES, DDFSlowPathWarning, check_ddf_args, ddf, implementation, native_device_types
 from .reference import ddf_backward_reference, ddf_forward_reference, output_size
 
-__all__ = ['ddf', 'check_ddf_args', 'kernels_for', 'register_kernels', 'DDFSlowPathWarning',
+__all__ = ['ddf', 'check_ddf_args', 'implementation', 'native_device_types', 'FORCE_REFERENCE_ENV',
+           'DDFSlowPathWarning',
            'KERNEL_COMBINES', 'ddf_forward_reference', 'ddf_backward_reference', 'output_size']

@@ -11,10 +11,12 @@ Both have fake (meta) implementations, and the forward has a ``register_autograd
 the backward operator, so ``torch.library.opcheck`` passes and ``torch.compile(fullgraph=True)`` traces
 through them without graph breaks.
 
-Dispatch point. :func:`kernels_for` is the single place that decides which implementation runs for a
-device type. Native kernels (``csrc/``) plug in with :func:`register_kernels`; every device without a
-registered native kernel uses the pure-PyTorch reference in :mod:`ddfnet.ops.reference`, and says so
-once with a :class:`DDFSlowPathWarning`.
+Implementations. The schemas are declared once, in C++ (``csrc/ddf.cpp``), and the native CPU and
+CUDA kernels register there; this module adds the fake kernels, the autograd formula, the FLOP formulas
+and the autocast rule. When the extension cannot be loaded or built (see :mod:`ddfnet.ops._native`), or
+``DDFNET_FORCE_REFERENCE=1`` is set, the same schemas are defined here instead. Any device without a
+native kernel runs the pure-PyTorch reference in :mod:`ddfnet.ops.reference` and says so once with a
+:class:`DDFSlowPathWarning`; :func:`implementation` tells which one a device type gets.
 
 Autocast rule. :func:`ddf` (the public wrapper) follows autocast: if autocast is enabled for the
 device type of ``input`` (CUDA or CPU), the three tensors are cast to the autocast dtype (float64 ones
@@ -25,16 +27,15 @@ Calling ``torch.ops.ddfnet.ddf`` directly bypasses the autocast rule.
 """
 
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.utils import flop_counter
 
+from . import _native
 from .reference import ddf_backward_reference, ddf_forward_reference, new_output, output_size
 
-__all__ = ['ddf', 'kernels_for', 'register_kernels', 'DDFSlowPathWarning', 'KERNEL_COMBINES']
+__all__ = ['ddf', 'implementation', 'native_device_types', 'DDFSlowPathWarning', 'KERNEL_COMBINES']
 
 KERNEL_COMBINES = ('mul', 'add')
 _FLOATING = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -44,35 +45,46 @@ class DDFSlowPathWarning(UserWarning):
     """Issued once per device type when the DDF op falls back to the pure-PyTorch reference implementation."""
 
 
-@dataclass(frozen=True)
-class DDFKernels:
-    """A forward/backward pair with the signatures of the two ``ddfnet`` operators."""
-    forward: Callable[..., Tensor]
-    backward: Callable[..., tuple[Tensor, Tensor, Tensor]]
-    name: str
-
-
-REFERENCE = DDFKernels(ddf_forward_reference, ddf_backward_reference, 'reference')
-_native: dict[str, DDFKernels] = {}
+_EXTENSION, _NO_EXTENSION_REASON = _native.load()
 _warned: set[str] = set()
 
+# The schemas of csrc/ddf.cpp, for the pure-Python fallback only; a test checks they match the C++ ones.
+SCHEMAS = {
+    'ddf': 'ddf(Tensor input, Tensor channel_filter, Tensor spatial_filter, int kernel_size, int dilation, '
+           'int stride, str kernel_combine) -> Tensor',
+    'ddf_backward': 'ddf_backward(Tensor grad_output, Tensor input, Tensor channel_filter, '
+                    'Tensor spatial_filter, int kernel_size, int dilation, int stride, str kernel_combine) '
+                    '-> (Tensor, Tensor, Tensor)',
+}
+if _EXTENSION is None:
+    _def_lib = torch.library.Library('ddfnet', 'DEF')  # module-level: registrations live as long as it
+    for _schema in SCHEMAS.values():
+        _def_lib.define(_schema)
 
-def register_kernels(device_type: str, forward: Callable, backward: Callable, name: str = 'native') -> None:
-    """Plug a native forward/backward pair in for ``device_type`` ('cpu', 'cuda', ...)."""
-    _native[device_type] = DDFKernels(forward, backward, name)
+
+def native_device_types() -> tuple[str, ...]:
+    """Device types with a native kernel in this process ('cpu', and 'cuda' for a CUDA build)."""
+    if _EXTENSION is None:
+        return ()
+    return ('cpu', 'cuda') if _EXTENSION.with_cuda else ('cpu',)
 
 
-def kernels_for(device_type: str) -> DDFKernels:
-    """The dispatch point: the kernels the ``ddfnet`` ops run on ``device_type``."""
-    kernels = _native.get(device_type)
-    if kernels is not None:
-        return kernels
-    if device_type not in _warned:
-        _warned.add(device_type)
-        warnings.warn(f'ddfnet: no native DDF kernel for device type {device_type!r}; using the '
-                      'pure-PyTorch reference implementation (correct, but slower).',
-                      DDFSlowPathWarning, stacklevel=2)
-    return REFERENCE
+def implementation(device_type: str) -> str:
+    """'native' or 'reference': which DDF implementation runs on ``device_type``."""
+    return 'native' if device_type in native_device_types() else 'reference'
+
+
+def _warn_slow_path(device_type: str) -> None:
+    if device_type in _warned:
+        return
+    _warned.add(device_type)
+    if _EXTENSION is None:
+        why = _NO_EXTENSION_REASON
+    else:
+        why = f'the native kernels were built for {", ".join(native_device_types())} only'
+    warnings.warn(f'ddfnet: no native DDF kernel for device type {device_type!r} ({why}); using the '
+                  'pure-PyTorch reference implementation (correct, but slower).',
+                  DDFSlowPathWarning, stacklevel=3)
 
 
 def _shape(t: Tensor) -> str:
@@ -131,31 +143,37 @@ def check_ddf_args(input: Tensor, channel_filter: Tensor, spatial_filter: Tensor
                          f'{_shape(spatial_filter)}')
 
 
-@torch.library.custom_op('ddfnet::ddf', mutates_args=())
-def _ddf_op(input: Tensor, channel_filter: Tensor, spatial_filter: Tensor, kernel_size: int,
-            dilation: int, stride: int, kernel_combine: str) -> Tensor:
+# Devices without a native kernel (all of them without the extension) get the reference, through the
+# CompositeExplicitAutograd key: backend kernels registered in C++ take precedence over it.
+_impl_lib = torch.library.Library('ddfnet', 'IMPL')
+
+
+def _ddf_reference_impl(input, channel_filter, spatial_filter, kernel_size, dilation, stride, kernel_combine):
     check_ddf_args(input, channel_filter, spatial_filter, kernel_size, dilation, stride, kernel_combine)
-    forward = kernels_for(input.device.type).forward
-    return forward(input, channel_filter, spatial_filter, kernel_size, dilation, stride, kernel_combine)
+    _warn_slow_path(input.device.type)
+    return ddf_forward_reference(input, channel_filter, spatial_filter, kernel_size, dilation, stride,
+                                 kernel_combine)
 
 
-@_ddf_op.register_fake
+def _ddf_backward_reference_impl(grad_output, input, channel_filter, spatial_filter, kernel_size, dilation,
+                                 stride, kernel_combine):
+    _warn_slow_path(input.device.type)
+    return ddf_backward_reference(grad_output, input, channel_filter, spatial_filter, kernel_size, dilation,
+                                  stride, kernel_combine)
+
+
+_impl_lib.impl('ddf', _ddf_reference_impl, 'CompositeExplicitAutograd')
+_impl_lib.impl('ddf_backward', _ddf_backward_reference_impl, 'CompositeExplicitAutograd')
+
+
+@torch.library.register_fake('ddfnet::ddf')
 def _ddf_fake(input, channel_filter, spatial_filter, kernel_size, dilation, stride, kernel_combine):
     check_ddf_args(input, channel_filter, spatial_filter, kernel_size, dilation, stride, kernel_combine)
     return new_output(input, output_size(input.shape[2], stride), output_size(input.shape[3], stride),
                       input.dtype)
 
 
-@torch.library.custom_op('ddfnet::ddf_backward', mutates_args=())
-def _ddf_backward_op(grad_output: Tensor, input: Tensor, channel_filter: Tensor, spatial_filter: Tensor,
-                     kernel_size: int, dilation: int, stride: int,
-                     kernel_combine: str) -> tuple[Tensor, Tensor, Tensor]:
-    backward = kernels_for(input.device.type).backward
-    return backward(grad_output, input, channel_filter, spatial_filter, kernel_size, dilation, stride,
-                    kernel_combine)
-
-
-@_ddf_backward_op.register_fake
+@torch.library.register_fake('ddfnet::ddf_backward')
 def _ddf_backward_fake(grad_output, input, channel_filter, spatial_filter, kernel_size, dilation, stride,
                        kernel_combine):
     return torch.empty_like(input), torch.empty_like(channel_filter), torch.empty_like(spatial_filter)
@@ -173,7 +191,7 @@ def _backward(ctx, grad_output):
     return (*grads, None, None, None, None)
 
 
-_ddf_op.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd('ddfnet::ddf', _backward, setup_context=_setup_context)
 
 
 def _register_flop_formula(op):

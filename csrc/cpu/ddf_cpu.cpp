@@ -1,0 +1,568 @@
+// CPU kernels of the DDF op (SPEC §1): forward and the three gradients, NCHW and channels_last.
+//
+// The kernels compute in the accumulation type (double for float64, float otherwise): reduced-precision
+// tensors are converted once on entry and the result rounded once on exit, which keeps the inner loops
+// plain float loops the compiler vectorises. Every output element is written by exactly one task, and
+// reductions run in a fixed order, so results are deterministic and independent of the thread count.
+//
+// Parallelisation: NCHW work is split over (sample, channel) planes, except the spatial-filter gradient
+// (a sum over channels), which is split over (sample, output row). channels_last work is split over
+// (sample, row) with the channel axis as the vectorised inner loop, except the channel-filter gradient
+// (a sum over pixels), split over (sample, block of channels).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../ddf.h"
+
+namespace ddfnet {
+namespace {
+
+struct Geometry {
+  int64_t B, C, H, W, Ho, Wo, k, d, s;
+  int64_t K2() const { return k * k; }
+  int64_t off(int64_t tap_index) const { return (tap_index - k / 2) * d; }  // tap row/col -> offset
+};
+
+// Output indices o in [lo, hi) whose sample position o * s + offset lies in [0, in).
+struct Range {
+  int64_t lo, hi;
+};
+Range valid_range(int64_t in, int64_t out, int64_t offset, int64_t s) {
+  const int64_t lo = offset >= 0 ? 0 : (-offset + s - 1) / s;
+  const int64_t last = in - 1 - offset;  // largest o * s allowed
+  const int64_t hi = last < 0 ? 0 : std::min(out, last / s + 1);
+  return {lo, std::max(lo, hi)};
+}
+
+// Valid output-column range of each kernel column j.
+std::vector<Range> column_ranges(const Geometry& g) {
+  std::vector<Range> r(g.k);
+  for (int64_t j = 0; j < g.k; ++j) r[j] = valid_range(g.W, g.Wo, g.off(j), g.s);
+  return r;
+}
+
+// For an input coordinate and a tap offset, the output coordinate that samples it, or -1.
+inline int64_t source_of(int64_t in_pos, int64_t offset, int64_t s, int64_t out) {
+  const int64_t n = in_pos - offset;
+  if (n < 0 || n % s != 0) return -1;
+  const int64_t o = n / s;
+  return o < out ? o : -1;
+}
+
+// Everything a kernel reads and writes; unused pointers are null. cf is (B, C, K2) for NCHW and
+// (B, K2, C) for channels_last; sf is the padded (B, K2, Ho, Wv) copy for the NCHW forward.
+template <typename T>
+struct Args {
+  const T* x = nullptr;
+  const T* cf = nullptr;
+  const T* sf = nullptr;
+  const T* go = nullptr;
+  T* out = nullptr;
+  T* gx = nullptr;
+  T* gcf = nullptr;
+  T* gsf = nullptr;
+  Geometry g;
+  bool mul = true;
+};
+
+// Enough iterations per task that scheduling overhead stays small.
+int64_t grain(int64_t work_per_item) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_item)); }
+
+// ---------------------------------------------------------------------------------------------------
+// NCHW. x (B, C, H, W), cf (B, C, K2), sf (B, K2, Ho, Wo), out/grad_out (B, C, Ho, Wo), all contiguous.
+
+// The forward over planes [begin, end). Each plane is first copied into a zero-padded buffer, so the
+// hot loop has no border checks: it accumulates V adjacent outputs of a row over all k*k taps in
+// registers and stores them once. Rows are computed V columns at a time up to Wv = roundup(Wo, V); the
+// padded spatial filter (psf, (B, K2, Ho, Wv)) and input buffer are wide enough for the extra columns,
+// whose results are discarded.
+constexpr int64_t V = 8;
+
+template <typename T, bool MUL, int64_t S>
+void forward_nchw_planes(const Args<T>& a, int64_t begin, int64_t end) {
+  const T *x = a.x, *cf = a.cf, *psf = a.sf;
+  T* out = a.out;
+  const Geometry& g = a.g;
+  const int64_t s = S > 0 ? S : g.s;  // compile-time stride 1/2 lets the loads vectorise
+  const int64_t K2 = g.K2(), pad = (g.k / 2) * g.d, Wv = (g.Wo + V - 1) / V * V;
+  const int64_t Wp = std::max(g.W + 2 * pad, (Wv - 1) * s + (g.k - 1) * g.d + 1), Hp = g.H + 2 * pad;
+  std::vector<T> buffer(Hp * Wp, T(0));  // borders stay zero; each plane overwrites the interior
+  T* pin = buffer.data();
+  for (int64_t p = begin; p < end; ++p) {
+    const T* xp = x + p * g.H * g.W;
+    for (int64_t r = 0; r < g.H; ++r) std::copy(xp + r * g.W, xp + (r + 1) * g.W, pin + (r + pad) * Wp + pad);
+    const T* cp = cf + p * K2;
+    const T* sp = psf + (p / g.C) * K2 * g.Ho * Wv;
+    for (int64_t y = 0; y < g.Ho; ++y) {
+      T* orow = out + (p * g.Ho + y) * g.Wo;
+      for (int64_t x0 = 0; x0 < Wv; x0 += V) {
+        T acc[V] = {};
+        for (int64_t i = 0; i < g.k; ++i) {
+          const T* row = pin + (y * s + i * g.d) * Wp + x0 * s;
+          for (int64_t j = 0; j < g.k; ++j) {
+            const int64_t t = i * g.k + j;
+            const T* in = row + j * g.d;
+            const T* f = sp + (t * g.Ho + y) * Wv + x0;
+            const T c = cp[t];
+            for (int64_t l = 0; l < V; ++l) {
+              if constexpr (MUL) {
+                acc[l] += in[l * s] * c * f[l];
+              } else {
+                acc[l] += in[l * s] * (c + f[l]);
+              }
+            }
+          }
+        }
+        const int64_t n = std::min(V, g.Wo - x0);
+        for (int64_t l = 0; l < n; ++l) orow[x0 + l] = acc[l];
+      }
+    }
+  }
+}
+
+// grad_input (gather form: each input row collects the output rows that sampled it) and
+// grad_channel_filter (per-tap partial rows, summed at the end of the plane), over planes [begin, end).
+template <typename T>
+void backward_nchw_planes(const Args<T>& a, int64_t begin, int64_t end) {
+  const T *go = a.go, *x = a.x, *cf = a.cf, *sf = a.sf;
+  T *gx = a.gx, *gcf = a.gcf;
+  const Geometry& g = a.g;
+  const bool mul = a.mul;
+  const auto cols = column_ranges(g);
+  const int64_t K2 = g.K2(), in_plane = g.H * g.W, out_plane = g.Ho * g.Wo;
+  {
+    std::vector<T> part(K2 * g.Wo);
+    for (int64_t p = begin; p < end; ++p) {
+      const T* xp = x + p * in_plane;
+      const T* gp = go + p * out_plane;
+      const T* cp = cf + p * K2;
+      const T* sp = sf + (p / g.C) * K2 * out_plane;
+      for (int64_t yi = 0; yi < g.H; ++yi) {
+        T* row = gx + p * in_plane + yi * g.W;
+        std::fill(row, row + g.W, T(0));
+        for (int64_t i = 0; i < g.k; ++i) {
+          const int64_t y = source_of(yi, g.off(i), g.s, g.Ho);
+          if (y < 0) continue;
+          for (int64_t j = 0; j < g.k; ++j) {
+            const int64_t t = i * g.k + j;
+            const Range r = cols[j];
+            if (r.lo >= r.hi) continue;
+            T* dst = row + r.lo * g.s + g.off(j);
+            const T* grow = gp + y * g.Wo + r.lo;
+            const T* srow = sp + t * out_plane + y * g.Wo + r.lo;
+            const T c = cp[t];
+            const int64_t n = r.hi - r.lo;
+            if (mul) {
+              for (int64_t q = 0; q < n; ++q) dst[q * g.s] += grow[q] * c * srow[q];
+            } else {
+              for (int64_t q = 0; q < n; ++q) dst[q * g.s] += grow[q] * (c + srow[q]);
+            }
+          }
+        }
+      }
+      std::fill(part.begin(), part.end(), T(0));
+      for (int64_t y = 0; y < g.Ho; ++y) {
+        const T* grow = gp + y * g.Wo;
+        for (int64_t i = 0; i < g.k; ++i) {
+          const int64_t yi = y * g.s + g.off(i);
+          if (yi < 0 || yi >= g.H) continue;
+          for (int64_t j = 0; j < g.k; ++j) {
+            const int64_t t = i * g.k + j;
+            const Range r = cols[j];
+            T* acc = part.data() + t * g.Wo;
+            const T* in = xp + yi * g.W + g.off(j);
+            const T* srow = sp + t * out_plane + y * g.Wo;
+            if (mul) {
+              for (int64_t q = r.lo; q < r.hi; ++q) acc[q] += grow[q] * in[q * g.s] * srow[q];
+            } else {
+              for (int64_t q = r.lo; q < r.hi; ++q) acc[q] += grow[q] * in[q * g.s];
+            }
+          }
+        }
+      }
+      for (int64_t t = 0; t < K2; ++t) {
+        T sum = 0;
+        for (int64_t q = 0; q < g.Wo; ++q) sum += part[t * g.Wo + q];
+        gcf[p * K2 + t] = sum;
+      }
+    }
+  }
+}
+
+// grad_spatial_filter: a sum over channels, so split over (sample, output row) instead.
+template <typename T>
+void backward_nchw_sf_rows(const Args<T>& a, int64_t begin, int64_t end) {
+  const T *go = a.go, *x = a.x, *cf = a.cf;
+  T* gsf = a.gsf;
+  const Geometry& g = a.g;
+  const bool mul = a.mul;
+  const auto cols = column_ranges(g);
+  const int64_t K2 = g.K2(), in_plane = g.H * g.W, out_plane = g.Ho * g.Wo;
+  {
+    std::vector<T> part(K2 * g.Wo);
+    for (int64_t r_idx = begin; r_idx < end; ++r_idx) {
+      const int64_t b = r_idx / g.Ho, y = r_idx % g.Ho;
+      std::fill(part.begin(), part.end(), T(0));
+      for (int64_t c = 0; c < g.C; ++c) {
+        const int64_t p = b * g.C + c;
+        const T* grow = go + p * out_plane + y * g.Wo;
+        for (int64_t i = 0; i < g.k; ++i) {
+          const int64_t yi = y * g.s + g.off(i);
+          if (yi < 0 || yi >= g.H) continue;
+          for (int64_t j = 0; j < g.k; ++j) {
+            const int64_t t = i * g.k + j;
+            const Range r = cols[j];
+            T* acc = part.data() + t * g.Wo;
+            const T* in = x + p * in_plane + yi * g.W + g.off(j);
+            if (mul) {
+              const T cv = cf[p * K2 + t];
+              for (int64_t q = r.lo; q < r.hi; ++q) acc[q] += grow[q] * in[q * g.s] * cv;
+            } else {
+              for (int64_t q = r.lo; q < r.hi; ++q) acc[q] += grow[q] * in[q * g.s];
+            }
+          }
+        }
+      }
+      for (int64_t t = 0; t < K2; ++t)
+        std::copy(part.begin() + t * g.Wo, part.begin() + (t + 1) * g.Wo, gsf + ((b * K2 + t) * g.Ho + y) * g.Wo);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// channels_last. x (B, H, W, C), cft (B, K2, C) (channel filter transposed so a tap's C values are
+// contiguous), sf (B, Ho, Wo, K2), out/grad_out (B, Ho, Wo, C).
+
+template <typename T>
+void forward_nhwc_rows(const Args<T>& a, int64_t begin, int64_t end) {
+  const T *x = a.x, *cft = a.cf, *sf = a.sf;
+  T* out = a.out;
+  const Geometry& g = a.g;
+  const bool mul = a.mul;
+  const int64_t K2 = g.K2(), C = g.C;
+  {
+    for (int64_t r_idx = begin; r_idx < end; ++r_idx) {
+      const int64_t b = r_idx / g.Ho, y = r_idx % g.Ho;
+      for (int64_t xo = 0; xo < g.Wo; ++xo) {
+        T* __restrict o = out + (r_idx * g.Wo + xo) * C;
+        const T* spix = sf + (r_idx * g.Wo + xo) * K2;
+        std::fill(o, o + C, T(0));
+        for (int64_t i = 0; i < g.k; ++i) {
+          const int64_t yi = y * g.s + g.off(i);
+          if (yi < 0 || yi >= g.H) continue;
+          for (int64_t j = 0; j < g.k; ++j) {
+            const int64_t xi = xo * g.s + g.off(j);
+            if (xi < 0 || xi >= g.W) continue;
+            const int64_t t = i * g.k + j;
+            const T* __restrict in = x + ((b * g.H + yi) * g.W + xi) * C;
+            const T* __restrict ct = cft + (b * K2 + t) * C;
+            const T sv = spix[t];
+            if (mul) {
+              for (int64_t c = 0; c < C; ++c) o[c] += in[c] * ct[c] * sv;
+            } else {
+              for (int64_t c = 0; c < C; ++c) o[c] += in[c] * (ct[c] + sv);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// Sum of a[c] * b[c] (* w[c] when w is given) in a fixed order, with independent lanes so it vectorises.
+template <typename T>
+inline T dot(const T* __restrict a, const T* __restrict b, const T* __restrict w, int64_t n) {
+  constexpr int L = 16;
+  T lane[L] = {};
+  int64_t c = 0;
+  for (; c + L <= n; c += L) {
+    if (w) {
+      for (int l = 0; l < L; ++l) lane[l] += a[c + l] * b[c + l] * w[c + l];
+    } else {
+      for (int l = 0; l < L; ++l) lane[l] += a[c + l] * b[c + l];
+    }
+  }
+  T sum = 0;
+  for (; c < n; ++c) sum += w ? a[c] * b[c] * w[c] : a[c] * b[c];
+  for (int l = 0; l < L; ++l) sum += lane[l];
+  return sum;
+}
+
+// grad_input, gather form, over (sample, input row) rows [begin, end).
+template <typename T>
+void backward_nhwc_gx_rows(const Args<T>& a, int64_t begin, int64_t end) {
+  const T *go = a.go, *cft = a.cf, *sf = a.sf;
+  T* gx = a.gx;
+  const Geometry& g = a.g;
+  const bool mul = a.mul;
+  const int64_t K2 = g.K2(), C = g.C;
+  {
+    for (int64_t r_idx = begin; r_idx < end; ++r_idx) {
+      const int64_t b = r_idx / g.H, yi = r_idx % g.H;
+      for (int64_t xi = 0; xi < g.W; ++xi) {
+        T* __restrict o = gx + (r_idx * g.W + xi) * C;
+        std::fill(o, o + C, T(0));
+        for (int64_t i = 0; i < g.k; ++i) {
+          const int64_t y = source_of(yi, g.off(i), g.s, g.Ho);
+          if (y < 0) continue;
+          for (int64_t j = 0; j < g.k; ++j) {
+            const int64_t xo = source_of(xi, g.off(j), g.s, g.Wo);
+            if (xo < 0) continue;
+            const int64_t t = i * g.k + j, pix = (b * g.Ho + y) * g.Wo + xo;
+            const T* __restrict gp = go + pix * C;
+            const T* __restrict ct = cft + (b * K2 + t) * C;
+            const T sv = sf[pix * K2 + t];
+            if (mul) {
+              for (int64_t c = 0; c < C; ++c) o[c] += gp[c] * ct[c] * sv;
+            } else {
+              for (int64_t c = 0; c < C; ++c) o[c] += gp[c] * (ct[c] + sv);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// grad_spatial_filter: per output pixel and tap, a dot product over channels; (sample, row) rows.
+template <typename T>
+void backward_nhwc_sf_rows(const Args<T>& a, int64_t begin, int64_t end) {
+  const T *go = a.go, *x = a.x, *cft = a.cf;
+  T* gsf = a.gsf;
+  const Geometry& g = a.g;
+  const bool mul = a.mul;
+  const int64_t K2 = g.K2(), C = g.C;
+  {
+    for (int64_t r_idx = begin; r_idx < end; ++r_idx) {
+      const int64_t b = r_idx / g.Ho, y = r_idx % g.Ho;
+      for (int64_t xo = 0; xo < g.Wo; ++xo) {
+        const int64_t pix = r_idx * g.Wo + xo;
+        const T* gp = go + pix * C;
+        for (int64_t i = 0; i < g.k; ++i) {
+          const int64_t yi = y * g.s + g.off(i);
+          for (int64_t j = 0; j < g.k; ++j) {
+            const int64_t xi = xo * g.s + g.off(j), t = i * g.k + j;
+            T value = 0;
+            if (yi >= 0 && yi < g.H && xi >= 0 && xi < g.W) {
+              const T* in = x + ((b * g.H + yi) * g.W + xi) * C;
+              value = dot(gp, in, mul ? cft + (b * K2 + t) * C : nullptr, C);
+            }
+            gsf[pix * K2 + t] = value;
+          }
+        }
+      }
+    }
+  }
+}
+
+// grad_channel_filter: a sum over pixels, over (sample, block of CB channels) tasks [begin, end).
+constexpr int64_t CB = 64;
+
+template <typename T>
+void backward_nhwc_cf_blocks(const Args<T>& a, int64_t begin, int64_t end) {
+  const T *go = a.go, *x = a.x, *sf = a.sf;
+  T* gcft = a.gcf;
+  const Geometry& g = a.g;
+  const bool mul = a.mul;
+  const int64_t K2 = g.K2(), C = g.C, blocks = (C + CB - 1) / CB;
+  {
+    std::vector<T> part(K2 * CB);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / blocks, c0 = (task % blocks) * CB, n = std::min(CB, C - c0);
+      std::fill(part.begin(), part.end(), T(0));
+      for (int64_t y = 0; y < g.Ho; ++y) {
+        for (int64_t xo = 0; xo < g.Wo; ++xo) {
+          const int64_t pix = (b * g.Ho + y) * g.Wo + xo;
+          const T* __restrict gp = go + pix * C + c0;
+          for (int64_t i = 0; i < g.k; ++i) {
+            const int64_t yi = y * g.s + g.off(i);
+            if (yi < 0 || yi >= g.H) continue;
+            for (int64_t j = 0; j < g.k; ++j) {
+              const int64_t xi = xo * g.s + g.off(j);
+              if (xi < 0 || xi >= g.W) continue;
+              const int64_t t = i * g.k + j;
+              const T* __restrict in = x + ((b * g.H + yi) * g.W + xi) * C + c0;
+              T* __restrict acc = part.data() + t * CB;
+              if (mul) {
+                const T sv = sf[pix * K2 + t];
+                for (int64_t c = 0; c < n; ++c) acc[c] += gp[c] * in[c] * sv;
+              } else {
+                for (int64_t c = 0; c < n; ++c) acc[c] += gp[c] * in[c];
+              }
+            }
+          }
+        }
+      }
+      for (int64_t t = 0; t < K2; ++t)
+        std::copy(part.begin() + t * CB, part.begin() + t * CB + n, gcft + (b * K2 + t) * C + c0);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Instruction sets. The kernels are compiled for the baseline ISA, and on x86 also inlined ("flatten")
+// into AVX2+FMA variants picked at run time, so one binary is both portable and fast.
+
+template <typename T>
+using Kernel = void (*)(const Args<T>&, int64_t, int64_t);
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define DDFNET_X86_DISPATCH 1
+template <typename T, Kernel<T> K>
+__attribute__((target("avx2,fma"), flatten)) void avx2_variant(const Args<T>& a, int64_t begin, int64_t end) {
+  K(a, begin, end);
+}
+
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+#endif
+
+// Runs K over tasks [0, n) on the intra-op thread pool.
+template <typename T, Kernel<T> K>
+void launch(const Args<T>& a, int64_t n, int64_t work_per_task) {
+  Kernel<T> kernel = K;
+#ifdef DDFNET_X86_DISPATCH
+  if (cpu_has_avx2()) kernel = avx2_variant<T, K>;
+#endif
+  at::parallel_for(0, n, grain(work_per_task), [&](int64_t begin, int64_t end) { kernel(a, begin, end); });
+}
+
+template <typename T, bool MUL>
+void launch_forward_nchw(const Args<T>& a) {
+  const Geometry& g = a.g;
+  const int64_t work = g.Ho * g.Wo * g.K2();
+  if (g.s == 1) {
+    launch<T, forward_nchw_planes<T, MUL, 1>>(a, g.B * g.C, work);
+  } else if (g.s == 2) {
+    launch<T, forward_nchw_planes<T, MUL, 2>>(a, g.B * g.C, work);
+  } else {
+    launch<T, forward_nchw_planes<T, MUL, 0>>(a, g.B * g.C, work);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Operator entry points.
+
+Geometry geometry(const at::Tensor& input, int64_t k, int64_t d, int64_t s) {
+  return {input.size(0), input.size(1), input.size(2), input.size(3),
+          out_size(input.size(2), s), out_size(input.size(3), s), k, d, s};
+}
+
+at::ScalarType accumulation_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+at::MemoryFormat format_of(const at::Tensor& input) {
+  return is_channels_last(input) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// The channel filter as the kernels read it: (B, C, K2) for NCHW, (B, K2, C) for channels_last.
+at::Tensor channel_filter_for(const at::Tensor& cf, at::ScalarType acc, bool channels_last) {
+  at::Tensor flat = cf.to(acc).reshape({cf.size(0), cf.size(1), -1});
+  return channels_last ? flat.transpose(1, 2).contiguous() : flat.contiguous();
+}
+
+at::Tensor forward_entry(const at::Tensor& input, const at::Tensor& channel_filter,
+                         const at::Tensor& spatial_filter, int64_t kernel_size, int64_t dilation, int64_t stride,
+                         c10::string_view kernel_combine) {
+  const bool mul = check_ddf_args(input, channel_filter, spatial_filter, kernel_size, dilation, stride,
+                                  kernel_combine);
+  const Geometry g = geometry(input, kernel_size, dilation, stride);
+  const at::MemoryFormat fmt = format_of(input);
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  const at::ScalarType acc = accumulation_type(input.scalar_type());
+  at::Tensor out = at::empty({g.B, g.C, g.Ho, g.Wo}, input.options().dtype(acc).memory_format(fmt));
+  if (out.numel() == 0) return out.to(input.scalar_type());
+  const at::Tensor x = input.to(acc).contiguous(fmt);
+  const at::Tensor cf = channel_filter_for(channel_filter, acc, cl);
+  at::Tensor sf = spatial_filter.to(acc).contiguous(fmt);
+  if (!cl) {  // pad rows to whole vectors (see forward_nchw_planes)
+    const int64_t Wv = (g.Wo + V - 1) / V * V;
+    if (Wv != g.Wo) sf = at::constant_pad_nd(sf, {0, Wv - g.Wo});
+  }
+  AT_DISPATCH_FLOATING_TYPES(acc, "ddf_forward_cpu", [&] {
+    Args<scalar_t> a;
+    a.x = x.const_data_ptr<scalar_t>();
+    a.cf = cf.const_data_ptr<scalar_t>();
+    a.sf = sf.const_data_ptr<scalar_t>();
+    a.out = out.mutable_data_ptr<scalar_t>();
+    a.g = g;
+    a.mul = mul;
+    if (cl) {
+      launch<scalar_t, forward_nhwc_rows<scalar_t>>(a, g.B * g.Ho, g.Wo * g.C * g.K2());
+    } else if (mul) {
+      launch_forward_nchw<scalar_t, true>(a);
+    } else {
+      launch_forward_nchw<scalar_t, false>(a);
+    }
+  });
+  return out.to(input.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_entry(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& channel_filter,
+    const at::Tensor& spatial_filter, int64_t kernel_size, int64_t dilation, int64_t stride,
+    c10::string_view kernel_combine) {
+  const bool mul = check_ddf_args(input, channel_filter, spatial_filter, kernel_size, dilation, stride,
+                                  kernel_combine);
+  check_grad_output(grad_output, input, stride);
+  const Geometry g = geometry(input, kernel_size, dilation, stride);
+  const at::MemoryFormat fmt = format_of(input);
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  const at::ScalarType acc = accumulation_type(input.scalar_type());
+  const auto opts = input.options().dtype(acc);
+  // The kernels write every element; only an empty problem needs the zeros.
+  const bool empty = grad_output.numel() == 0;
+  auto alloc = [&](std::vector<int64_t> sizes, at::MemoryFormat f) {
+    return empty ? at::zeros(sizes, opts.memory_format(f)) : at::empty(sizes, opts.memory_format(f));
+  };
+  at::Tensor gx = alloc({g.B, g.C, g.H, g.W}, fmt);
+  // The channel-filter gradient in the kernel's layout: (B, C, K2) or (B, K2, C).
+  at::Tensor gcf = alloc(cl ? std::vector<int64_t>{g.B, g.K2(), g.C} : std::vector<int64_t>{g.B, g.C, g.K2()},
+                         at::MemoryFormat::Contiguous);
+  at::Tensor gsf = alloc({g.B, g.K2(), g.Ho, g.Wo}, fmt);
+  if (!empty) {
+    const at::Tensor go = grad_output.to(acc).contiguous(fmt);
+    const at::Tensor x = input.to(acc).contiguous(fmt);
+    const at::Tensor cf = channel_filter_for(channel_filter, acc, cl);
+    const at::Tensor sf = spatial_filter.to(acc).contiguous(fmt);
+    AT_DISPATCH_FLOATING_TYPES(acc, "ddf_backward_cpu", [&] {
+      Args<scalar_t> a;
+      a.go = go.const_data_ptr<scalar_t>();
+      a.x = x.const_data_ptr<scalar_t>();
+      a.cf = cf.const_data_ptr<scalar_t>();
+      a.sf = sf.const_data_ptr<scalar_t>();
+      a.gx = gx.mutable_data_ptr<scalar_t>();
+      a.gcf = gcf.mutable_data_ptr<scalar_t>();
+      a.gsf = gsf.mutable_data_ptr<scalar_t>();
+      a.g = g;
+      a.mul = mul;
+      const int64_t K2 = g.K2();
+      if (cl) {
+        launch<scalar_t, backward_nhwc_gx_rows<scalar_t>>(a, g.B * g.H, g.W * g.C * K2);
+        launch<scalar_t, backward_nhwc_sf_rows<scalar_t>>(a, g.B * g.Ho, g.Wo * g.C * K2);
+        launch<scalar_t, backward_nhwc_cf_blocks<scalar_t>>(a, g.B * ((g.C + CB - 1) / CB), g.Ho * g.Wo * CB * K2);
+      } else {
+        launch<scalar_t, backward_nchw_planes<scalar_t>>(a, g.B * g.C, g.Ho * g.Wo * K2 * 2);
+        launch<scalar_t, backward_nchw_sf_rows<scalar_t>>(a, g.B * g.Ho, g.C * g.Wo * K2);
+      }
+    });
+  }
+  if (cl) gcf = gcf.transpose(1, 2);
+  gcf = gcf.reshape(channel_filter.sizes());
+  return {like_layout(gx.to(input.scalar_type()), input),
+          like_layout(gcf.to(channel_filter.scalar_type()), channel_filter),
+          like_layout(gsf.to(spatial_filter.scalar_type()), spatial_filter)};
+}
+
+}  // namespace
+}  // namespace ddfnet
+
+TORCH_LIBRARY_IMPL(ddfnet, CPU, m) {
+  m.impl("ddf", &ddfnet::forward_entry);
+  m.impl("ddf_backward", &ddfnet::backward_entry);
+}

@@ -1,0 +1,102 @@
+// CUDA kernels of the DDF op: what the entry points (ddf_cuda.cu) and the kernel files share.
+//
+//   ddf_cuda.cu          entry points, layouts, registration (TORCH_LIBRARY_IMPL(ddfnet, CUDA, ...))
+//   ddf_cuda_pixels.cu   forward and grad_input: one output value per (pixel, channel), a sum over taps
+//   ddf_cuda_filters.cu  grad_channel_filter and grad_spatial_filter: reductions over pixels / channels
+//
+// Notation used in every kernel (SPEC §1): input (B, C, H, W), output (B, C, Ho, Wo), kernel size k
+// (odd), half = k / 2, tap t = i * k + j for i, j in [0, k). Output pixel (oy, ox) samples input pixel
+//   iy = oy * stride + (i - half) * dilation,   ix = ox * stride + (j - half) * dilation,
+// and the tap contributes nothing when (iy, ix) is outside the image.
+//
+// Two physical layouts, picked by the entry points from the input's memory format:
+//   NCHW path: input/grad_input (B, C, H, W), output/grad_output (B, C, Ho, Wo), channel filter
+//              (B, C, k*k), spatial filter (B, k*k, Ho, Wo); all contiguous.
+//   NHWC path: input/grad_input (B, H, W, C), output/grad_output (B, Ho, Wo, C), channel filter
+//              transposed to (B, k*k, C), spatial filter (B, Ho, Wo, k*k) (i.e. channels_last).
+// Every global offset is computed in int64_t. The grad channel filter is always (B, C, k*k).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace ddfnet {
+namespace ddf_cuda {
+
+// Shapes and parameters of one call, as the kernels see them (filled by the entry points).
+struct Geometry {
+  int64_t batch, channels, height, width;  // input (B, C, H, W); H, W < 2^30
+  int64_t out_h, out_w;                    // (H - 1) / stride + 1, (W - 1) / stride + 1 (original stride)
+  int64_t dilation, stride;                // clamped to max(H, W), which changes no result (ddf_cuda.cu)
+  int k;                                   // kernel size, odd
+  bool mul;                                // kernel_combine == 'mul' ('add' otherwise)
+};
+
+// Kernel launchers. Tensors are laid out as described above for the path `channels_last` names;
+// outputs are preallocated and fully written. Inputs must be non-empty (B, C, H, W >= 1).
+void launch_forward(const at::Tensor& input, const at::Tensor& channel_filter, const at::Tensor& spatial_filter,
+                    const at::Tensor& output, const Geometry& g, bool channels_last);
+void launch_grad_input(const at::Tensor& grad_output, const at::Tensor& channel_filter,
+                       const at::Tensor& spatial_filter, const at::Tensor& grad_input, const Geometry& g,
+                       bool channels_last);
+void launch_grad_filters(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& channel_filter,
+                         const at::Tensor& spatial_filter, const at::Tensor& grad_channel_filter,
+                         const at::Tensor& grad_spatial_filter, const Geometry& g, bool channels_last);
+
+// Threads per block of every kernel (a multiple of 32).
+constexpr int kThreads = 256;
+
+// Calls f(std::integral_constant<int, K>{}) with K = k for the unrolled kernel sizes 3, 5, 7 and K = 0
+// (kernel size read at run time, no upper limit) for every other k.
+template <typename F>
+void dispatch_kernel_size(int k, F&& f) {
+  switch (k) {
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 0>{}); break;
+  }
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Blocks for a grid-stride loop over `work` items of `per_block` each: enough to fill the GPU a few
+// times over, never more than needed (and never 0). Results never depend on the grid size.
+unsigned int grid_size(int64_t work, int64_t per_block);
+
+#ifdef __CUDACC__
+
+__device__ __forceinline__ int64_t dceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__device__ __forceinline__ int64_t dmin(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// The per-(channel, tap, pixel) filter value F from its channel part c and spatial part s.
+template <typename acc_t>
+__device__ __forceinline__ acc_t combine(acc_t c, acc_t s, bool mul) {
+  return mul ? c * s : c + s;
+}
+
+// Input coordinate sampled along one axis by kernel index i (0..k-1) from output coordinate o.
+__device__ __forceinline__ int64_t sample_coord(int64_t o, int i, int half, const Geometry& g) {
+  return o * g.stride + static_cast<int64_t>(i - half) * g.dilation;
+}
+
+// The inverse (gather form, for grad_input): the output coordinate o in [0, out_size) whose kernel index
+// i samples input coordinate `in`, or -1 when there is none (in - (i - half) * dilation must be a
+// non-negative multiple of the stride below out_size * stride).
+__device__ __forceinline__ int64_t gather_coord(int64_t in, int i, int half, int64_t out_size, const Geometry& g) {
+  const int64_t n = in - static_cast<int64_t>(i - half) * g.dilation;  // = o * stride
+  if (n < 0 || n >= out_size * g.stride) return -1;
+  if (g.stride == 1) return n;
+  // 0 <= n < out_size * stride <= H - 1 + stride < 2^31 (H, W < 2^30 and stride <= max(H, W)), so the
+  // 32-bit integer division is exact and cheaper than a 64-bit one.
+  const int s = static_cast<int>(g.stride), n32 = static_cast<int>(n);
+  const int o = n32 / s;
+  return o * s == n32 ? o : -1;
+}
+
+#endif  // __CUDACC__
+
+}  // namespace ddf_cuda
+}  // namespace ddfnet

@@ -1,0 +1,39 @@
+// Shared declarations of the native DDF kernels (SPEC §1).
+//
+// The schema of both operators is declared once, in ddf.cpp (TORCH_LIBRARY(ddfnet, ...)). Each backend
+// registers its kernels with TORCH_LIBRARY_IMPL(ddfnet, <Backend>, ...) in its own folder. Python keeps
+// the fake kernels, the autograd formula and the autocast rule (ddfnet/ops/ddf_op.py).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <string_view>
+#include <tuple>
+
+namespace ddfnet {
+
+// Output extent along one axis: the conv formula with 'same' padding, floor((size - 1) / stride) + 1
+// (0 for an empty axis, as in Python, where C++'s truncating division would give 1).
+inline int64_t out_size(int64_t size, int64_t stride) { return size <= 0 ? 0 : (size - 1) / stride + 1; }
+
+// Validates the forward arguments with the same exception types and messages as the Python
+// check_ddf_args (ValueError / TypeError), and returns true for 'mul', false for 'add'.
+bool check_ddf_args(const at::Tensor& input, const at::Tensor& channel_filter,
+                    const at::Tensor& spatial_filter, int64_t kernel_size, int64_t dilation,
+                    int64_t stride, std::string_view kernel_combine);
+
+// Checks grad_output's shape/dtype/device against the forward arguments (backward entry points).
+void check_grad_output(const at::Tensor& grad_output, const at::Tensor& input, int64_t stride);
+
+// The layout rule shared with the Python fake kernel (reference.new_output): a 4-D tensor that is not
+// contiguous but is channels_last-contiguous is "channels_last"; everything else is treated as NCHW.
+bool is_channels_last(const at::Tensor& t);
+
+// A tensor laid out like `like` would be by at::empty_like (what the fake kernels return), holding `t`'s
+// values: `t` itself when its strides already match, else a copy.
+at::Tensor like_layout(const at::Tensor& t, const at::Tensor& like);
+
+// Each backend (cpu/, cuda/) registers, with TORCH_LIBRARY_IMPL, entry points that call
+// check_ddf_args (and check_grad_output) first, then run its kernels.
+
+}  // namespace ddfnet
