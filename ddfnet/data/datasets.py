@@ -1,0 +1,42 @@
+"""Opening dataset splits with clear errors for missing or malformed data folders."""
+from __future__ import annotations
+
+import os
+
+from timm.data import create_dataset
+
+from ..training.config import UserError
+from .demo import ensure_demo_dataset
+
+
+def resolve_data_root(dataset: str, data_dir: str | None, demo_per_class: int = 256) -> str:
+    """The folder to read ``dataset`` from; for ``'demo'`` the generated dataset (cache: ``data_dir``)."""
+    if dataset == 'demo':
+        return ensure_demo_dataset(data_dir, demo_per_class)
+    if not data_dir:
+        raise UserError('no data: give --data-dir (or data_dir in the config)')
+    if not os.path.isdir(data_dir) and not dataset:  # timm's own datasets (torch/..., hfds/...) may download
+        raise UserError(f'data dir {data_dir} does not exist')
+    return data_dir
+
+
+# timm's folder datasets accept these names for a split (and silently read the root itself otherwise).
+_SYNONYMS = (('train', 'training'), ('val', 'valid', 'validation', 'eval', 'evaluation'))
+
+
+def _has_split_folder(root: str, split: str) -> bool:
+    names = next((group for group in _SYNONYMS if split in group), (split,))
+    return any(os.path.isdir(os.path.join(root, name)) for name in (split, *names))
+
+
+def create_split(dataset: str, root: str, split: str, is_training: bool, batch_size: int = 1):
+    """timm's ``create_dataset`` for one split; a missing or empty split raises :class:`UserError`."""
+    if not dataset and os.path.isdir(root) and not _has_split_folder(root, split):
+        raise UserError(f"no '{split}' folder in data dir {root} (expected {root}/{split}/<class>/<image>)")
+    try:
+        data = create_dataset(dataset, root=root, split=split, is_training=is_training, batch_size=batch_size)
+    except (OSError, RuntimeError, AssertionError, ValueError) as e:
+        raise UserError(f"cannot open split '{split}' of {root}: {str(e).strip() or e.__class__.__name__}") from None
+    if len(data) == 0:
+        raise UserError(f"split '{split}' of {root} holds no images")
+    return data

@@ -1,0 +1,150 @@
+"""Checkpoints that survive a kill at any moment and can never execute code when loaded.
+
+A file is written to a temporary name in the same folder, flushed to disk, then renamed over the
+target (``os.replace`` is atomic), so a reader sees the old complete file or the new complete one.
+Loading uses ``torch.load(weights_only=True)`` (or safetensors), which refuses anything but tensors and
+plain containers. A run folder holds ``last.pth.tar`` (the latest state: an epoch end, or a recovery
+point mid-epoch), ``best.pth.tar`` and ``checkpoint-<epoch>.pth.tar`` every few epochs.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import random
+import re
+import shutil
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import UserError
+
+LAST, BEST = 'last.pth.tar', 'best.pth.tar'
+_TMP_SUFFIX = '.partial'
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` to ``path`` via a temporary file and a rename: never a truncated ``path``."""
+    tmp = f'{path}.{os.getpid()}{_TMP_SUFFIX}'
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """Make ``dst`` hold ``src``'s bytes, atomically. A hard link costs no write; ``src`` is later
+    replaced by a rename (a new inode), so ``dst`` keeps these bytes."""
+    tmp = f'{dst}.{os.getpid()}{_TMP_SUFFIX}'
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:  # no hard links here (some network file systems)
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def remove_partial_files(run_dir: str) -> None:
+    """Delete temporary files left by a save that was killed (they are never read)."""
+    for path in glob.glob(os.path.join(run_dir, f'*{_TMP_SUFFIX}')):
+        os.remove(path)
+
+
+def save_checkpoint(run_dir: str, state: dict[str, Any], *, is_best: bool = False,
+                    periodic_epoch: int | None = None, keep: int = 3) -> None:
+    """Write ``state`` as the run's ``last`` checkpoint, and as ``best`` / ``checkpoint-<epoch>`` when
+    asked, keeping the ``keep`` newest periodic ones."""
+    last = os.path.join(run_dir, LAST)
+    atomic_save(state, last)
+    if is_best:
+        _link_or_copy(last, os.path.join(run_dir, BEST))
+    if periodic_epoch is not None:
+        _link_or_copy(last, os.path.join(run_dir, f'checkpoint-{periodic_epoch}.pth.tar'))
+        periodic = sorted(glob.glob(os.path.join(run_dir, 'checkpoint-*.pth.tar')),
+                          key=lambda p: int(re.findall(r'checkpoint-(\d+)\.pth\.tar$', p)[0]))
+        for path in periodic[:-keep] if keep > 0 else periodic:
+            os.remove(path)
+
+
+def load_checkpoint(path: str) -> Any:
+    """Load a checkpoint or state_dict without executing code; a missing, corrupt or unsafe file raises
+    :class:`UserError`."""
+    if not os.path.isfile(path):
+        raise UserError(f'no checkpoint file {path}')
+    try:
+        if path.endswith('.safetensors'):
+            from safetensors.torch import load_file
+            return load_file(path, device='cpu')
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... depending on the damage
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise UserError(f'cannot load checkpoint {path}: truncated, corrupt or not a weights-only checkpoint '
+                        f'({reason[:160]})') from None
+
+
+def model_state_dict(checkpoint: Any, path: str, use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """The model weights in ``checkpoint``: ours (``model`` / ``model_ema``), timm's (``state_dict`` /
+    ``state_dict_ema``) or a bare state_dict; ``module.`` (DDP) and ``_orig_mod.`` (compile) prefixes go."""
+    if not isinstance(checkpoint, dict):
+        raise UserError(f'checkpoint {path} holds a {type(checkpoint).__name__}, not a state_dict')
+    keys = ('model_ema', 'state_dict_ema') if use_ema else ('model', 'state_dict')
+    found = next((checkpoint[k] for k in keys if isinstance(checkpoint.get(k), dict)), None)
+    if found is None and use_ema:
+        raise UserError(f'checkpoint {path} has no EMA weights (trained without --model-ema?)')
+    state = found if found is not None else checkpoint
+    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f'checkpoint {path} holds no model state_dict')
+    return {re.sub(r'^(module\.|_orig_mod\.)+', '', k): v for k, v in state.items()}
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str, model_name: str,
+                 drop_classifier: bool = False) -> None:
+    """Load ``state`` into ``model`` strictly; a mismatch raises :class:`UserError` in one line.
+
+    ``drop_classifier`` (fine-tuning) skips the classifier's tensors when their shapes differ.
+    """
+    own = model.state_dict()
+    if drop_classifier:
+        head = getattr(model, 'pretrained_cfg', {}).get('classifier', 'fc')
+        state = {k: v for k, v in state.items()
+                 if not (k.startswith(head + '.') and k in own and own[k].shape != v.shape)}
+        missing_ok = {k for k in own if k.startswith(head + '.')}
+    else:
+        missing_ok = set()
+    missing = [k for k in own if k not in state and k not in missing_ok]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f'{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}'
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f'{len(items)} {what} (e.g. {items[0]})' for what, items in
+                 (('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', shapes)) if items]
+        raise UserError(f'checkpoint {path} does not fit model {model_name}: ' + ', '.join(parts))
+    model.load_state_dict(state, strict=not missing_ok)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random number generator states, as weights-only-loadable values."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {'python': random.getstate(), 'numpy': [kind, keys.tolist(), pos, has_gauss, gauss],
+            'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore states saved by :func:`rng_state`."""
+    random.setstate(state['python'])
+    kind, keys, pos, has_gauss, gauss = state['numpy']
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state['torch'])
+    if state['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])

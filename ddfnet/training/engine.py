@@ -1,0 +1,198 @@
+"""The training and evaluation loops of ``train.py``, and what makes them stoppable and resumable.
+
+Resuming reproduces an uninterrupted run exactly (on a deterministic device) because
+- every epoch starts by seeding all generators from ``(seed, epoch, rank)`` (:func:`seed_epoch`), so the
+  sampling order, the data loader workers' seeds and the augmentations are a function of the epoch;
+- a mid-epoch checkpoint records how many batches of the epoch are done and this process's generator
+  states: a resumed epoch re-draws the same order, skips the done batches, then restores the generators.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import random
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from timm.utils import dispatch_clip_grad
+from torch import nn
+
+from .checkpoint import set_rng_state
+
+_logger = logging.getLogger('train')
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: ``step`` batches of ``epoch`` are done (0: the epoch has not started)."""
+    epoch: int = 0
+    step: int = 0
+    num_updates: int = 0
+    best_metric: float | None = None
+    best_epoch: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class TrainingStopped(Exception):
+    """The run cannot go on (non-finite loss); the message says why."""
+
+
+class StopRequested(Exception):
+    """A SIGTERM/SIGINT arrived; the loop stopped at an optimizer-step boundary, ready to checkpoint."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class SignalFlag:
+    """Records SIGTERM/SIGINT instead of dying, so the loop can checkpoint first. A second signal of the
+    same kind gets the default behaviour (an impatient user can still kill the run)."""
+
+    def __init__(self):
+        self.signum = 0
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        signal.signal(signum, signal.SIG_DFL)
+        _logger.warning(f'received {signal.Signals(signum).name}: saving a recovery checkpoint after this step')
+
+
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Seed python, numpy and torch (all devices) for ``epoch`` on process ``rank``."""
+    value = (seed * 1_000_003 + epoch * 1_009 + rank) % 2**31
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, loss_fn: Callable,
+                    args: argparse.Namespace, state: TrainState, *, device: torch.device, scheduler=None,
+                    loss_scaler=None, amp_autocast=nullcontext, model_ema=None, mixup_fn=None,
+                    stop: SignalFlag | None = None, resume_rng: dict | None = None, tensorboard=None) -> dict:
+    """Train the rest of ``state.epoch`` (from batch ``state.step``); returns the mean training loss.
+
+    Raises :class:`StopRequested` at the first optimizer-step boundary after a signal (``state`` then
+    describes that point) and :class:`TrainingStopped` on a non-finite loss, before it reaches the weights.
+    """
+    model.train()
+    accum = args.grad_accum_steps
+    num_batches = len(loader)
+    batches = iter(loader)
+    for _ in range(state.step):  # a mid-epoch resume: same order (seeded epoch), skip what was trained
+        next(batches)
+    if state.step and resume_rng is not None:
+        set_rng_state(resume_rng)
+    world = _world()
+    loss_sum = loss_count = 0.0
+    epoch_start = interval_start = time.perf_counter()
+    interval_images, first_batch = 0, state.step
+    optimizer.zero_grad(set_to_none=True)
+    for batch_idx in range(state.step, num_batches):
+        images, targets = next(batches)
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            images, targets = mixup_fn(images, targets)
+        if args.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        need_update = (batch_idx + 1) % accum == 0 or batch_idx + 1 == num_batches
+        sync = nullcontext() if need_update or not hasattr(model, 'no_sync') else model.no_sync()
+        with sync:
+            with amp_autocast():
+                loss = loss_fn(model(images), targets)
+            # One small all-reduce per batch: the mean loss, whether any rank's loss is non-finite and
+            # whether any rank got a stop signal, so all ranks take the same decision at the same step.
+            status = torch.stack([loss.detach().float(), (~torch.isfinite(loss.detach())).float(),
+                                  torch.tensor(float(bool(stop and stop.signum)), device=loss.device)])
+            if world > 1:
+                dist.all_reduce(status)
+            loss_value, nonfinite, stopping = status.tolist()
+            if nonfinite:
+                raise TrainingStopped(f'non-finite loss at epoch {state.epoch} step {batch_idx}: stopping before '
+                                      'it reaches the weights (the last good checkpoint is kept; lower --lr, '
+                                      'add --clip-grad or use --amp-dtype bfloat16)')
+            scaled = loss / accum
+            if loss_scaler is not None:
+                loss_scaler(scaled, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                            parameters=model.parameters(), need_update=need_update)
+            else:
+                scaled.backward()
+                if need_update:
+                    if args.clip_grad is not None:
+                        dispatch_clip_grad(model.parameters(), args.clip_grad, mode=args.clip_mode)
+                    optimizer.step()
+        loss_sum += loss_value / world * images.shape[0]
+        loss_count += images.shape[0]
+        interval_images += images.shape[0] * world
+        state.step = batch_idx + 1
+        if not need_update:
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        state.num_updates += 1
+        if model_ema is not None:
+            model_ema.update(model, step=state.num_updates)
+        if scheduler is not None:
+            scheduler.step_update(num_updates=state.num_updates)
+        last = batch_idx + 1 == num_batches
+        if state.num_updates % args.log_interval == 0 or last:
+            now = time.perf_counter()
+            lr = optimizer.param_groups[0]['lr']
+            rate = interval_images / max(now - interval_start, 1e-9)
+            per_batch = (now - epoch_start) / (batch_idx + 1 - first_batch)
+            eta = time.strftime('%H:%M:%S', time.gmtime(per_batch * (num_batches - batch_idx - 1)))
+            _logger.info(f'epoch {state.epoch} [{batch_idx + 1:>{len(str(num_batches))}}/{num_batches}] '
+                         f'loss {loss_value / world:.4f} ({loss_sum / loss_count:.4f}) lr {lr:.3e} '
+                         f'{rate:.1f} img/s eta {eta}')
+            if tensorboard is not None:
+                tensorboard.add_scalar('train/loss', loss_value / world, state.num_updates)
+                tensorboard.add_scalar('train/lr', lr, state.num_updates)
+                tensorboard.add_scalar('train/images_per_sec', rate, state.num_updates)
+            interval_start, interval_images = now, 0
+        if stopping:
+            raise StopRequested(stop.signum if stop and stop.signum else signal.SIGTERM)
+    return {'loss': loss_sum / max(loss_count, 1)}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, amp_autocast=nullcontext,
+             channels_last: bool = False) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (percent) and mean cross-entropy over ``loader``, summed over all ranks."""
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1, top-5, count
+    for images, targets in loader:
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with amp_autocast():
+            logits = model(images)
+        logits = logits.float()
+        topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = topk == targets[:, None]
+        totals += torch.stack([nn.functional.cross_entropy(logits, targets, reduction='sum').double(),
+                               hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
+                               torch.tensor(float(targets.shape[0]), dtype=torch.float64, device=device)])
+    if _world() > 1:
+        dist.all_reduce(totals)
+    loss, top1, top5, count = totals.tolist()
+    count = max(count, 1.0)
+    return {'loss': loss / count, 'top1': 100.0 * top1 / count, 'top5': 100.0 * top5 / count}
+
+
+def is_finite_metrics(metrics: dict[str, float]) -> bool:
+    """False when any metric is NaN or infinite."""
+    return all(math.isfinite(v) for v in metrics.values())

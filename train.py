@@ -1,0 +1,285 @@
+#!/usr/bin/env python3
+"""Train an image classifier (the DDF models, or any timm model) from a YAML config.
+
+    python train.py --config configs/demo.yaml                                    # CPU demo, minutes
+    torchrun --nproc_per_node=8 train.py --config configs/ddf_resnet50_in1k.yaml --data-dir /data/imagenet
+
+Every config value can be overridden on the command line (``--lr 0.2``). The run folder
+(``OUTPUT/EXPERIMENT``) receives ``args.yaml``, ``log.txt``, ``summary.csv``, TensorBoard events and the
+checkpoints; ``--resume auto`` continues it. SIGTERM/SIGINT write a recovery checkpoint and exit with
+status 128 + signal number; errors in the input are one line and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+from contextlib import nullcontext
+from functools import partial
+
+import timm
+import torch
+import torch.distributed as dist
+from timm.data import FastCollateMixup, Mixup, create_loader, resolve_data_config
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3, NativeScaler, distribute_bn, init_distributed_device, update_summary
+
+import ddfnet  # noqa: F401  (registers the DDF models with timm)
+from ddfnet.data import create_split, resolve_data_root
+from ddfnet.training import run_epoch_hooks
+from ddfnet.training.args import train_parser
+from ddfnet.training.checkpoint import (LAST, load_checkpoint, load_weights, model_state_dict, remove_partial_files,
+                                        rng_state, save_checkpoint)
+from ddfnet.training.config import UserError, parse_args, resolved_config, run_main, write_yaml
+from ddfnet.training.engine import (SignalFlag, StopRequested, TrainingStopped, TrainState, evaluate, seed_epoch,
+                                    train_one_epoch)
+
+_logger = logging.getLogger('train')
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject bad input before anything is created or written."""
+    if not args.model:
+        raise UserError('no model: give --model (or model in the config)')
+    if not timm.is_model(args.model):
+        raise UserError(f"unknown model '{args.model}' (list them with timm.list_models('ddf*'))")
+    for name in ('batch_size', 'epochs', 'grad_accum_steps', 'log_interval', 'checkpoint_interval'):
+        if getattr(args, name) < 1:
+            raise UserError(f'--{name.replace("_", "-")} must be at least 1')
+    if args.device == 'auto':
+        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        raise UserError(f'--device {args.device} asked for, but no CUDA device is available (use --device cpu)')
+    if args.pretrained_file and not os.path.isfile(args.pretrained_file):
+        raise UserError(f'no pretrained file {args.pretrained_file}')
+
+
+def run_folder(args: argparse.Namespace) -> tuple[str, str | None]:
+    """The run folder and the checkpoint to resume from (None: a fresh run)."""
+    name = args.experiment or (os.path.splitext(os.path.basename(args.config))[0] if args.config else args.model)
+    run_dir = os.path.join(args.output, name)
+    existing = os.path.isfile(os.path.join(run_dir, 'args.yaml')) or os.path.isfile(os.path.join(run_dir, LAST))
+    if args.resume == 'auto':
+        last = os.path.join(run_dir, LAST)
+        return run_dir, last if os.path.isfile(last) else None
+    if args.resume:
+        if not os.path.isfile(args.resume):
+            raise UserError(f'no checkpoint file {args.resume} to resume from')
+        return run_dir, args.resume
+    if existing:
+        raise UserError(f'{run_dir} already holds a run: continue it with --resume auto, or pick another '
+                        '--experiment / --output')
+    return run_dir, None
+
+
+def setup_logging(run_dir: str | None, primary: bool) -> None:
+    """Log to stdout on rank 0 (warnings only elsewhere), and to RUN_DIR/log.txt."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if run_dir is not None and primary:
+        handlers.append(logging.FileHandler(os.path.join(run_dir, 'log.txt')))
+    logging.basicConfig(level=logging.INFO if primary else logging.WARNING, format='%(asctime)s %(message)s',
+                        datefmt='%H:%M:%S', handlers=handlers, force=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = train_parser()
+    args = parse_args(parser, argv)
+    check_args(args)
+    # args.yaml is itself a valid --config (so it leaves out 'config')
+    config = resolved_config(args, [a.dest for a in parser._actions if a.dest not in ('help', 'config')])
+    run_dir, resume_path = run_folder(args)
+    # Checks that read files come before the first write, so bad input changes nothing on disk.
+    checkpoint = load_checkpoint(resume_path) if resume_path else None
+    if checkpoint is not None and not (isinstance(checkpoint, dict) and 'optimizer' in checkpoint):
+        raise UserError(f'{resume_path} is not a training checkpoint of train.py (use --pretrained-file for weights)')
+    data_root = resolve_data_root(args.dataset, args.data_dir, args.demo_per_class)
+
+    device = torch.device(init_distributed_device(args))  # torchrun's env vars: NCCL on GPUs, gloo on CPU
+    primary = args.rank == 0
+    setup_logging(None, primary)
+    seed_epoch(args.seed, -1, 0)  # identical initial weights everywhere (DDP also broadcasts rank 0's)
+
+    dataset_train = create_split(args.dataset, data_root, args.train_split, is_training=True, batch_size=args.batch_size)
+    dataset_eval = create_split(args.dataset, data_root, args.val_split, is_training=False, batch_size=args.batch_size)
+    num_classes = args.num_classes or len(getattr(dataset_train.reader, 'class_to_idx', {})) or None
+    if num_classes is None:
+        raise UserError('cannot tell the number of classes of this dataset: give --num-classes')
+    try:
+        model = timm.create_model(args.model, num_classes=num_classes, drop_rate=args.drop_rate,
+                                  **({'drop_path_rate': args.drop_path} if args.drop_path is not None else {}),
+                                  **args.model_kwargs)
+    except TypeError as e:
+        raise UserError(f'cannot build {args.model} with model_kwargs {args.model_kwargs}: {e}') from None
+    if checkpoint is not None:
+        load_weights(model, model_state_dict(checkpoint, resume_path), resume_path, args.model)
+    elif args.pretrained_file:
+        weights = model_state_dict(load_checkpoint(args.pretrained_file), args.pretrained_file)
+        load_weights(model, weights, args.pretrained_file, args.model, drop_classifier=True)
+
+    if primary:
+        os.makedirs(run_dir, exist_ok=True)
+        remove_partial_files(run_dir)
+        config_file = os.path.join(run_dir, 'args.yaml')
+        if os.path.exists(config_file):  # a resumed run keeps its first config and records this launch's
+            config_file = os.path.join(run_dir, f'args-resume-{checkpoint["epoch"] if checkpoint else 0}.yaml')
+        write_yaml(config, config_file)
+        setup_logging(run_dir, primary)
+    _logger.info(f'{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters, '
+                 f'{num_classes} classes, {len(dataset_train)} training images; {args.world_size} process(es) on '
+                 f'{device.type}; run folder {run_dir}')
+
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.distributed and args.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                                    momentum=args.momentum,
+                                    **{k: v for k, v in (('eps', args.opt_eps), ('betas', args.opt_betas)) if v})
+    amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
+    amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if args.amp else nullcontext
+    loss_scaler = NativeScaler(device=device.type) if args.amp and amp_dtype == torch.float16 else None
+    model_ema = ModelEmaV3(model, decay=args.model_ema_decay, device=device) if args.model_ema else None
+
+    # Data: timm's loaders. Workers are restarted every epoch (persistent_workers=False) so their seeds come
+    # from the epoch's seed; the GPU prefetcher does normalisation, random erasing and mixup on the device.
+    data_config = resolve_data_config(dict(img_size=args.img_size, crop_pct=args.crop_pct,
+                                           interpolation=args.interpolation), model=model)
+    prefetch = device.type == 'cuda'
+    mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
+                      switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=args.smoothing,
+                      num_classes=num_classes)
+    use_mixup = args.mixup > 0 or args.cutmix > 0
+    mixup_fn = Mixup(**mixup_args) if use_mixup and not prefetch else None
+    loader_args = dict(mean=data_config['mean'], std=data_config['std'], num_workers=args.workers,
+                       distributed=args.distributed, pin_memory=args.pin_mem, device=device,
+                       use_prefetcher=prefetch, persistent_workers=False)
+    loader_train = create_loader(
+        dataset_train, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
+        re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, scale=args.scale, ratio=args.ratio,
+        hflip=args.hflip, color_jitter=args.color_jitter, auto_augment=args.aa,
+        interpolation=args.train_interpolation,
+        collate_fn=FastCollateMixup(**mixup_args) if use_mixup and prefetch else None, **loader_args)
+    loader_eval = create_loader(
+        dataset_eval, input_size=data_config['input_size'], batch_size=args.validation_batch_size or args.batch_size,
+        is_training=False, interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'],
+        **loader_args)
+    if len(loader_train) == 0:
+        raise UserError(f'{len(dataset_train)} training images per process do not fill one batch of {args.batch_size}')
+    if use_mixup:
+        train_loss = SoftTargetCrossEntropy()
+    else:
+        train_loss = LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing else torch.nn.CrossEntropyLoss()
+
+    updates_per_epoch = math.ceil(len(loader_train) / args.grad_accum_steps)
+    scheduler, num_epochs = create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+        decay_milestones=args.decay_milestones, cooldown_epochs=args.cooldown_epochs, decay_rate=args.decay_rate,
+        min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
+        step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates_per_epoch)
+
+    state = TrainState()
+    resume_rng = None
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        scheduler.load_state_dict(checkpoint['scheduler'])
+        if loss_scaler is not None and checkpoint.get('scaler'):
+            loss_scaler.load_state_dict(checkpoint['scaler'])
+        if model_ema is not None and checkpoint.get('model_ema'):
+            load_weights(model_ema.module, model_state_dict(checkpoint, resume_path, use_ema=True),
+                         resume_path, args.model)
+        state = TrainState(**checkpoint['state'])
+        rngs = checkpoint.get('rng') or []
+        resume_rng = rngs[args.rank] if len(rngs) == args.world_size else None
+        _logger.info(f'resuming from {resume_path}: epoch {state.epoch}, batch {state.step}')
+    del checkpoint
+
+    train_model = model
+    if args.torch_compile:
+        train_model = torch.compile(train_model, backend=args.torch_compile)
+    if args.distributed:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == 'cuda' else None)
+    tensorboard = None
+    if primary:
+        from torch.utils.tensorboard import SummaryWriter
+        tensorboard = SummaryWriter(run_dir)
+
+    def save(is_best: bool = False, periodic: bool = False) -> None:
+        # Every rank's generator states go into the file, so each rank resumes its own stream.
+        rngs = [None] * args.world_size if args.distributed else [rng_state()]
+        if args.distributed:
+            dist.all_gather_object(rngs, rng_state())
+        if not primary:
+            return
+        save_checkpoint(run_dir, {
+            'model': model.state_dict(), 'model_ema': model_ema.module.state_dict() if model_ema else None,
+            'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
+            'scaler': loss_scaler.state_dict() if loss_scaler else None, 'state': state.as_dict(),
+            'config': config, 'rng': rngs, 'model_name': args.model, 'version': 1,
+        }, is_best=is_best, periodic_epoch=state.epoch if periodic else None, keep=args.checkpoint_hist)
+
+    stop = SignalFlag()
+    key = f'ema_{args.eval_metric}' if model_ema is not None else args.eval_metric
+    _logger.info(f'training epochs {state.epoch}..{num_epochs - 1} ({args.epochs} + {args.cooldown_epochs} cool-down), '
+                 f'{updates_per_epoch} steps of {args.batch_size} x {args.world_size} x {args.grad_accum_steps} '
+                 'images per epoch')
+    try:
+        while state.epoch < num_epochs:
+            epoch = state.epoch
+            seed_epoch(args.seed, epoch, args.rank)
+            if hasattr(loader_train.sampler, 'set_epoch'):
+                loader_train.sampler.set_epoch(epoch)
+            run_epoch_hooks(model, epoch, args)
+            scheduler.step(epoch)
+            if state.step:
+                scheduler.step_update(num_updates=state.num_updates)
+            train_metrics = train_one_epoch(
+                train_model, loader_train, optimizer, train_loss, args, state, device=device, scheduler=scheduler,
+                loss_scaler=loss_scaler, amp_autocast=amp_autocast, model_ema=model_ema, mixup_fn=mixup_fn,
+                stop=stop, resume_rng=resume_rng if state.step else None, tensorboard=tensorboard)
+            if args.distributed and args.dist_bn:
+                distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
+            eval_metrics = evaluate(model, loader_eval, device, amp_autocast, args.channels_last)
+            if model_ema is not None:
+                ema_metrics = evaluate(model_ema.module, loader_eval, device, amp_autocast, args.channels_last)
+                eval_metrics.update({f'ema_{k}': v for k, v in ema_metrics.items()})
+            value = eval_metrics[key]
+            better = state.best_metric is None or (value < state.best_metric if args.eval_metric == 'loss'
+                                                   else value > state.best_metric)
+            if better:
+                state.best_metric, state.best_epoch = value, epoch
+            state.epoch, state.step = epoch + 1, 0
+            save(is_best=better, periodic=state.epoch % args.checkpoint_interval == 0)
+            _logger.info(f'epoch {epoch}: train loss {train_metrics["loss"]:.4f}, val loss {eval_metrics["loss"]:.4f} '
+                         f'top-1 {eval_metrics["top1"]:.2f} top-5 {eval_metrics["top5"]:.2f}'
+                         + (f' (EMA top-1 {eval_metrics["ema_top1"]:.2f})' if model_ema else '')
+                         + f'; best {key} {state.best_metric:.2f} (epoch {state.best_epoch})')
+            if primary:
+                update_summary(epoch, train_metrics, eval_metrics, os.path.join(run_dir, 'summary.csv'),
+                               lr=optimizer.param_groups[0]['lr'],
+                               write_header=not os.path.exists(os.path.join(run_dir, 'summary.csv')))
+                for name, value in eval_metrics.items():
+                    tensorboard.add_scalar(f'val/{name}', value, epoch)
+                tensorboard.flush()
+    except StopRequested as request:
+        save()
+        _logger.warning(f'stopped by {request} at epoch {state.epoch}, batch {state.step}; recovery checkpoint '
+                        f'{os.path.join(run_dir, LAST)} written: rerun with --resume auto to continue')
+        sys.exit(128 + request.signum)
+    except TrainingStopped as e:
+        raise UserError(str(e)) from None
+    finally:
+        if tensorboard is not None:
+            tensorboard.close()
+        if args.distributed:
+            dist.destroy_process_group()
+    _logger.info(f'done: best {key} {state.best_metric} at epoch {state.best_epoch}; checkpoints in {run_dir}')
+
+
+if __name__ == '__main__':
+    run_main(main, 'train.py')
