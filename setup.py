@@ -37,7 +37,12 @@ def native_extension():
     except ImportError:  # an isolated build environment without torch: pure Python, JIT at first use
         return [], {}
     cxx, nvcc = _build_flags()
-    if cuda and CUDA_HOME is not None and torch.version.cuda is not None:
+    with_cuda = bool(cuda) and CUDA_HOME is not None and torch.version.cuda is not None
+    if with_cuda and not os.path.exists(os.path.join(CUDA_HOME, 'include', 'cuda_runtime.h')):
+        print(f'ddfnet: CUDA_HOME={CUDA_HOME} is not a CUDA toolkit root (no include/cuda_runtime.h); '
+              'building the CPU kernels only. Set CUDA_HOME to the toolkit root to build the CUDA ones.')
+        with_cuda = False
+    if with_cuda:
         os.environ.setdefault('TORCH_CUDA_ARCH_LIST', '8.0;9.0')  # A100, H100/H200
         ext = CUDAExtension('ddfnet._C', cpp + cuda, define_macros=[('DDFNET_WITH_CUDA', None)],
                             extra_compile_args={'cxx': cxx, 'nvcc': nvcc})

@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "../ddf.h"
@@ -75,50 +76,78 @@ int64_t grain(int64_t work_per_item) { return std::max<int64_t>(1, 32768 / std::
 // ---------------------------------------------------------------------------------------------------
 // NCHW. x (B, C, H, W), cf (B, C, K2), sf (B, K2, Ho, Wo), out/grad_out (B, C, Ho, Wo), all contiguous.
 
-// The forward over planes [begin, end). Each plane is first copied into a zero-padded buffer, so the
-// hot loop has no border checks: it accumulates V adjacent outputs of a row over all k*k taps in
-// registers and stores them once. Rows are computed V columns at a time up to Wv = roundup(Wo, V); the
-// padded spatial filter (psf, (B, K2, Ho, Wv)) and input buffer are wide enough for the extra columns,
-// whose results are discarded.
+// The forward over planes [begin, end). Each plane is first copied into a zero-padded buffer, split by
+// column phase (padded column c goes to phase c % s, position c / s), so every tap reads V contiguous
+// values whatever the stride, and the hot loop has no border checks. Outputs are computed in chunks of V
+// adjacent pixels of a row, U chunks at a time: each chunk's sums stay in a vector register over all k*k
+// taps, and the U independent chains hide the multiply-add latency. Rows are computed up to
+// Wv = roundup(Wo, V) columns; the padded spatial filter (psf, (B, K2, Ho, Wv)) and the buffer are wide
+// enough, and the extra results are dropped.
 constexpr int64_t V = 8;
+constexpr int64_t U = 4;
 
-template <typename T, bool MUL, int64_t S>
+template <typename T, bool MUL>
 void forward_nchw_planes(const Args<T>& a, int64_t begin, int64_t end) {
+  // GCC/Clang vector extension: V lanes, compiled to the target's SIMD width (SSE, or AVX2 in the
+  // AVX2 variant).
+  using Vec [[gnu::vector_size(V * sizeof(T))]] = T;
   const T *x = a.x, *cf = a.cf, *psf = a.sf;
   T* out = a.out;
   const Geometry& g = a.g;
-  const int64_t s = S > 0 ? S : g.s;  // compile-time stride 1/2 lets the loads vectorise
-  const int64_t K2 = g.K2(), pad = (g.k / 2) * g.d, Wv = (g.Wo + V - 1) / V * V;
-  const int64_t Wp = std::max(g.W + 2 * pad, (Wv - 1) * s + (g.k - 1) * g.d + 1), Hp = g.H + 2 * pad;
-  std::vector<T> buffer(Hp * Wp, T(0));  // borders stay zero; each plane overwrites the interior
+  const int64_t s = g.s, K2 = g.K2(), pad = (g.k / 2) * g.d, Wv = (g.Wo + V - 1) / V * V;
+  const int64_t Hp = g.H + 2 * pad;
+  const int64_t Wq = std::max((g.W + 2 * pad + s - 1) / s, Wv + (g.k - 1) * g.d / s + 1);
+  const int64_t per_row = Wv / V, chunks = g.Ho * per_row, filter_plane = g.Ho * Wv;
+  std::vector<int64_t> offset(K2);  // tap -> offset in the buffer, relative to a chunk's base
+  for (int64_t t = 0; t < K2; ++t) {
+    const int64_t dy = (t / g.k) * g.d, dx = (t % g.k) * g.d;
+    offset[t] = (dx % s) * Hp * Wq + dy * Wq + dx / s;
+  }
+  std::vector<T> buffer(s * Hp * Wq, T(0));  // borders stay zero; each plane overwrites the interior
   T* pin = buffer.data();
   for (int64_t p = begin; p < end; ++p) {
     const T* xp = x + p * g.H * g.W;
-    for (int64_t r = 0; r < g.H; ++r) std::copy(xp + r * g.W, xp + (r + 1) * g.W, pin + (r + pad) * Wp + pad);
+    for (int64_t r = 0; r < g.H; ++r) {
+      if (s == 1) {
+        std::copy(xp + r * g.W, xp + (r + 1) * g.W, pin + (r + pad) * Wq + pad);
+      } else {
+        // Walk the padded column's (phase, position) along the row: no divisions in the loop.
+        T* row = pin + (r + pad) * Wq;
+        for (int64_t c = 0, phase = pad % s, pos = pad / s; c < g.W; ++c) {
+          row[phase * Hp * Wq + pos] = xp[r * g.W + c];
+          if (++phase == s) phase = 0, ++pos;
+        }
+      }
+    }
     const T* cp = cf + p * K2;
-    const T* sp = psf + (p / g.C) * K2 * g.Ho * Wv;
-    for (int64_t y = 0; y < g.Ho; ++y) {
-      T* orow = out + (p * g.Ho + y) * g.Wo;
-      for (int64_t x0 = 0; x0 < Wv; x0 += V) {
-        T acc[V] = {};
-        for (int64_t i = 0; i < g.k; ++i) {
-          const T* row = pin + (y * s + i * g.d) * Wp + x0 * s;
-          for (int64_t j = 0; j < g.k; ++j) {
-            const int64_t t = i * g.k + j;
-            const T* in = row + j * g.d;
-            const T* f = sp + (t * g.Ho + y) * Wv + x0;
-            const T c = cp[t];
-            for (int64_t l = 0; l < V; ++l) {
-              if constexpr (MUL) {
-                acc[l] += in[l * s] * c * f[l];
-              } else {
-                acc[l] += in[l * s] * (c + f[l]);
-              }
-            }
+    const T* sp = psf + (p / g.C) * K2 * filter_plane;
+    T* op = out + p * g.Ho * g.Wo;
+    for (int64_t q0 = 0; q0 < chunks; q0 += U) {
+      const T* in[U];
+      const T* f[U];
+      for (int64_t u = 0; u < U; ++u) {
+        const int64_t q = std::min(q0 + u, chunks - 1);  // past the end: recompute the last chunk
+        const int64_t y = q / per_row, x0 = q % per_row * V;
+        in[u] = pin + y * s * Wq + x0;
+        f[u] = sp + y * Wv + x0;
+      }
+      Vec acc[U] = {};
+      for (int64_t t = 0; t < K2; ++t) {
+        const T c = cp[t];
+        for (int64_t u = 0; u < U; ++u) {
+          Vec xv, fv;
+          std::memcpy(&xv, in[u] + offset[t], sizeof(Vec));
+          std::memcpy(&fv, f[u] + t * filter_plane, sizeof(Vec));
+          if constexpr (MUL) {
+            acc[u] += xv * c * fv;
+          } else {
+            acc[u] += xv * (c + fv);
           }
         }
-        const int64_t n = std::min(V, g.Wo - x0);
-        for (int64_t l = 0; l < n; ++l) orow[x0 + l] = acc[l];
+      }
+      for (int64_t u = 0; u < U && q0 + u < chunks; ++u) {
+        const int64_t y = (q0 + u) / per_row, x0 = (q0 + u) % per_row * V;
+        for (int64_t l = 0; l < std::min(V, g.Wo - x0); ++l) op[y * g.Wo + x0 + l] = acc[u][l];
       }
     }
   }
@@ -433,19 +462,6 @@ void launch(const Args<T>& a, int64_t n, int64_t work_per_task) {
   at::parallel_for(0, n, grain(work_per_task), [&](int64_t begin, int64_t end) { kernel(a, begin, end); });
 }
 
-template <typename T, bool MUL>
-void launch_forward_nchw(const Args<T>& a) {
-  const Geometry& g = a.g;
-  const int64_t work = g.Ho * g.Wo * g.K2();
-  if (g.s == 1) {
-    launch<T, forward_nchw_planes<T, MUL, 1>>(a, g.B * g.C, work);
-  } else if (g.s == 2) {
-    launch<T, forward_nchw_planes<T, MUL, 2>>(a, g.B * g.C, work);
-  } else {
-    launch<T, forward_nchw_planes<T, MUL, 0>>(a, g.B * g.C, work);
-  }
-}
-
 // ---------------------------------------------------------------------------------------------------
 // Operator entry points.
 
@@ -495,9 +511,9 @@ at::Tensor forward_entry(const at::Tensor& input, const at::Tensor& channel_filt
     if (cl) {
       launch<scalar_t, forward_nhwc_rows<scalar_t>>(a, g.B * g.Ho, g.Wo * g.C * g.K2());
     } else if (mul) {
-      launch_forward_nchw<scalar_t, true>(a);
+      launch<scalar_t, forward_nchw_planes<scalar_t, true>>(a, g.B * g.C, g.Ho * g.Wo * g.K2());
     } else {
-      launch_forward_nchw<scalar_t, false>(a);
+      launch<scalar_t, forward_nchw_planes<scalar_t, false>>(a, g.B * g.C, g.Ho * g.Wo * g.K2());
     }
   });
   return out.to(input.scalar_type());

@@ -42,8 +42,9 @@ namespace {
 // Call after the zero-size early returns (H, W >= 1).
 Geometry make_geometry(const at::Tensor& input, int64_t kernel_size, int64_t dilation, int64_t stride, bool mul) {
   const int64_t height = input.size(2), width = input.size(3);
-  TORCH_CHECK(height < (int64_t(1) << 30) && width < (int64_t(1) << 30),
-              "ddf (CUDA): input height and width must be below 2^30, got ", height, " x ", width);
+  TORCH_CHECK(height < (int64_t(1) << 30) && width < (int64_t(1) << 30) && height * width < (int64_t(1) << 31),
+              "ddf (CUDA): input height and width must be below 2^30 and height * width below 2^31, got ",
+              height, " x ", width);
   TORCH_CHECK(kernel_size <= INT_MAX, "ddf (CUDA): kernel_size too large, got ", kernel_size);
   Geometry g;
   g.batch = input.size(0);

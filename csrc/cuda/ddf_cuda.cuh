@@ -27,7 +27,7 @@ namespace ddf_cuda {
 
 // Shapes and parameters of one call, as the kernels see them (filled by the entry points).
 struct Geometry {
-  int64_t batch, channels, height, width;  // input (B, C, H, W); H, W < 2^30
+  int64_t batch, channels, height, width;  // input (B, C, H, W); H, W < 2^30, H * W < 2^31
   int64_t out_h, out_w;                    // (H - 1) / stride + 1, (W - 1) / stride + 1 (original stride)
   int64_t dilation, stride;                // clamped to max(H, W), which changes no result (ddf_cuda.cu)
   int k;                                   // kernel size, odd
@@ -80,6 +80,14 @@ __device__ __forceinline__ acc_t combine(acc_t c, acc_t s, bool mul) {
 // Input coordinate sampled along one axis by kernel index i (0..k-1) from output coordinate o.
 __device__ __forceinline__ int64_t sample_coord(int64_t o, int i, int half, const Geometry& g) {
   return o * g.stride + static_cast<int64_t>(i - half) * g.dilation;
+}
+
+// Offset within an (H, W) plane of the input pixel that tap (i, j) of output pixel (oy, ox) samples, or -1
+// when that pixel is outside the image. Fits an int: the entry points check H * W < 2^31.
+__device__ __forceinline__ int tap_offset(int64_t oy, int64_t ox, int i, int j, int half, const Geometry& g) {
+  const int64_t iy = sample_coord(oy, i, half, g), ix = sample_coord(ox, j, half, g);
+  if (iy < 0 || iy >= g.height || ix < 0 || ix >= g.width) return -1;
+  return static_cast<int>(iy * g.width + ix);
 }
 
 // The inverse (gather form, for grad_input): the output coordinate o in [0, out_size) whose kernel index

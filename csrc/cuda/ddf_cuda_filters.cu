@@ -5,8 +5,9 @@
 // with S = sf[b, t, oy, ox], Cf = cf[b, c, t] for 'mul' and S = Cf = 1 for 'add'; terms whose sample
 // (iy, ix) is outside the image are 0 (so grad_sf is 0 there).
 //
-// Taps are processed in chunks of TC with TC accumulators per thread: TC = k*k (one chunk, fully
-// unrolled, registers) for K = 3, 5, 7; TC = 1 (one tap at a time) for the run-time kernel size.
+// Taps are processed in chunks of TC with TC accumulators per thread: for K = 3, 5, 7, TC = k*k (one
+// chunk, fully unrolled, registers; one kernel row for grad_sf NHWC, to save registers); TC = 1 (one tap
+// at a time) for the run-time kernel size.
 //
 // Splitting: when the natural parallelism is too small to fill the GPU (few (b, c) planes for grad_cf,
 // few pixels for grad_sf), the reduction axis is cut into `nsplit` contiguous parts; each part writes a
@@ -16,6 +17,7 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -98,8 +100,8 @@ grad_cf_nchw_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict_
   __shared__ acc_t red[kThreads / kWarp][TC];
   const int k = K > 0 ? K : g.k, half = k / 2;
   const int64_t kk = static_cast<int64_t>(k) * k;
-  const int64_t C = g.channels, H = g.height, W = g.width, Wo = g.out_w;
-  const int64_t hw = H * W, hwo = g.out_h * Wo;
+  const int64_t C = g.channels, Wo = g.out_w;
+  const int64_t hw = g.height * g.width, hwo = g.out_h * Wo;
   const int64_t planes = g.batch * C, n = planes * kk;
   const int64_t span = dceil_div(hwo, nsplit);  // pixels per split
   const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp, nwarps = blockDim.x / kWarp;
@@ -119,10 +121,9 @@ grad_cf_nchw_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict_
 #pragma unroll
         for (int tt = 0; tt < TC; ++tt) {
           const int64_t t = (K > 0 ? 0 : t0) + tt;  // K > 0: one chunk, t0 == 0
-          const int i = static_cast<int>(t / k), j = static_cast<int>(t % k);
-          const int64_t iy = sample_coord(oy, i, half, g), ix = sample_coord(ox, j, half, g);
-          if (iy < 0 || iy >= H || ix < 0 || ix >= W) continue;
-          acc_t v = gv * static_cast<acc_t>(xp[iy * W + ix]);
+          const int off = tap_offset(oy, ox, static_cast<int>(t / k), static_cast<int>(t % k), half, g);
+          if (off < 0) continue;
+          acc_t v = gv * static_cast<acc_t>(xp[off]);
           if (g.mul) v *= static_cast<acc_t>(sfb[t * hwo + p]);
           acc[tt] += v;
         }
@@ -157,8 +158,8 @@ grad_cf_nhwc_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict_
   __shared__ acc_t red[kThreads];
   const int k = K > 0 ? K : g.k, half = k / 2;
   const int64_t kk = static_cast<int64_t>(k) * k;
-  const int64_t C = g.channels, H = g.height, W = g.width, Wo = g.out_w;
-  const int64_t hwo = g.out_h * Wo;
+  const int64_t C = g.channels, Wo = g.out_w;
+  const int64_t hw = g.height * g.width, hwo = g.out_h * Wo;
   const int64_t n = g.batch * C * kk;
   const int cw = blockDim.x, rows = blockDim.y, tx = threadIdx.x, ty = threadIdx.y;
   const int64_t groups = dceil_div(C, cw);
@@ -168,6 +169,7 @@ grad_cf_nhwc_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict_
     const int64_t b = bg / groups, c = (bg % groups) * cw + tx;
     const bool active = c < C;
     const int64_t p_begin = split * span, p_end = dmin(hwo, p_begin + span);
+    const scalar_t* xb = x + b * hw * C + (active ? c : 0);  // input pixel q (of the sample) at q * C
     for (int64_t t0 = 0; t0 < kk; t0 += TC) {
       acc_t acc[TC];
 #pragma unroll
@@ -179,11 +181,10 @@ grad_cf_nhwc_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict_
           const scalar_t* sfp = sf + (b * hwo + p) * kk;  // tap t at sfp[t]
 #pragma unroll
           for (int tt = 0; tt < TC; ++tt) {
-            const int64_t t = (K > 0 ? 0 : t0) + tt;
-            const int i = static_cast<int>(t / k), j = static_cast<int>(t % k);
-            const int64_t iy = sample_coord(oy, i, half, g), ix = sample_coord(ox, j, half, g);
-            if (iy < 0 || iy >= H || ix < 0 || ix >= W) continue;
-            acc_t v = gv * static_cast<acc_t>(x[((b * H + iy) * W + ix) * C + c]);
+            const int64_t t = (K > 0 ? 0 : t0) + tt;  // K > 0: one chunk, t0 == 0
+            const int off = tap_offset(oy, ox, static_cast<int>(t / k), static_cast<int>(t % k), half, g);
+            if (off < 0) continue;
+            acc_t v = gv * static_cast<acc_t>(xb[off * C]);
             if (g.mul) v *= static_cast<acc_t>(sfp[t]);
             acc[tt] += v;
           }
@@ -216,8 +217,8 @@ grad_sf_nchw_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict_
   constexpr int TC = K > 0 ? K * K : 1;
   const int k = K > 0 ? K : g.k, half = k / 2;
   const int64_t kk = static_cast<int64_t>(k) * k;
-  const int64_t B = g.batch, C = g.channels, H = g.height, W = g.width, Wo = g.out_w;
-  const int64_t hw = H * W, hwo = g.out_h * Wo;
+  const int64_t B = g.batch, C = g.channels, Wo = g.out_w;
+  const int64_t hw = g.height * g.width, hwo = g.out_h * Wo;
   const int64_t n = B * kk * hwo;
   const int64_t span = dceil_div(C, nsplit);  // channels per split
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < nsplit * B * hwo;
@@ -227,22 +228,24 @@ grad_sf_nchw_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict_
     const int64_t c_begin = split * span, c_end = dmin(C, c_begin + span);
     const int64_t oy = p / Wo, ox = p % Wo;
     for (int64_t t0 = 0; t0 < kk; t0 += TC) {
+      int off[TC];  // where the chunk's taps sample, within a plane (-1: outside the image)
       acc_t acc[TC];
 #pragma unroll
-      for (int tt = 0; tt < TC; ++tt) acc[tt] = acc_t(0);
+      for (int tt = 0; tt < TC; ++tt) {
+        const int64_t t = (K > 0 ? 0 : t0) + tt;  // K > 0: one chunk, t0 == 0
+        off[tt] = tap_offset(oy, ox, static_cast<int>(t / k), static_cast<int>(t % k), half, g);
+        acc[tt] = acc_t(0);
+      }
       for (int64_t c = c_begin; c < c_end; ++c) {
         const int64_t plane = b * C + c;
         const acc_t gv = static_cast<acc_t>(go[plane * hwo + p]);
         const scalar_t* xp = x + plane * hw;
-        const scalar_t* cfp = cf + plane * kk;
+        const scalar_t* cfp = cf + plane * kk + (K > 0 ? 0 : t0);  // tap t0 + tt at cfp[tt]
 #pragma unroll
         for (int tt = 0; tt < TC; ++tt) {
-          const int64_t t = (K > 0 ? 0 : t0) + tt;
-          const int i = static_cast<int>(t / k), j = static_cast<int>(t % k);
-          const int64_t iy = sample_coord(oy, i, half, g), ix = sample_coord(ox, j, half, g);
-          if (iy < 0 || iy >= H || ix < 0 || ix >= W) continue;
-          acc_t v = gv * static_cast<acc_t>(xp[iy * W + ix]);
-          if (g.mul) v *= static_cast<acc_t>(cfp[t]);
+          if (off[tt] < 0) continue;
+          acc_t v = gv * static_cast<acc_t>(xp[off[tt]]);
+          if (g.mul) v *= static_cast<acc_t>(cfp[tt]);
           acc[tt] += v;
         }
       }
@@ -265,11 +268,11 @@ grad_sf_nhwc_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict_
                     at::opmath_type<scalar_t>* __restrict__ partial, const Geometry g, const int nsplit,
                     const int lanes) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int TC = K > 0 ? K * K : 1;
+  constexpr int TC = K > 0 ? K : 1;  // chunk = one kernel row (K taps): fewer registers per lane
   const int k = K > 0 ? K : g.k, half = k / 2;
   const int64_t kk = static_cast<int64_t>(k) * k;
-  const int64_t B = g.batch, C = g.channels, H = g.height, W = g.width, Wo = g.out_w;
-  const int64_t hwo = g.out_h * Wo;
+  const int64_t B = g.batch, C = g.channels, Wo = g.out_w;
+  const int64_t hw = g.height * g.width, hwo = g.out_h * Wo;
   const int64_t n = B * hwo * kk;
   const int64_t items = nsplit * B * hwo;
   const int64_t span = dceil_div(C, nsplit);  // channels per split
@@ -284,20 +287,25 @@ grad_sf_nhwc_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict_
     const int64_t c_begin = split * span, c_end = active ? dmin(C, c_begin + span) : c_begin;
     const int64_t oy = p / Wo, ox = p % Wo;
     const int64_t pix = b * hwo + p;  // output pixel over the whole batch
+    const scalar_t* xb = x + b * hw * C;  // input pixel q (within the sample), channel c at q * C + c
+#pragma unroll
     for (int64_t t0 = 0; t0 < kk; t0 += TC) {
+      int off[TC];  // input pixel the chunk's taps sample, within the sample (-1: outside the image)
       acc_t acc[TC];
 #pragma unroll
-      for (int tt = 0; tt < TC; ++tt) acc[tt] = acc_t(0);
+      for (int tt = 0; tt < TC; ++tt) {
+        const int64_t t = t0 + tt;
+        off[tt] = tap_offset(oy, ox, static_cast<int>(t / k), static_cast<int>(t % k), half, g);
+        acc[tt] = acc_t(0);
+      }
+      const scalar_t* cfb = cft + (b * kk + t0) * C;  // tap t0 + tt, channel c at tt * C + c
       for (int64_t c = c_begin + sub; c < c_end; c += lanes) {
         const acc_t gv = static_cast<acc_t>(go[pix * C + c]);
 #pragma unroll
         for (int tt = 0; tt < TC; ++tt) {
-          const int64_t t = (K > 0 ? 0 : t0) + tt;
-          const int i = static_cast<int>(t / k), j = static_cast<int>(t % k);
-          const int64_t iy = sample_coord(oy, i, half, g), ix = sample_coord(ox, j, half, g);
-          if (iy < 0 || iy >= H || ix < 0 || ix >= W) continue;
-          acc_t v = gv * static_cast<acc_t>(x[((b * H + iy) * W + ix) * C + c]);
-          if (g.mul) v *= static_cast<acc_t>(cft[(b * kk + t) * C + c]);
+          if (off[tt] < 0) continue;
+          acc_t v = gv * static_cast<acc_t>(xb[off[tt] * C + c]);
+          if (g.mul) v *= static_cast<acc_t>(cfb[tt * C + c]);
           acc[tt] += v;
         }
       }

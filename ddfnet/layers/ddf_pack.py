@@ -53,9 +53,11 @@ class FilterNorm(nn.Module):
         # Statistics in at least float32: in float16 the 1e-10 epsilon underflows to 0 and nine equal
         # taps would give 0/0. The filters are k*k values per pixel or channel, so this costs little.
         grouped = x.unflatten(1, (self.in_channels, taps)).to(torch.promote_types(x.dtype, torch.float32))
-        grouped = grouped - grouped.mean(dim=2, keepdim=True)
-        grouped = grouped / (grouped.std(dim=2, keepdim=True) + _EPS)
-        out = grouped.flatten(1, 2).to(x.dtype)
+        # Plain sums rather than mean()/std(): on CPU, PyTorch's std over this short, strided dimension
+        # is ~25x slower than sum() (it was 5% of ddf_resnet50's inference time). Same unbiased std.
+        centered = grouped - grouped.sum(dim=2, keepdim=True) / taps
+        std = (centered.square().sum(dim=2, keepdim=True) / (taps - 1)).sqrt()
+        out = (centered / (std + _EPS)).flatten(1, 2).to(x.dtype)
         if self.std is None:
             return out * self.gain
         return out * self.std.view(-1, *([1] * (x.dim() - 2)))

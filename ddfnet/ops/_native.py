@@ -43,7 +43,9 @@ def _jit_build(prebuilt_error: str) -> ModuleType:
     from torch.utils import cpp_extension
 
     cpp, cuda = _sources()
-    with_cuda = bool(cuda) and torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
+    cuda_home = cpp_extension.CUDA_HOME
+    with_cuda = (bool(cuda) and torch.cuda.is_available() and cuda_home is not None
+                 and os.path.exists(os.path.join(cuda_home, 'include', 'cuda_runtime.h')))
     name = 'ddfnet_native_cuda' if with_cuda else 'ddfnet_native'
     # One build folder per torch/Python version, so switching environments never loads a stale binary.
     tag = f'ddfnet-torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}'.replace('+', '_')

@@ -1,0 +1,246 @@
+#!/usr/bin/env python3
+"""Time the DDF op against a depth-wise conv (the paper's cost reference) and the reference path.
+
+    python scripts/benchmark_op.py --dtypes fp32 bf16 --formats nchw nhwc --json ddf_op.jsonl
+
+Contenders, per (shape, dtype, memory format), forward and forward+backward:
+  ddf        ddfnet.ddf, whatever implementation the device runs (the 'implementation' field says which);
+             forward+backward is torch.autograd.grad for input, channel filter and spatial filter.
+  dwconv     F.conv2d with groups=C and a k x k weight at the same dilation/stride ('same' padding), cuDNN
+             on GPU (autotuned: cudnn.benchmark is on); forward+backward is the grads of input and weight.
+  reference  ddf_forward_reference (+ ddf_backward_reference), called directly. It is slow, so it is
+             skipped with --no-reference, and on CPU when B*C*Ho*Wo*k*k exceeds 1e8 ('skip' in the table).
+NHWC puts the input, the spatial filter and grad_out in channels_last. Contenders run interleaved
+round by round so noise hits them alike; times are medians over --rounds after --warmup rounds, taken
+with CUDA events on GPU (L2 flushed before each call, so data starts in device memory) and
+time.perf_counter on CPU.
+
+Bandwidth model: the minimum bytes the DDF op must move, each tensor touched once.
+  forward:          read x, channel filter, spatial filter; write out.
+  forward+backward: the forward's bytes, plus read grad_out, x, channel filter, spatial filter and write
+                    grad_x, grad_channel_filter, grad_spatial_filter.
+GB/s = bytes / median time (1 GB = 1e9 B); % peak is against --peak-gbps, else the device's memory
+clock and bus width, else a small table by device name; unknown on CPU unless --peak-gbps is given.
+A table row per (shape, dtype, format, mode) is followed by one JSON line per row (--json also writes
+them to a file).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import platform
+import re
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+
+DTYPES = ('fp32', 'bf16', 'fp16')
+DEFAULT_SHAPES = [(32, 256, s, s) for s in (7, 14, 28, 56, 112)] + [(2, 256, 200, 300)]
+REFERENCE_CPU_LIMIT = 10 ** 8  # B*C*Ho*Wo*k*k above which the CPU reference takes minutes per shape
+# Peak HBM bandwidth (GB/s) by device-name substring, for when the device properties lack the memory
+# clock; first match wins, so the more specific names come first.
+PEAK_GBPS = (('H200', 4800.0), ('H100 PCIe', 2000.0), ('H100', 3350.0), ('A100-SXM4-80GB', 2039.0),
+             ('A100 80GB PCIe', 1935.0),
+             ('A100 80GB', 2039.0), ('A100', 1555.0))
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    match = re.fullmatch(r'(\d+)x(\d+)x(\d+)x(\d+)', text.strip().lower())
+    if not match or min(int(g) for g in match.groups()) < 1:
+        raise argparse.ArgumentTypeError(f'shape must be BxCxHxW with positive sizes, e.g. 32x256x56x56, '
+                                          f'got {text!r}')
+    return tuple(int(g) for g in match.groups())  # type: ignore[return-value]
+
+
+def peak_bandwidth(torch, device, override: float | None) -> tuple[float | None, str]:
+    """(peak GB/s or None, where it came from)."""
+    if override is not None:
+        return override, '--peak-gbps'
+    if device.type != 'cuda':
+        return None, 'unknown'
+    props = torch.cuda.get_device_properties(device)
+    clock_khz, bus_bits = getattr(props, 'memory_clock_rate', 0), getattr(props, 'memory_bus_width', 0)
+    if clock_khz and bus_bits:  # double data rate: two transfers per clock over the whole bus
+        return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9, 'device properties'
+    for name, gbps in PEAK_GBPS:
+        if name in props.name:
+            return gbps, 'table by device name'
+    return None, 'unknown'
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], epilog=__doc__.split('\n\n', 2)[2],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--shapes', nargs='+', type=parse_shape, default=DEFAULT_SHAPES, metavar='BxCxHxW',
+                        help='input shapes (default: 32x256 at 7, 14, 28, 56, 112 square, and 2x256x200x300)')
+    parser.add_argument('--dtypes', nargs='+', choices=DTYPES, default=['fp32', 'bf16'], help='(default: fp32 bf16)')
+    parser.add_argument('--formats', nargs='+', choices=('nchw', 'nhwc'), default=['nchw', 'nhwc'],
+                        help='nhwc = channels_last (default: both)')
+    parser.add_argument('--kernel-size', type=int, default=3, help='odd k of the DDF op and the dw-conv (default: 3)')
+    parser.add_argument('--stride', type=int, default=1, help='(default: 1)')
+    parser.add_argument('--dilation', type=int, default=1, help='(default: 1)')
+    parser.add_argument('--combine', choices=('mul', 'add'), default='mul', help="DDF kernel_combine (default: 'mul')")
+    parser.add_argument('--device', default=None, help='default: cuda if available, else cpu')
+    parser.add_argument('--warmup', type=int, default=5, help='untimed rounds first (default: 5)')
+    parser.add_argument('--rounds', type=int, default=20, help='timed rounds; the median is reported (default: 20)')
+    parser.add_argument('--no-reference', action='store_true', help='skip the (slow) reference path')
+    parser.add_argument('--peak-gbps', type=float, help='peak memory bandwidth in GB/s (default: from the device)')
+    parser.add_argument('--json', help='also write the JSON lines to this file')
+    args = parser.parse_args(argv)
+    if args.kernel_size < 1 or args.kernel_size % 2 == 0:
+        parser.error(f'--kernel-size must be a positive odd int, got {args.kernel_size}')
+    if min(args.stride, args.dilation, args.rounds) < 1 or args.warmup < 0:
+        parser.error('--stride, --dilation and --rounds must be positive, --warmup non-negative')
+    if args.peak_gbps is not None and args.peak_gbps <= 0:
+        parser.error(f'--peak-gbps must be positive, got {args.peak_gbps}')
+
+    import torch
+    import torch.nn.functional as F
+
+    import ddfnet
+    from ddfnet.ops import DDFSlowPathWarning, ddf_backward_reference, ddf_forward_reference
+
+    try:
+        device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+        if device.type not in ('cpu', 'cuda'):
+            raise RuntimeError('only cpu and cuda devices can be timed')
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as e:
+        parser.error(f'device {args.device!r} is not usable: {e}'.splitlines()[0])
+    # The 'implementation' field records a reference fallback; the once-per-process warning adds nothing.
+    warnings.simplefilter('ignore', DDFSlowPathWarning)
+    cuda = device.type == 'cuda'
+    torch.backends.cudnn.benchmark = True  # the dw-conv gets cuDNN's fastest algorithm, as training would
+    peak, peak_source = peak_bandwidth(torch, device, args.peak_gbps)
+    k, dil, stride, combine = args.kernel_size, args.dilation, args.stride, args.combine
+    flush = None
+    if cuda:
+        torch.cuda.set_device(device)  # events and launches go to the current device's stream
+        # Writing a buffer of twice the L2 size before each timed call evicts the previous call's data.
+        l2 = getattr(torch.cuda.get_device_properties(device), 'L2_cache_size', 0) or 64 << 20
+        flush = torch.empty(2 * l2, dtype=torch.int8, device=device)
+
+    def time_ms(fns: dict[str, Callable[[], object]]) -> dict[str, float]:
+        """Median milliseconds per callable, the callables run interleaved within each round."""
+        for _ in range(args.warmup):
+            for fn in fns.values():
+                fn()
+        samples: dict[str, list] = {name: [] for name in fns}
+        for _ in range(args.rounds):
+            for name, fn in fns.items():
+                if cuda:
+                    flush.zero_()
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    fn()
+                    end.record()
+                    samples[name].append((start, end))
+                else:
+                    begin = time.perf_counter()
+                    fn()
+                    samples[name].append((time.perf_counter() - begin) * 1e3)
+        if cuda:  # one sync at the end: the events carry the GPU timeline, no host stalls in between
+            torch.cuda.synchronize(device)
+            samples = {name: [s.elapsed_time(e) for s, e in pairs] for name, pairs in samples.items()}
+        return {name: statistics.median(times) for name, times in samples.items()}
+
+    def bench(shape: tuple[int, int, int, int], dtype, fmt: str, with_reference: bool) -> dict:
+        """Median ms per (mode, contender) for one configuration; its tensors die on return."""
+        batch, channels, height, width = shape
+        out_h, out_w = (height - 1) // stride + 1, (width - 1) // stride + 1
+        memory_format = torch.channels_last if fmt == 'nhwc' else torch.contiguous_format
+
+        def make(*size: int) -> torch.Tensor:
+            return torch.randn(size, device=device, dtype=dtype).contiguous(memory_format=memory_format)
+        x, sf, grad_out = make(*shape), make(batch, k * k, out_h, out_w), make(batch, channels, out_h, out_w)
+        cf = torch.randn(batch, channels, k, k, device=device, dtype=dtype)
+        weight = torch.randn(channels, 1, k, k, device=device, dtype=dtype)
+        x_g, cf_g, sf_g, w_g = (t.detach().requires_grad_() for t in (x, cf, sf, weight))
+        ddf_args = (k, dil, stride, combine)
+        conv_kw = dict(stride=stride, padding=dil * (k // 2), dilation=dil, groups=channels)  # 'same' output
+
+        def ddf_fwd() -> object:
+            with torch.no_grad():
+                return ddfnet.ddf(x, cf, sf, *ddf_args)
+
+        def ddf_fwd_bwd() -> object:
+            return torch.autograd.grad(ddfnet.ddf(x_g, cf_g, sf_g, *ddf_args), (x_g, cf_g, sf_g), grad_out)
+
+        def conv_fwd() -> object:
+            with torch.no_grad():
+                return F.conv2d(x, weight, **conv_kw)
+
+        def conv_fwd_bwd() -> object:
+            return torch.autograd.grad(F.conv2d(x_g, w_g, **conv_kw), (x_g, w_g), grad_out)
+
+        def ref_fwd() -> object:
+            return ddf_forward_reference(x, cf, sf, *ddf_args)
+
+        def ref_fwd_bwd() -> object:
+            ddf_forward_reference(x, cf, sf, *ddf_args)
+            return ddf_backward_reference(grad_out, x, cf, sf, *ddf_args)
+
+        fns = {('forward', 'ddf'): ddf_fwd, ('forward', 'dwconv'): conv_fwd,
+               ('fwd+bwd', 'ddf'): ddf_fwd_bwd, ('fwd+bwd', 'dwconv'): conv_fwd_bwd}
+        if with_reference:
+            fns.update({('forward', 'reference'): ref_fwd, ('fwd+bwd', 'reference'): ref_fwd_bwd})
+        return time_ms(fns)
+
+    env = dict(device=str(device), device_name=(torch.cuda.get_device_name(device) if cuda
+                                                else platform.processor() or platform.machine()),
+               torch=torch.__version__, implementation=ddfnet.ops.implementation(device.type),
+               threads=torch.get_num_threads(), peak_gbps=None if peak is None else round(peak, 1),
+               peak_source=peak_source, cudnn_benchmark=cuda, l2_flushed=cuda, warmup=args.warmup,
+               rounds=args.rounds, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'))
+    print(f'DDF op (k={k}, dilation={dil}, stride={stride}, {combine}) on {env["device_name"]} ({device}); '
+          f'ddf runs {env["implementation"]}; torch {torch.__version__}; peak '
+          f'{"unknown" if peak is None else f"{peak:.0f} GB/s ({peak_source})"}; medians of {args.rounds} '
+          f'rounds after {args.warmup} warm-up, ms')
+    header = (f'{"shape":<16}{"dtype":<6}{"fmt":<6}{"mode":<9}{"ddf":>10}{"dwconv":>10}{"reference":>11}'
+              f'{"ddf/dw":>8}{"GB/s":>9}{"%peak":>7}')
+    print(header + '\n' + '-' * len(header))
+    rows, skipped_note = [], ''
+    dtypes = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+    for shape, dtype_name, fmt in itertools.product(args.shapes, args.dtypes, args.formats):
+        batch, channels, height, width = shape
+        out_h, out_w = (height - 1) // stride + 1, (width - 1) // stride + 1
+        x, cf = batch * channels * height * width, batch * channels * k * k  # element counts
+        sf, out = batch * k * k * out_h * out_w, batch * channels * out_h * out_w
+        skip = '--no-reference' if args.no_reference else None
+        if skip is None and not cuda and out * k * k > REFERENCE_CPU_LIMIT:
+            skip = f'CPU and B*C*Ho*Wo*k*k > {REFERENCE_CPU_LIMIT:,}'
+        medians = bench(shape, dtypes[dtype_name], fmt, with_reference=skip is None)
+        # The bandwidth model of the docstring: backward re-reads x and both filters and reads grad_out.
+        elements = {'forward': x + cf + sf + out, 'fwd+bwd': (x + cf + sf + out) + out + 2 * (x + cf + sf)}
+        for mode, count in elements.items():
+            ddf_ms, conv_ms, ref_ms = (medians.get((mode, c)) for c in ('ddf', 'dwconv', 'reference'))
+            nbytes = count * dtypes[dtype_name].itemsize
+            gbps = nbytes / (ddf_ms * 1e-3) / 1e9
+            pct = None if peak is None else 100 * gbps / peak
+            rows.append(dict(shape='x'.join(map(str, shape)), batch=batch, channels=channels, height=height,
+                             width=width, kernel_size=k, dilation=dil, stride=stride, combine=combine,
+                             dtype=dtype_name, format=fmt, mode=mode, ddf_ms=round(ddf_ms, 4),
+                             dwconv_ms=round(conv_ms, 4), reference_ms=None if ref_ms is None else round(ref_ms, 4),
+                             reference_skipped=skip, ratio_ddf_dwconv=round(ddf_ms / conv_ms, 3),
+                             ddf_bytes=nbytes, ddf_gbps=round(gbps, 1),
+                             ddf_pct_peak=None if pct is None else round(pct, 1), **env))
+            skipped_note = f'skip: reference not run ({skip})' if skip else skipped_note
+            print(f'{rows[-1]["shape"]:<16}{dtype_name:<6}{fmt:<6}{mode:<9}{ddf_ms:>10.3f}{conv_ms:>10.3f}'
+                  f'{"skip" if ref_ms is None else f"{ref_ms:.3f}":>11}{ddf_ms / conv_ms:>8.2f}'
+                  f'{gbps:>9.1f}{"-" if pct is None else f"{pct:.1f}":>7}', flush=True)
+    if skipped_note:
+        print(skipped_note)
+    lines = [json.dumps(r) for r in rows]
+    print('\n'.join(lines))
+    if args.json:
+        with open(args.json, 'w') as f:
+            f.write('\n'.join(lines) + '\n')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
