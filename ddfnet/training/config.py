@@ -81,7 +81,8 @@ def _coerce(action: argparse.Action, key: str, value: Any, path: str) -> Any:
     for item in values:
         if action.type is not None and not (action.type is yaml_mapping and isinstance(item, dict)):
             if action.type is float and isinstance(item, bool) or action.type is int and isinstance(item, (bool, float)):
-                raise UserError(f'config {path}: {key} must be a {action.type.__name__}, not {item!r}')
+                kind = 'an integer' if action.type is int else 'a number'
+                raise UserError(f'config {path}: {key} must be {kind}, not {item!r}')
             try:
                 item = action.type(item if action.type in (int, float) else str(item))
             except (TypeError, ValueError, argparse.ArgumentTypeError):
