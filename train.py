@@ -39,6 +39,8 @@ from ddfnet.training.engine import (SignalFlag, StopRequested, TrainingStopped, 
                                     train_one_epoch)
 
 _logger = logging.getLogger('train')
+SCHEDULE_KEYS = ('sched', 'sched_on_updates', 'lr', 'epochs', 'warmup_epochs', 'warmup_lr', 'min_lr',
+                 'cooldown_epochs', 'decay_epochs', 'decay_milestones', 'decay_rate', 'batch_size', 'grad_accum_steps')
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -125,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
         remove_partial_files(run_dir)
         config_file = os.path.join(run_dir, 'args.yaml')
         if os.path.exists(config_file):  # a resumed run keeps its first config and records this launch's
-            config_file = os.path.join(run_dir, f'args-resume-{checkpoint["epoch"] if checkpoint else 0}.yaml')
+            at = checkpoint['state'] if checkpoint else {'epoch': 0, 'step': 0}
+            config_file = os.path.join(run_dir, f'args-resume-e{at["epoch"]}-s{at["step"]}.yaml')
         write_yaml(config, config_file)
         setup_logging(run_dir, primary)
     _logger.info(f'{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters, '
@@ -186,7 +189,14 @@ def main(argv: list[str] | None = None) -> None:
     resume_rng = None
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint['optimizer'])
-        scheduler.load_state_dict(checkpoint['scheduler'])
+        # timm's schedules are functions of (epoch, step) and the settings; restore the saved state only when
+        # the settings are unchanged, so a resume with a new --epochs follows the new schedule.
+        changed = [k for k in SCHEDULE_KEYS if checkpoint['config'].get(k) != config[k]]
+        if changed:
+            _logger.warning(f'schedule settings changed since the checkpoint ({", ".join(changed)}): '
+                            'the learning rate follows the new ones')
+        else:
+            scheduler.load_state_dict(checkpoint['scheduler'])
         if loss_scaler is not None and checkpoint.get('scaler'):
             loss_scaler.load_state_dict(checkpoint['scaler'])
         if model_ema is not None and checkpoint.get('model_ema'):
@@ -223,61 +233,61 @@ def main(argv: list[str] | None = None) -> None:
             'config': config, 'rng': rngs, 'model_name': args.model, 'version': 1,
         }, is_best=is_best, periodic_epoch=state.epoch if periodic else None, keep=args.checkpoint_hist)
 
-    stop = SignalFlag()
     key = f'ema_{args.eval_metric}' if model_ema is not None else args.eval_metric
     _logger.info(f'training epochs {state.epoch}..{num_epochs - 1} ({args.epochs} + {args.cooldown_epochs} cool-down), '
                  f'{updates_per_epoch} steps of {args.batch_size} x {args.world_size} x {args.grad_accum_steps} '
                  'images per epoch')
-    try:
-        while state.epoch < num_epochs:
-            epoch = state.epoch
-            seed_epoch(args.seed, epoch, args.rank)
-            if hasattr(loader_train.sampler, 'set_epoch'):
-                loader_train.sampler.set_epoch(epoch)
-            run_epoch_hooks(model, epoch, args)
-            scheduler.step(epoch)
-            if state.step:
-                scheduler.step_update(num_updates=state.num_updates)
-            train_metrics = train_one_epoch(
-                train_model, loader_train, optimizer, train_loss, args, state, device=device, scheduler=scheduler,
-                loss_scaler=loss_scaler, amp_autocast=amp_autocast, model_ema=model_ema, mixup_fn=mixup_fn,
-                stop=stop, resume_rng=resume_rng if state.step else None, tensorboard=tensorboard)
-            if args.distributed and args.dist_bn:
-                distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
-            eval_metrics = evaluate(model, loader_eval, device, amp_autocast, args.channels_last)
-            if model_ema is not None:
-                ema_metrics = evaluate(model_ema.module, loader_eval, device, amp_autocast, args.channels_last)
-                eval_metrics.update({f'ema_{k}': v for k, v in ema_metrics.items()})
-            value = eval_metrics[key]
-            better = state.best_metric is None or (value < state.best_metric if args.eval_metric == 'loss'
-                                                   else value > state.best_metric)
-            if better:
-                state.best_metric, state.best_epoch = value, epoch
-            state.epoch, state.step = epoch + 1, 0
-            save(is_best=better, periodic=state.epoch % args.checkpoint_interval == 0)
-            _logger.info(f'epoch {epoch}: train loss {train_metrics["loss"]:.4f}, val loss {eval_metrics["loss"]:.4f} '
-                         f'top-1 {eval_metrics["top1"]:.2f} top-5 {eval_metrics["top5"]:.2f}'
-                         + (f' (EMA top-1 {eval_metrics["ema_top1"]:.2f})' if model_ema else '')
-                         + f'; best {key} {state.best_metric:.2f} (epoch {state.best_epoch})')
-            if primary:
-                update_summary(epoch, train_metrics, eval_metrics, os.path.join(run_dir, 'summary.csv'),
-                               lr=optimizer.param_groups[0]['lr'],
-                               write_header=not os.path.exists(os.path.join(run_dir, 'summary.csv')))
-                for name, value in eval_metrics.items():
-                    tensorboard.add_scalar(f'val/{name}', value, epoch)
-                tensorboard.flush()
-    except StopRequested as request:
-        save()
-        _logger.warning(f'stopped by {request} at epoch {state.epoch}, batch {state.step}; recovery checkpoint '
-                        f'{os.path.join(run_dir, LAST)} written: rerun with --resume auto to continue')
-        sys.exit(128 + request.signum)
-    except TrainingStopped as e:
-        raise UserError(str(e)) from None
-    finally:
-        if tensorboard is not None:
-            tensorboard.close()
-        if args.distributed:
-            dist.destroy_process_group()
+    with SignalFlag() as stop:
+        try:
+            while state.epoch < num_epochs:
+                epoch = state.epoch
+                seed_epoch(args.seed, epoch, args.rank)
+                if hasattr(loader_train.sampler, 'set_epoch'):
+                    loader_train.sampler.set_epoch(epoch)
+                run_epoch_hooks(model, epoch, args)
+                scheduler.step(epoch)
+                if state.step:
+                    scheduler.step_update(num_updates=state.num_updates)
+                train_metrics = train_one_epoch(
+                    train_model, loader_train, optimizer, train_loss, args, state, device=device, scheduler=scheduler,
+                    loss_scaler=loss_scaler, amp_autocast=amp_autocast, model_ema=model_ema, mixup_fn=mixup_fn,
+                    stop=stop, resume_rng=resume_rng if state.step else None, tensorboard=tensorboard)
+                if args.distributed and args.dist_bn:
+                    distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
+                eval_metrics = evaluate(model, loader_eval, device, amp_autocast, args.channels_last)
+                if model_ema is not None:
+                    ema_metrics = evaluate(model_ema.module, loader_eval, device, amp_autocast, args.channels_last)
+                    eval_metrics.update({f'ema_{k}': v for k, v in ema_metrics.items()})
+                value = eval_metrics[key]
+                better = state.best_metric is None or (value < state.best_metric if args.eval_metric == 'loss'
+                                                       else value > state.best_metric)
+                if better:
+                    state.best_metric, state.best_epoch = value, epoch
+                state.epoch, state.step = epoch + 1, 0
+                save(is_best=better, periodic=state.epoch % args.checkpoint_interval == 0)
+                _logger.info(f'epoch {epoch}: train loss {train_metrics["loss"]:.4f}, val loss {eval_metrics["loss"]:.4f} '
+                             f'top-1 {eval_metrics["top1"]:.2f} top-5 {eval_metrics["top5"]:.2f}'
+                             + (f' (EMA top-1 {eval_metrics["ema_top1"]:.2f})' if model_ema else '')
+                             + f'; best {key} {state.best_metric:.2f} (epoch {state.best_epoch})')
+                if primary:
+                    update_summary(epoch, train_metrics, eval_metrics, os.path.join(run_dir, 'summary.csv'),
+                                   lr=optimizer.param_groups[0]['lr'],
+                                   write_header=not os.path.exists(os.path.join(run_dir, 'summary.csv')))
+                    for name, value in eval_metrics.items():
+                        tensorboard.add_scalar(f'val/{name}', value, epoch)
+                    tensorboard.flush()
+        except StopRequested as request:
+            save()
+            _logger.warning(f'stopped by {request} at epoch {state.epoch}, batch {state.step}; recovery checkpoint '
+                            f'{os.path.join(run_dir, LAST)} written: rerun with --resume auto to continue')
+            sys.exit(128 + request.signum)
+        except TrainingStopped as e:
+            raise UserError(str(e)) from None
+        finally:
+            if tensorboard is not None:
+                tensorboard.close()
+            if args.distributed:
+                dist.destroy_process_group()
     _logger.info(f'done: best {key} {state.best_metric} at epoch {state.best_epoch}; checkpoints in {run_dir}')
 
 

@@ -55,13 +55,22 @@ class StopRequested(Exception):
 
 
 class SignalFlag:
-    """Records SIGTERM/SIGINT instead of dying, so the loop can checkpoint first. A second signal of the
-    same kind gets the default behaviour (an impatient user can still kill the run)."""
+    """Records SIGTERM/SIGINT instead of dying, so the loop can checkpoint first (a context manager that
+    restores the previous handlers). A second signal of the same kind gets the default behaviour, so an
+    impatient user can still kill the run."""
 
     def __init__(self):
         self.signum = 0
+        self._previous = {}
+
+    def __enter__(self) -> SignalFlag:
         for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self._handle)
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
     def _handle(self, signum, frame):
         self.signum = signum

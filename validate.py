@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""Evaluate a checkpoint: top-1, top-5, loss, parameter count and images/s.
+
+    python validate.py --config configs/demo.yaml --checkpoint output/demo/best.pth.tar
+    python validate.py --model ddf_resnet50 --checkpoint ddf_mul_resnet50.pth --data-dir /data/imagenet
+
+``--checkpoint`` takes train.py's checkpoints (``--use-ema`` for the EMA weights) or a released
+state_dict. Image size, crop and interpolation default to the model's pretrained cfg; ``--config`` (a
+training config) sets them, the data and the model as in training. Bad input is one line, exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import time
+from contextlib import nullcontext
+from functools import partial
+
+import timm
+import torch
+from timm.data import create_loader, resolve_data_config
+
+import ddfnet  # noqa: F401  (registers the DDF models with timm)
+from ddfnet.data import create_split, resolve_data_root
+from ddfnet.training.args import train_parser
+from ddfnet.training.checkpoint import load_checkpoint, load_weights, model_state_dict
+from ddfnet.training.config import OneLineArgumentParser, UserError, parse_args, run_main, yaml_mapping
+from ddfnet.training.engine import evaluate
+
+
+def validate_parser() -> argparse.ArgumentParser:
+    parser = OneLineArgumentParser(prog='validate.py', description='Evaluate an image classifier checkpoint.')
+    add = parser.add_argument
+    add('--config', '-c', metavar='FILE', help="a training config: its model, data and image settings are used")
+    add('--model', help='timm model name, e.g. ddf_resnet50')
+    add('--model-kwargs', type=yaml_mapping, default={})
+    add('--checkpoint', metavar='FILE', help="train.py's checkpoint or a state_dict (.pth, .pth.tar, .safetensors)")
+    add('--use-ema', action='store_true', help="evaluate the checkpoint's EMA weights")
+    add('--data-dir', metavar='DIR')
+    add('--dataset', default='', help="timm dataset name ('' = image folder), or 'demo'")
+    add('--demo-per-class', type=int, default=256)
+    add('--split', default='validation')
+    add('--num-classes', type=int, help="default: the checkpoint's classifier size, else the dataset's classes")
+    add('--img-size', type=int)
+    add('--crop-pct', type=float)
+    add('--interpolation', default='')
+    add('--batch-size', '-b', type=int, default=128)
+    add('--validation-batch-size', type=int, help='alias of --batch-size (the training config key)')
+    add('--workers', '-j', type=int, default=4)
+    add('--amp', action=argparse.BooleanOptionalAction, default=False)
+    add('--amp-dtype', default='float16', choices=['float16', 'bfloat16'])
+    add('--channels-last', action=argparse.BooleanOptionalAction, default=False)
+    add('--device', default='auto', help="'cuda', 'cpu' or 'auto'")
+    add('--results-file', metavar='FILE', help='write the results as JSON (.json) or a CSV row (.csv)')
+    return parser
+
+
+def write_results(results: dict, path: str) -> None:
+    """JSON, or one CSV row appended under a header (several checkpoints into one table)."""
+    if path.endswith('.csv'):
+        new = not os.path.exists(path)
+        with open(path, 'a', newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=list(results))
+            if new:
+                writer.writeheader()
+            writer.writerow(results)
+    else:
+        tmp = f'{path}.partial'
+        with open(tmp, 'w') as f:
+            json.dump(results, f, indent=2)
+        os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = validate_parser()
+    training_keys = {a.dest for a in train_parser()._actions}
+    args = parse_args(parser, argv, accepted=training_keys)  # a training config's other keys are fine here
+    if args.split == 'validation' and args.config:
+        args.split = parse_args(train_parser(), ['--config', args.config]).val_split
+    if not args.model:
+        raise UserError('no model: give --model (or --config)')
+    if not timm.is_model(args.model):
+        raise UserError(f"unknown model '{args.model}' (list them with timm.list_models('ddf*'))")
+    device = torch.device(args.device if args.device != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu')
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise UserError(f'--device {args.device} asked for, but no CUDA device is available')
+    state = None
+    if args.checkpoint:
+        state = model_state_dict(load_checkpoint(args.checkpoint), args.checkpoint, use_ema=args.use_ema)
+    data_root = resolve_data_root(args.dataset, args.data_dir, args.demo_per_class)
+    dataset = create_split(args.dataset, data_root, args.split, is_training=False)
+
+    num_classes = args.num_classes
+    if num_classes is None and state is not None:
+        head = timm.create_model(args.model, pretrained=False, **args.model_kwargs).pretrained_cfg.get('classifier')
+        num_classes = state[f'{head}.weight'].shape[0] if f'{head}.weight' in state else None
+    num_classes = num_classes or len(getattr(dataset.reader, 'class_to_idx', {})) or 1000
+    try:
+        model = timm.create_model(args.model, num_classes=num_classes, **args.model_kwargs)
+    except TypeError as e:
+        raise UserError(f'cannot build {args.model} with model_kwargs {args.model_kwargs}: {e}') from None
+    if state is not None:
+        load_weights(model, state, args.checkpoint, args.model)
+    model.to(device).eval()
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    data_config = resolve_data_config(dict(img_size=args.img_size, crop_pct=args.crop_pct,
+                                           interpolation=args.interpolation), model=model)
+    loader = create_loader(dataset, input_size=data_config['input_size'],
+                           batch_size=args.validation_batch_size or args.batch_size, is_training=False,
+                           interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'],
+                           mean=data_config['mean'], std=data_config['std'], num_workers=args.workers,
+                           device=device, use_prefetcher=device.type == 'cuda', persistent_workers=False)
+    amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
+    amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if args.amp else nullcontext
+    start = time.perf_counter()
+    metrics = evaluate(model, loader, device, amp_autocast, args.channels_last)
+    seconds = time.perf_counter() - start
+    results = {
+        'model': args.model, 'checkpoint': args.checkpoint, 'ema': args.use_ema, 'split': args.split,
+        'top1': round(metrics['top1'], 4), 'top5': round(metrics['top5'], 4), 'loss': round(metrics['loss'], 6),
+        'params_m': round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+        'images': len(dataset), 'images_per_sec': round(len(dataset) / seconds, 1),
+        'img_size': data_config['input_size'][-1], 'crop_pct': data_config['crop_pct'],
+        'interpolation': data_config['interpolation'], 'device': device.type,
+    }
+    print(f"{args.model}: top-1 {results['top1']:.2f} top-5 {results['top5']:.2f} loss {results['loss']:.4f} "
+          f"params {results['params_m']:.3f}M {results['images_per_sec']:.1f} img/s "
+          f"({results['images']} images, {results['img_size']}px, crop {results['crop_pct']}, "
+          f"{results['interpolation']}, {device.type})")
+    if args.results_file:
+        write_results(results, args.results_file)
+
+
+if __name__ == '__main__':
+    run_main(main, 'validate.py')
