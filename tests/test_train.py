@@ -1,0 +1,303 @@
+"""train.py / validate.py end to end on the CPU, with a tiny DDF-ResNet (one block per stage, 32x32) on a
+tiny copy of the demo dataset: a demo run validated, two ranks under torchrun, kills and resumes that
+reach the very same weights, a non-finite loss, and bad inputs."""
+import csv
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddfnet.training.config import run_main
+
+ROOT = Path(__file__).resolve().parents[1]
+EPOCHS, STEPS = 3, 8  # 64 training images / batch 8
+
+
+def _load_script(name):
+    spec = importlib.util.spec_from_file_location(f'_ddfnet_{name}', ROOT / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Runs inside this process use one thread too (see ENV)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp('demo-cache'))
+
+
+def tiny_args(data_dir, output, *extra):
+    """A run of EPOCHS x STEPS steps of a one-block-per-stage DDF-ResNet-26 at 32x32 (a few seconds)."""
+    return ['--config', str(ROOT / 'configs' / 'demo.yaml'), '--data-dir', data_dir, '--demo-per-class', '8',
+            '--model-kwargs', '{layers: [1, 1, 1, 1]}', '--img-size', '32', '--batch-size', '8', '--workers', '0',
+            '--device', 'cpu', '--epochs', str(EPOCHS), '--warmup-epochs', '1', '--log-interval', '1',
+            '--output', str(output), '--experiment', 'run', *extra]
+
+
+# One thread per process: runs compared for bitwise equality must use the same thread count, and on a busy
+# two-core machine two threads per process make a run several times slower.
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
+
+
+def run(*command, **kwargs):
+    """Run ``python COMMAND`` (a script of the repository, or a wrapper) to completion."""
+    script, *args = command
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=ROOT,
+                          env=ENV, **kwargs)
+
+
+def start(script, *args):
+    return subprocess.Popen([sys.executable, str(ROOT / script), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=ENV)
+
+
+def wait_for(process, text):
+    """Read the process's output until a line contains ``text``; returns everything read."""
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if text in line:
+            return ''.join(seen)
+    process.wait()
+    raise AssertionError(f'{text!r} never printed; output:\n' + ''.join(seen))
+
+
+def checkpoint(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope='module')
+def reference(data_dir, tmp_path_factory):
+    """An uninterrupted run: the weights every interrupted run must reach."""
+    output = tmp_path_factory.mktemp('reference')
+    result = run('train.py', *tiny_args(data_dir, output))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return output / 'run', result.stdout
+
+
+def test_demo_run_validates_to_the_logged_top1(reference, data_dir, tmp_path):
+    run_dir, log = reference
+    files = set(os.listdir(run_dir))
+    assert {'args.yaml', 'log.txt', 'summary.csv', 'last.pth.tar', 'best.pth.tar'} <= files
+    assert any(f.startswith('events.out.tfevents') for f in files)
+    assert not any(f.endswith('.partial') for f in files)
+    assert 'img/s eta' in log and 'lr ' in log
+    with open(run_dir / 'summary.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r['epoch']) for r in rows] == list(range(EPOCHS))
+    state = checkpoint(run_dir / 'last.pth.tar')
+    assert state['state']['epoch'] == EPOCHS and state['state']['step'] == 0
+    assert state['config']['model'] == 'ddf_resnet26' and state['optimizer'] and state['rng']
+
+    # validate.py with the run's resolved config (args.yaml is a valid --config) on the final checkpoint
+    results = tmp_path / 'results.json'
+    result = run('validate.py', '--config', str(run_dir / 'args.yaml'), '--checkpoint', str(run_dir / 'last.pth.tar'),
+                 '--results-file', str(results))
+    assert result.returncode == 0, result.stderr
+    top1 = json.loads(results.read_text())['top1']
+    assert top1 == pytest.approx(float(rows[-1]['eval_top1']), abs=1e-3)
+    assert f'top-1 {top1:.2f}' in result.stdout and 'img/s' in result.stdout and 'params' in result.stdout
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tags = EventAccumulator(str(run_dir)).Reload().Tags()['scalars']
+    assert {'train/loss', 'train/lr', 'train/images_per_sec', 'val/top1', 'val/top5'} <= set(tags)
+
+
+def test_kill_mid_epoch_then_resume_reaches_the_same_weights(reference, data_dir, tmp_path):
+    # SIGKILL leaves no chance to save: the resume starts from the last epoch end and redoes the epoch.
+    args = tiny_args(data_dir, tmp_path)
+    process = start('train.py', *args)
+    wait_for(process, f'epoch 1 [3/{STEPS}]')
+    process.kill()
+    process.wait()
+    assert checkpoint(tmp_path / 'run' / 'last.pth.tar')['state']['epoch'] == 1
+    result = run('train.py', *args, '--resume', 'auto')
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert 'resuming from' in result.stdout
+    assert_same_weights(checkpoint(tmp_path / 'run' / 'last.pth.tar')['model'],
+                        checkpoint(reference[0] / 'last.pth.tar')['model'])
+
+
+def test_sigterm_saves_a_mid_epoch_recovery_point_that_resumes_exactly(reference, data_dir, tmp_path):
+    args = tiny_args(data_dir, tmp_path)
+    process = start('train.py', *args)
+    wait_for(process, f'epoch 1 [3/{STEPS}]')
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate()[0]
+    assert process.returncode == 128 + signal.SIGTERM, output
+    assert 'Traceback' not in output and 'recovery checkpoint' in output
+    state = checkpoint(tmp_path / 'run' / 'last.pth.tar')['state']
+    assert state['epoch'] == 1 and 3 <= state['step'] < STEPS  # a mid-epoch point
+    result = run('train.py', *args, '--resume', 'auto')
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f'resuming from {tmp_path / "run" / "last.pth.tar"}: epoch 1, batch {state["step"]}' in result.stdout
+    final = checkpoint(tmp_path / 'run' / 'last.pth.tar')
+    reference_final = checkpoint(reference[0] / 'last.pth.tar')
+    assert_same_weights(final['model'], reference_final['model'])
+    assert final['state']['num_updates'] == reference_final['state']['num_updates'] == EPOCHS * STEPS
+
+
+def test_kill_while_writing_a_checkpoint_keeps_the_last_good_one(reference, data_dir, tmp_path):
+    # The process dies half-way through writing epoch 1's checkpoint (the write itself is interrupted).
+    wrapper = tmp_path / 'dying_save.py'
+    wrapper.write_text(textwrap.dedent(f'''
+        import io, os, runpy, signal, sys, torch
+        real_save, calls = torch.save, []
+        def dying_save(obj, f, *args, **kwargs):
+            calls.append(1)
+            if len(calls) < 2:
+                return real_save(obj, f, *args, **kwargs)
+            buffer = io.BytesIO()
+            real_save(obj, buffer)
+            f.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        torch.save = dying_save
+        sys.argv = ['train.py'] + sys.argv[1:]
+        sys.path.insert(0, {str(ROOT)!r})
+        runpy.run_path({str(ROOT / 'train.py')!r}, run_name='__main__')
+    '''))
+    args = tiny_args(data_dir, tmp_path)
+    result = run(wrapper, *args)
+    assert result.returncode == -signal.SIGKILL, result.stdout + result.stderr
+    run_dir = tmp_path / 'run'
+    assert any(f.endswith('.partial') for f in os.listdir(run_dir))  # the kill did land inside the write
+    assert checkpoint(run_dir / 'last.pth.tar')['state']['epoch'] == 1  # epoch 0's, intact
+    result = run('train.py', *args, '--resume', 'auto')
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not any(f.endswith('.partial') for f in os.listdir(run_dir))
+    assert_same_weights(checkpoint(run_dir / 'last.pth.tar')['model'],
+                        checkpoint(reference[0] / 'last.pth.tar')['model'])
+
+
+def test_two_ranks_under_torchrun_end_with_identical_weights(data_dir, tmp_path):
+    # Each rank dumps the weights it evaluates at every epoch end (after the BatchNorm reduce).
+    wrapper = tmp_path / 'spy.py'
+    wrapper.write_text(textwrap.dedent(f'''
+        import os, sys, torch
+        sys.path.insert(0, {str(ROOT)!r})
+        sys.argv[0] = {str(ROOT / 'train.py')!r}
+        import importlib.util
+        spec = importlib.util.spec_from_file_location('train', {str(ROOT / 'train.py')!r})
+        train = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(train)
+        evaluate = train.evaluate
+        def spy(model, *args, **kwargs):
+            torch.save(model.state_dict(), os.path.join({str(tmp_path)!r}, f'rank{{os.environ["RANK"]}}.pt'))
+            return evaluate(model, *args, **kwargs)
+        train.evaluate = spy
+        train.run_main(lambda: train.main(sys.argv[1:]), 'train.py')
+    '''))
+    args = tiny_args(data_dir, tmp_path, '--epochs', '1', '--batch-size', '4', '--workers', '1')
+    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                             str(wrapper), *args], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert '2 process(es) on cpu' in result.stdout
+    assert f'[{STEPS}/{STEPS}]' in result.stdout  # 64 images / (2 ranks x 4) = 8 steps
+    rank0, rank1 = torch.load(tmp_path / 'rank0.pt'), torch.load(tmp_path / 'rank1.pt')
+    assert_same_weights(rank0, rank1)
+    assert_same_weights(rank0, checkpoint(tmp_path / 'run' / 'last.pth.tar')['model'])
+    assert len([f for f in os.listdir(tmp_path / 'run') if f.startswith('events')]) == 1  # only rank 0 writes
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
+    train = _load_script('train')
+    calls = []
+
+    class PoisonedLoss(torch.nn.CrossEntropyLoss):
+        def forward(self, logits, target):
+            calls.append(1)
+            loss = super().forward(logits, target)
+            return loss * float('nan') if len(calls) > STEPS + 2 else loss  # epoch 1, third step
+
+    monkeypatch.setattr(train, 'LabelSmoothingCrossEntropy', lambda smoothing: PoisonedLoss())
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(lambda: train.main(tiny_args(data_dir, tmp_path)), 'train.py')
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == [f'train.py: error: non-finite loss at epoch 1 step 2: stopping before it reaches the weights '
+                     '(the last good checkpoint is kept; lower --lr, add --clip-grad or use --amp-dtype bfloat16)']
+    saved = checkpoint(tmp_path / 'run' / 'last.pth.tar')
+    assert saved['state'] == {**saved['state'], 'epoch': 1, 'step': 0}
+    assert all(torch.isfinite(v).all() for v in saved['model'].values() if v.is_floating_point())
+
+
+def _snapshot(folder):
+    return {p: p.read_bytes() for p in Path(folder).rglob('*') if p.is_file()}
+
+
+@pytest.fixture()
+def bad_input(reference, tmp_path):
+    """Files for the bad-input cases: an existing run, checkpoints that must be refused."""
+    good = reference[0] / 'last.pth.tar'
+    (tmp_path / 'truncated.pth.tar').write_bytes(good.read_bytes()[:good.stat().st_size // 2])
+    (tmp_path / 'corrupt.pth.tar').write_bytes(os.urandom(4096))
+    existing = tmp_path / 'out' / 'run'
+    shutil.copytree(reference[0], existing)
+    (tmp_path / 'bad.yaml').write_text('model: ddf_resnet26\nlr: [0.1\n')
+    (tmp_path / 'unknown.yaml').write_text('model: ddf_resnet26\nlearning_rate: 0.1\n')
+    return tmp_path
+
+
+@pytest.mark.parametrize('case, extra, message', [
+    ('missing data dir', ['--dataset', '', '--data-dir', '{tmp}/nowhere', '--experiment', 'new'], 'data dir {tmp}/nowhere does not exist'),
+    ('unknown model', ['--model', 'ddf_resnet27', '--experiment', 'new'], "unknown model 'ddf_resnet27'"),
+    ('malformed yaml', ['--config', '{tmp}/bad.yaml', '--experiment', 'new'], 'malformed YAML in config {tmp}/bad.yaml line 3'),
+    ('unknown key', ['--config', '{tmp}/unknown.yaml', '--experiment', 'new'], "unknown key 'learning_rate' in config {tmp}/unknown.yaml"),
+    ('truncated checkpoint', ['--resume', '{tmp}/truncated.pth.tar', '--experiment', 'new'],
+     'cannot load checkpoint {tmp}/truncated.pth.tar: truncated, corrupt'),
+    ('corrupt checkpoint', ['--resume', '{tmp}/corrupt.pth.tar', '--experiment', 'new'],
+     'cannot load checkpoint {tmp}/corrupt.pth.tar: truncated, corrupt'),
+    ('other architecture', ['--resume', '{tmp}/out/run/last.pth.tar', '--experiment', 'new', '--model-kwargs', '{{}}'],
+     'checkpoint {tmp}/out/run/last.pth.tar does not fit model ddf_resnet26: '),
+    ('existing run', [], '{tmp}/out/run already holds a run: continue it with --resume auto'),
+])
+def test_bad_input_is_one_line_and_changes_nothing(bad_input, data_dir, case, extra, message, monkeypatch, capsys):
+    tmp = str(bad_input)
+    argv = tiny_args(data_dir, bad_input / 'out') + [a.format(tmp=tmp) for a in extra]
+    before = _snapshot(bad_input)
+    train = _load_script('train')
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(lambda: train.main(argv), 'train.py')
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith('train.py: error: ' + message.format(tmp=tmp)), error
+    assert _snapshot(bad_input) == before
+
+
+@pytest.mark.parametrize('checkpoint_name, extra, message', [
+    ('truncated.pth.tar', [], 'cannot load checkpoint {tmp}/truncated.pth.tar: truncated, corrupt'),
+    ('out/run/last.pth.tar', ['--model-kwargs', '{}'], 'does not fit model ddf_resnet26'),
+    ('out/run/last.pth.tar', ['--use-ema'], 'has no EMA weights'),
+])
+def test_validate_bad_checkpoint(bad_input, checkpoint_name, extra, message, capsys):
+    tmp = str(bad_input)
+    validate = _load_script('validate')
+    argv = ['--config', f'{tmp}/out/run/args.yaml', '--checkpoint', f'{tmp}/{checkpoint_name}', *extra]
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(lambda: validate.main(argv), 'validate.py')
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and message.format(tmp=tmp) in error[0], error
