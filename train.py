@@ -105,8 +105,9 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(None, primary)
     seed_epoch(args.seed, -1, 0)  # identical initial weights everywhere (DDP also broadcasts rank 0's)
 
-    dataset_train = create_split(args.dataset, data_root, args.train_split, is_training=True, batch_size=args.batch_size)
-    dataset_eval = create_split(args.dataset, data_root, args.val_split, is_training=False, batch_size=args.batch_size)
+    # batch_size matters to timm's iterable datasets (TFDS, WebDataset) only
+    dataset_train = create_split(args.dataset, data_root, args.train_split, True, args.batch_size)
+    dataset_eval = create_split(args.dataset, data_root, args.val_split, False, args.batch_size)
     num_classes = args.num_classes or len(getattr(dataset_train.reader, 'class_to_idx', {})) or None
     if num_classes is None:
         raise UserError('cannot tell the number of classes of this dataset: give --num-classes')
@@ -265,7 +266,8 @@ def main(argv: list[str] | None = None) -> None:
                     state.best_metric, state.best_epoch = value, epoch
                 state.epoch, state.step = epoch + 1, 0
                 save(is_best=better, periodic=state.epoch % args.checkpoint_interval == 0)
-                _logger.info(f'epoch {epoch}: train loss {train_metrics["loss"]:.4f}, val loss {eval_metrics["loss"]:.4f} '
+                _logger.info(f'epoch {epoch}: train loss {train_metrics["loss"]:.4f}, '
+                             f'val loss {eval_metrics["loss"]:.4f} '
                              f'top-1 {eval_metrics["top1"]:.2f} top-5 {eval_metrics["top5"]:.2f}'
                              + (f' (EMA top-1 {eval_metrics["ema_top1"]:.2f})' if model_ema else '')
                              + f'; best {key} {state.best_metric:.2f} (epoch {state.best_epoch})')

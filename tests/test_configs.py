@@ -68,7 +68,8 @@ def test_precedence(tmp_path):
 
 def test_yaml_numbers_and_kwargs(tmp_path):
     # PyYAML reads 1e-4 as a string; the argument's type converts it as on the command line.
-    args = parse_args(train_parser(), ['-c', _write(tmp_path, 'weight_decay: 1e-4\nmodel_kwargs: {layers: [1, 1, 1, 1]}\n')])
+    config = _write(tmp_path, 'weight_decay: 1e-4\nmodel_kwargs: {layers: [1, 1, 1, 1]}\n')
+    args = parse_args(train_parser(), ['-c', config])
     assert args.weight_decay == 1e-4 and args.model_kwargs == {'layers': [1, 1, 1, 1]}
     args = parse_args(train_parser(), ['--model-kwargs', '{layers: [1, 2, 1, 1]}'])
     assert args.model_kwargs == {'layers': [1, 2, 1, 1]}

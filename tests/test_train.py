@@ -262,10 +262,13 @@ def bad_input(reference, tmp_path):
 
 
 @pytest.mark.parametrize('case, extra, message', [
-    ('missing data dir', ['--dataset', '', '--data-dir', '{tmp}/nowhere', '--experiment', 'new'], 'data dir {tmp}/nowhere does not exist'),
+    ('missing data dir', ['--dataset', '', '--data-dir', '{tmp}/nowhere', '--experiment', 'new'],
+     'data dir {tmp}/nowhere does not exist'),
     ('unknown model', ['--model', 'ddf_resnet27', '--experiment', 'new'], "unknown model 'ddf_resnet27'"),
-    ('malformed yaml', ['--config', '{tmp}/bad.yaml', '--experiment', 'new'], 'malformed YAML in config {tmp}/bad.yaml line 3'),
-    ('unknown key', ['--config', '{tmp}/unknown.yaml', '--experiment', 'new'], "unknown key 'learning_rate' in config {tmp}/unknown.yaml"),
+    ('malformed yaml', ['--config', '{tmp}/bad.yaml', '--experiment', 'new'],
+     'malformed YAML in config {tmp}/bad.yaml line 3'),
+    ('unknown key', ['--config', '{tmp}/unknown.yaml', '--experiment', 'new'],
+     "unknown key 'learning_rate' in config {tmp}/unknown.yaml"),
     ('truncated checkpoint', ['--resume', '{tmp}/truncated.pth.tar', '--experiment', 'new'],
      'cannot load checkpoint {tmp}/truncated.pth.tar: truncated, corrupt'),
     ('corrupt checkpoint', ['--resume', '{tmp}/corrupt.pth.tar', '--experiment', 'new'],

@@ -80,7 +80,8 @@ def _coerce(action: argparse.Action, key: str, value: Any, path: str) -> Any:
     converted = []
     for item in values:
         if action.type is not None and not (action.type is yaml_mapping and isinstance(item, dict)):
-            if action.type is float and isinstance(item, bool) or action.type is int and isinstance(item, (bool, float)):
+            wrong = (bool,) if action.type is float else (bool, float) if action.type is int else ()
+            if isinstance(item, wrong):
                 kind = 'an integer' if action.type is int else 'a number'
                 raise UserError(f'config {path}: {key} must be {kind}, not {item!r}')
             try:
