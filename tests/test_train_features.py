@@ -1,0 +1,91 @@
+"""train.py's optional features each run (one short epoch, in this process), the epoch hooks see every
+epoch including after a resume, and fine-tuning from --pretrained-file drops a mismatched classifier."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddfnet.training import hooks
+from ddfnet.training.config import run_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp('demo-cache'))
+
+
+def train(argv):
+    spec = importlib.util.spec_from_file_location('_ddfnet_train', ROOT / 'train.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    run_main(lambda: module.main(argv), 'train.py')
+
+
+def tiny_args(data_dir, output, *extra):
+    return ['--config', str(ROOT / 'configs' / 'demo.yaml'), '--data-dir', data_dir, '--demo-per-class', '4',
+            '--model-kwargs', '{layers: [1, 1, 1, 1]}', '--img-size', '32', '--batch-size', '8', '--workers', '0',
+            '--device', 'cpu', '--epochs', '1', '--warmup-epochs', '0', '--output', str(output),
+            '--experiment', 'run', *extra]
+
+
+def load(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+@pytest.mark.parametrize('features', [
+    ['--mixup', '0.2', '--cutmix', '1.0', '--model-ema', '--model-ema-decay', '0.5', '--grad-accum-steps', '2',
+     '--clip-grad', '1.0', '--opt', 'lamb', '--sched', 'step', '--drop-path', '0.1'],
+    ['--amp', '--amp-dtype', 'bfloat16', '--channels-last', '--opt', 'adamw', '--aa', 'rand-m7-mstd0.5-inc1',
+     '--reprob', '0.4', '--recount', '3', '--train-interpolation', 'random', '--sched-on-updates'],
+    ['--amp', '--amp-dtype', 'float16', '--opt', 'momentum', '--clip-grad', '5.0'],  # with a gradient scaler
+], ids=['mixup-ema-accum-clip-lamb', 'bf16-channels-last-randaugment', 'fp16-scaler'])
+def test_features_run(data_dir, tmp_path, features):
+    train(tiny_args(data_dir, tmp_path, *features))
+    saved = load(tmp_path / 'run' / 'last.pth.tar')
+    assert saved['state']['epoch'] == 1 and saved['state']['num_updates'] >= 1
+    assert all(torch.isfinite(v).all() for v in saved['model'].values() if v.is_floating_point())
+    if '--model-ema' in features:
+        assert saved['model_ema'] is not None
+        assert not torch.equal(saved['model_ema']['conv1.weight'], saved['model']['conv1.weight'])
+    if '--amp-dtype' in features and 'float16' in features:
+        assert saved['scaler'] and saved['scaler']['scale'] > 0
+
+
+def test_epoch_hooks_see_every_epoch_also_after_resume(data_dir, tmp_path):
+    seen = []
+
+    def record(model, epoch, args):
+        seen.append((epoch, args.dyconv_temp_start))
+
+    hooks.register_epoch_hook(record)
+    try:
+        train(tiny_args(data_dir, tmp_path, '--epochs', '2', '--dyconv-temp-start', '20'))
+        train(tiny_args(data_dir, tmp_path, '--epochs', '3', '--dyconv-temp-start', '20', '--resume', 'auto'))
+    finally:
+        hooks._HOOKS.remove(record)
+    assert seen == [(0, 20.0), (1, 20.0), (2, 20.0)]
+    assert (tmp_path / 'run' / 'args-resume-e2-s0.yaml').exists()  # the first launch's args.yaml is kept
+
+
+def test_pretrained_file_fine_tunes_with_a_new_classifier(data_dir, tmp_path):
+    train(tiny_args(data_dir, tmp_path / 'a', '--checkpoint-interval', '1', '--checkpoint-hist', '1', '--epochs', '2'))
+    source = tmp_path / 'a' / 'run'
+    assert sorted(p.name for p in source.glob('checkpoint-*')) == ['checkpoint-2.pth.tar']  # older ones pruned
+    # lr 0 and no weight decay: the loaded weights must come through the epoch unchanged
+    train(tiny_args(data_dir, tmp_path / 'b', '--pretrained-file', str(source / 'last.pth.tar'), '--num-classes', '10',
+                    '--lr', '0', '--min-lr', '0', '--weight-decay', '0', '--opt', 'sgd'))
+    before, after = load(source / 'last.pth.tar')['model'], load(tmp_path / 'b' / 'run' / 'last.pth.tar')['model']
+    assert after['fc.weight'].shape == (10, before['fc.weight'].shape[1])
+    assert torch.equal(after['conv1.weight'], before['conv1.weight'])
+    assert torch.equal(after['layer4.0.conv2.spatial_branch.0.weight'], before['layer4.0.conv2.spatial_branch.0.weight'])
