@@ -56,6 +56,8 @@ def check_args(args: argparse.Namespace) -> None:
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         raise UserError(f'--device {args.device} asked for, but no CUDA device is available (use --device cpu)')
+    if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
+        raise UserError(f'mixup/cutmix pair up images: --batch-size must be even, not {args.batch_size}')
     if args.pretrained_file and not os.path.isfile(args.pretrained_file):
         raise UserError(f'no pretrained file {args.pretrained_file}')
 
@@ -71,6 +73,8 @@ def run_folder(args: argparse.Namespace) -> tuple[str, str | None]:
     if args.resume:
         if not os.path.isfile(args.resume):
             raise UserError(f'no checkpoint file {args.resume} to resume from')
+        if existing and os.path.dirname(os.path.abspath(args.resume)) != os.path.abspath(run_dir):
+            raise UserError(f'{run_dir} already holds another run: resume {args.resume} into a new --experiment')
         return run_dir, args.resume
     if existing:
         raise UserError(f'{run_dir} already holds a run: continue it with --resume auto, or pick another '
@@ -210,11 +214,11 @@ def main(argv: list[str] | None = None) -> None:
     del checkpoint
 
     train_model = model
-    if args.torch_compile:
-        train_model = torch.compile(train_model, backend=args.torch_compile)
     if args.distributed:
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == 'cuda' else None)
+    if args.torch_compile:  # after DDP, so the compiler sees DDP's buckets (PyTorch's recommended order)
+        train_model = torch.compile(train_model, backend=args.torch_compile)
     tensorboard = None
     if primary:
         from torch.utils.tensorboard import SummaryWriter

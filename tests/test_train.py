@@ -254,6 +254,7 @@ def bad_input(reference, tmp_path):
     good = reference[0] / 'last.pth.tar'
     (tmp_path / 'truncated.pth.tar').write_bytes(good.read_bytes()[:good.stat().st_size // 2])
     (tmp_path / 'corrupt.pth.tar').write_bytes(os.urandom(4096))
+    shutil.copy(good, tmp_path / 'elsewhere.pth.tar')
     existing = tmp_path / 'out' / 'run'
     shutil.copytree(reference[0], existing)
     (tmp_path / 'bad.yaml').write_text('model: ddf_resnet26\nlr: [0.1\n')
@@ -276,6 +277,9 @@ def bad_input(reference, tmp_path):
     ('other architecture', ['--resume', '{tmp}/out/run/last.pth.tar', '--experiment', 'new', '--model-kwargs', '{{}}'],
      'checkpoint {tmp}/out/run/last.pth.tar does not fit model ddf_resnet26: '),
     ('existing run', [], '{tmp}/out/run already holds a run: continue it with --resume auto'),
+    ('resume into another run', ['--resume', '{tmp}/elsewhere.pth.tar'], '{tmp}/out/run already holds another run'),
+    ('odd batch with mixup', ['--mixup', '0.2', '--batch-size', '7', '--experiment', 'new'],
+     'mixup/cutmix pair up images: --batch-size must be even'),
 ])
 def test_bad_input_is_one_line_and_changes_nothing(bad_input, data_dir, case, extra, message, monkeypatch, capsys):
     tmp = str(bad_input)

@@ -88,4 +88,5 @@ def test_pretrained_file_fine_tunes_with_a_new_classifier(data_dir, tmp_path):
     before, after = load(source / 'last.pth.tar')['model'], load(tmp_path / 'b' / 'run' / 'last.pth.tar')['model']
     assert after['fc.weight'].shape == (10, before['fc.weight'].shape[1])
     assert torch.equal(after['conv1.weight'], before['conv1.weight'])
-    assert torch.equal(after['layer4.0.conv2.spatial_branch.0.weight'], before['layer4.0.conv2.spatial_branch.0.weight'])
+    ddf_weight = 'layer4.0.conv2.spatial_branch.0.weight'
+    assert torch.equal(after[ddf_weight], before[ddf_weight])
