@@ -4,9 +4,9 @@
 (``timm.list_models('ddf*')``). Importing compiles and downloads nothing.
 """
 from . import models  # noqa: F401  (registers the timm entrypoints)
-from .layers import DDFPack, DDFUpPack, FilterNorm
+from .layers import DDFPack, DDFUpPack, DynamicConv2d, FilterNorm
 from .ops import ddf
 
 __version__ = '0.1.0'
 
-__all__ = ['ddf', 'FilterNorm', 'DDFPack', 'DDFUpPack', '__version__']
+__all__ = ['ddf', 'FilterNorm', 'DDFPack', 'DDFUpPack', 'DynamicConv2d', '__version__']

@@ -14,7 +14,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 from timm.models.resnet import Bottleneck, ResNet
 
-from ..layers import DDFPack
+from ..layers import DDFBranchPack, DDFPack
 
 __all__ = ['DDFBottleneck']
 
@@ -22,13 +22,15 @@ __all__ = ['DDFBottleneck']
 class DDFBottleneck(Bottleneck):
     """timm's Bottleneck with ``conv2`` replaced by a :class:`~ddfnet.layers.DDFPack`.
 
-    Extra arguments (pass them through ``block_args``): ``se_ratio`` of the channel branch and
-    ``kernel_combine`` ('mul' or 'add').
+    Extra arguments (pass them through ``block_args``): ``se_ratio`` of the channel branch,
+    ``kernel_combine`` ('mul' or 'add') and, for the paper's ablations, ``branch``: 'both' (DDF),
+    'spatial' or 'channel' (a :class:`~ddfnet.layers.DDFBranchPack` with only that branch).
     """
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample=None, cardinality: int = 1,
                  base_width: int = 64, reduce_first: int = 1, dilation: int = 1, first_dilation=None,
-                 aa_layer=None, se_ratio: float = 0.2, kernel_combine: str = 'mul', **kwargs: Any):
+                 aa_layer=None, se_ratio: float = 0.2, kernel_combine: str = 'mul', branch: str = 'both',
+                 **kwargs: Any):
         if reduce_first != 1:
             raise ValueError('DDFBottleneck needs reduce_first=1: DDF keeps the channel count')
         super().__init__(inplanes, planes, stride=stride, downsample=downsample, cardinality=cardinality,
@@ -37,20 +39,28 @@ class DDFBottleneck(Bottleneck):
         width = int(math.floor(planes * (base_width / 64)) * cardinality)
         first_dilation = first_dilation or dilation
         use_aa = aa_layer is not None and (stride == 2 or first_dilation != dilation)
-        self.conv2 = DDFPack(width, kernel_size=3, stride=1 if use_aa else stride, dilation=first_dilation,
-                             se_ratio=se_ratio, kernel_combine=kernel_combine,
-                             device=kwargs.get('device'), dtype=kwargs.get('dtype'))
+        common = dict(kernel_size=3, stride=1 if use_aa else stride, dilation=first_dilation, se_ratio=se_ratio,
+                      device=kwargs.get('device'), dtype=kwargs.get('dtype'))
+        if branch == 'both':
+            self.conv2 = DDFPack(width, kernel_combine=kernel_combine, **common)
+        else:  # the absent filter is ones under 'mul', so kernel_combine has nothing to combine
+            self.conv2 = DDFBranchPack(width, branch=branch, **common)
+
+
+def require_local_weights(variant: str, kwargs: dict[str, Any]) -> None:
+    """Raise unless the pretrained cfg (with the caller's overlay) names weights we can load."""
+    # timm would warn and hand back a randomly initialised model; no released DDF weights can be
+    # downloaded automatically, so insist on a local file instead of failing silently.
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+                                 pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
+    if not any(getattr(cfg, key, None) for key in ('file', 'url', 'hf_hub_id', 'state_dict')):
+        raise ValueError(f'{variant}: no weights can be downloaded for this model; pass a local '
+                         "checkpoint with pretrained_cfg_overlay=dict(file='path/to/weights.pth')")
 
 
 def _create_ddf_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> ResNet:
     if pretrained:
-        # timm would warn and hand back a randomly initialised model; no released DDF weights can be
-        # downloaded automatically, so insist on a local file instead of failing silently.
-        cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
-                                     pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
-        if not any(getattr(cfg, key, None) for key in ('file', 'url', 'hf_hub_id', 'state_dict')):
-            raise ValueError(f'{variant}: no weights can be downloaded for this model; pass a local '
-                             "checkpoint with pretrained_cfg_overlay=dict(file='path/to/weights.pth')")
+        require_local_weights(variant, kwargs)
     return build_model_with_cfg(ResNet, variant, pretrained, **kwargs)
 
 
@@ -77,13 +87,17 @@ default_cfgs = generate_default_cfgs({
     'ddf_add_resnet50.in1k': _cfg(notes=_RELEASED + ' Top-1 78.8.'),
     'ddf_add_resnet101.in1k': _cfg(notes=_RELEASED + ' Top-1 79.9.'),
     'ddf_add_resnet152.untrained': _cfg(notes='No released weights.'),
+    'ddf_spatial_resnet50.untrained': _cfg(notes='Ablation, spatial branch only. No released weights; '
+                                                 'paper Table 3: 74.4 top-1.'),
+    'ddf_channel_resnet50.untrained': _cfg(notes='Ablation, channel branch only. No released weights; '
+                                                 'paper Table 3: 78.7 top-1.'),
 })
 
 
-def _args(layers: tuple[int, ...], kernel_combine: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+def _args(layers: tuple[int, ...], kernel_combine: str, kwargs: dict[str, Any], branch: str = 'both') -> dict[str, Any]:
     # Caller kwargs override the variant's (timm's convention); caller block_args extend ours (e.g.
     # se_ratio) rather than replacing them and silently dropping kernel_combine.
-    block_args = dict(kernel_combine=kernel_combine, **(kwargs.pop('block_args', None) or {}))
+    block_args = dict(kernel_combine=kernel_combine, branch=branch, **(kwargs.pop('block_args', None) or {}))
     return {'block': DDFBottleneck, 'layers': layers, **kwargs, 'block_args': block_args}
 
 
@@ -145,3 +159,15 @@ def ddf_add_resnet101(pretrained: bool = False, **kwargs) -> ResNet:
 def ddf_add_resnet152(pretrained: bool = False, **kwargs) -> ResNet:
     """DDF-ResNet-152 with 'add' filter combination (original release name)."""
     return _create_ddf_resnet('ddf_add_resnet152', pretrained, **_args((3, 8, 36, 3), 'add', kwargs))
+
+
+@register_model
+def ddf_spatial_resnet50(pretrained: bool = False, **kwargs) -> ResNet:
+    """DDF-ResNet-50 ablation with the spatial branch only (channel filter fixed to ones)."""
+    return _create_ddf_resnet('ddf_spatial_resnet50', pretrained, **_args((3, 4, 6, 3), 'mul', kwargs, 'spatial'))
+
+
+@register_model
+def ddf_channel_resnet50(pretrained: bool = False, **kwargs) -> ResNet:
+    """DDF-ResNet-50 ablation with the channel branch only (spatial filter fixed to ones)."""
+    return _create_ddf_resnet('ddf_channel_resnet50', pretrained, **_args((3, 4, 6, 3), 'mul', kwargs, 'channel'))

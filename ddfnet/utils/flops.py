@@ -2,6 +2,9 @@
 
 The DDF op has a registered FLOP formula (:mod:`ddfnet.ops.ddf_op`), so it is counted like any aten op.
 FlopCounterMode reports FLOPs (a multiply-add is 2); we report MACs = FLOPs / 2, like timm's tables.
+A :class:`~ddfnet.layers.DynamicConv2d` is counted as it runs: its attention (two 1x1 convs on pooled
+features), the aggregation (kernel mixing matmul or weighted sum of outputs) and its conv(s), which a
+``dyconv`` breakdown separates.
 """
 from __future__ import annotations
 
@@ -12,17 +15,21 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..layers import DynamicConv2d
+
 __all__ = ['count_macs']
 
 # aten/custom op name -> part of the breakdown
-_OP_PARTS = {'convolution': 'conv', 'mm': 'linear', 'addmm': 'linear', 'bmm': 'matmul', 'ddf': 'ddf_op'}
+_OP_PARTS = {'convolution': 'conv', 'addmm': 'linear', 'mm': 'matmul', 'bmm': 'matmul', 'ddf': 'ddf_op'}
 
 
 def count_macs(model: nn.Module, img_size: int = 224, in_chans: int = 3) -> dict[str, Any]:
     """Count one forward pass of ``model`` on a (1, in_chans, img_size, img_size) input.
 
     Returns ``params_m``, ``gmacs`` and two breakdowns in GMACs: ``by_op`` (conv, linear, ddf_op, ...) and
-    ``by_module`` (the model's top-level children: stem, stages, head).
+    ``by_module`` (the model's top-level children: stem, stages, head); models with DynamicConv2d layers
+    get a third, ``dyconv``: the total over those layers split into ``attention``, ``aggregation`` and
+    ``conv``.
     """
     model = model.eval()
     x = torch.zeros(1, in_chans, img_size, img_size)
@@ -39,9 +46,24 @@ def count_macs(model: nn.Module, img_size: int = 224, in_chans: int = 3) -> dict
                 by_op[_OP_PARTS.get(name, name)] += flops / 2e9
         elif module_name.count('.') == 1:  # 'ResNet.layer1' -> 'layer1'
             by_module[module_name.split('.', 1)[1]] = sum(ops.values()) / 2e9
-    return {
+    result = {
         'params_m': round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
         'gmacs': round(total / 2e9, 3),
         'by_op': {k: round(v, 4) for k, v in sorted(by_op.items())},
         'by_module': {k: round(v, 4) for k, v in by_module.items()},
     }
+    # FlopCounterMode keys modules by '<root class>.<qualified name>' and counts nested modules' ops in
+    # their parents too, so a layer's own work is its total minus its attention's.
+    counts = counter.get_flop_counts()
+    root = type(model).__name__
+    dyconv = dict(attention=0.0, aggregation=0.0, conv=0.0)
+    for name, module in model.named_modules():
+        if isinstance(module, DynamicConv2d):
+            ops = {str(op).split('.')[-1]: flops for op, flops in counts.get(f'{root}.{name}', {}).items()}
+            attention = sum(counts.get(f'{root}.{name}.attention', {}).values())
+            dyconv['attention'] += attention / 2e9
+            dyconv['conv'] += (ops.pop('convolution', 0) - attention) / 2e9
+            dyconv['aggregation'] += sum(ops.values()) / 2e9
+    if any(dyconv.values()):
+        result['dyconv'] = {k: round(v, 4) for k, v in dyconv.items()}
+    return result

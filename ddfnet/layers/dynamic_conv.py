@@ -1,0 +1,182 @@
+"""Dynamic convolution (DyConv, SPEC §6): K kernels aggregated per sample by a softmax attention.
+
+``y = conv(x, sum_k pi_k W_k) + sum_k pi_k b_k`` with ``pi = softmax(z / T)`` and ``z`` from
+GAP -> 1x1 conv -> ReLU -> 1x1 conv. The sum can be formed on either side of the convolution, and which
+side is cheaper in memory depends on the layer, not on the batch:
+
+- ``'kernels'``: aggregate per-sample kernels (one matmul), then one grouped conv with ``groups = B *
+  groups``. The per-sample kernels take ``B * Cout * Cin/groups * kh * kw`` elements.
+- ``'outputs'``: one dense conv with the K kernels stacked as ``K * Cout`` output channels, then the
+  attention-weighted sum of the K outputs. The stacked outputs take ``B * K * Cout * Ho * Wo`` elements
+  and K times the conv's multiply-adds.
+
+The common implementation ('kernels' with autograd saving the per-sample kernels) holds them for every
+layer until backward, so training memory grows with batch x parameters and runs out at large batches
+(docs/benchmarks.md). Here, while gradients are recorded, the aggregation runs under activation
+checkpointing: backward keeps only what a static conv keeps (the input) plus the (B, K) attention, and
+the per-sample intermediate exists for one layer at a time. ``'auto'`` (default) picks, per call, the
+side whose intermediate is smaller: early high-resolution layers aggregate kernels (no extra conv
+work), late low-resolution ones aggregate outputs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ['DynamicConv2d', 'AGGREGATIONS']
+
+AGGREGATIONS = ('auto', 'kernels', 'outputs')
+# The attention's hidden width is in_channels * attention_ratio, but never below this: with an RGB or a
+# 4-channel input a ratio of 1/4 would leave a single ReLU unit, which can die and freeze the attention.
+_MIN_ATTENTION_CHANNELS = 4
+
+Pair = int | tuple[int, int]
+
+
+def aggregate_kernels(x: Tensor, weight: Tensor, bias: Tensor | None, attention: Tensor,
+                      stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+                      groups: int) -> Tensor:
+    """Per-sample kernels ``attention @ weight``, applied by one grouped conv over the whole batch."""
+    batch, in_channels = x.shape[:2]
+    num_kernels, out_channels = weight.shape[:2]
+    kernels = (attention @ weight.reshape(num_kernels, -1)).reshape(batch * out_channels, *weight.shape[2:])
+    biases = None if bias is None else (attention @ bias).reshape(-1)
+    out = F.conv2d(x.reshape(1, batch * in_channels, *x.shape[2:]), kernels, biases, stride, padding,
+                   dilation, groups * batch)
+    return out.reshape(batch, out_channels, *out.shape[2:])
+
+
+def aggregate_outputs(x: Tensor, weight: Tensor, bias: Tensor | None, attention: Tensor,
+                      stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+                      groups: int) -> Tensor:
+    """One conv with the K kernels as K * Cout output channels, then the attention-weighted sum over K."""
+    batch = x.shape[0]
+    num_kernels, out_channels = weight.shape[:2]
+    per_group = out_channels // groups
+    # A grouped conv gives group g the output channels [g * n, (g + 1) * n): order the stacked kernels
+    # (group, kernel, channel) so each group's K kernels see that group's input channels.
+    stacked = weight.reshape(num_kernels, groups, per_group, *weight.shape[2:]).transpose(0, 1)
+    out = F.conv2d(x, stacked.reshape(num_kernels * out_channels, *weight.shape[2:]), None, stride, padding,
+                   dilation, groups)
+    out = out.reshape(batch, groups, num_kernels, per_group, *out.shape[2:])
+    out = torch.einsum('bgkchw,bk->bgchw', out, attention.to(out.dtype)).reshape(batch, out_channels,
+                                                                                 *out.shape[-2:])
+    if bias is not None:
+        out = out + (attention @ bias).to(out.dtype)[:, :, None, None]
+    return out
+
+
+_AGGREGATE: dict[str, Callable[..., Tensor]] = {'kernels': aggregate_kernels, 'outputs': aggregate_outputs}
+
+
+class DynamicConv2d(nn.Module):
+    """Drop-in for ``nn.Conv2d`` with ``num_kernels`` kernels mixed per sample (Chen et al., CVPR 2020).
+
+    Parameters: ``weight`` (K, Cout, Cin/groups, kh, kw) and ``bias`` (K, Cout), each kernel initialised
+    like a conv (Kaiming normal, fan-out, ReLU gain) and biases zero; ``attention``: GAP, 1x1 conv to
+    ``max(4, int(Cin * attention_ratio))`` channels, ReLU, 1x1 conv to K logits. The attention is
+    ``softmax(logits / temperature)``; ``temperature`` is a persistent buffer (saved in checkpoints) set
+    by :meth:`set_temperature`, e.g. by the training script's epoch hook (30 -> 1 over 10 epochs).
+    ``aggregation`` ('auto', 'kernels', 'outputs') picks the evaluation order (module docstring); all
+    three compute the same function. With K=1 the layer is a plain conv.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Pair, stride: Pair = 1,
+                 padding: Pair = 0, dilation: Pair = 1, groups: int = 1, bias: bool = True,
+                 num_kernels: int = 4, attention_ratio: float = 0.25, temperature: float = 1.0,
+                 aggregation: str = 'auto', device=None, dtype=None):
+        super().__init__()
+        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
+        self.padding, self.dilation = _pair(padding), _pair(dilation)
+        if min(in_channels, out_channels, groups, num_kernels) < 1:
+            raise ValueError(f'DynamicConv2d: in_channels={in_channels}, out_channels={out_channels}, '
+                             f'groups={groups} and num_kernels={num_kernels} must be >= 1')
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f'DynamicConv2d: groups={groups} must divide in_channels={in_channels} and '
+                             f'out_channels={out_channels}')
+        if min(*self.kernel_size, *self.stride, *self.dilation) < 1 or min(self.padding) < 0:
+            raise ValueError(f'DynamicConv2d: kernel_size={kernel_size}, stride={stride} and dilation='
+                             f'{dilation} must be >= 1 and padding={padding} >= 0')
+        if not attention_ratio > 0:
+            raise ValueError(f'DynamicConv2d: attention_ratio must be > 0, got {attention_ratio}')
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f'DynamicConv2d: aggregation must be one of {AGGREGATIONS}, got {aggregation!r}')
+        factory = dict(device=device, dtype=dtype)
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.num_kernels = num_kernels
+        self.aggregation = aggregation
+        self.weight = nn.Parameter(torch.empty(num_kernels, out_channels, in_channels // groups,
+                                               *self.kernel_size, **factory))
+        self.bias = nn.Parameter(torch.zeros(num_kernels, out_channels, **factory)) if bias else None
+        hidden = max(_MIN_ATTENTION_CHANNELS, int(in_channels * attention_ratio))
+        self.attention = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(in_channels, hidden, 1, **factory),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, num_kernels, 1, **factory))
+        self.register_buffer('temperature', torch.empty((), dtype=torch.float32, device=device))
+        self.set_temperature(temperature)
+        # Each kernel on its own like a static conv (what timm's ResNet/EfficientNet init does: fan-out
+        # counts the output channels one input channel feeds), so any aggregate starts at that scale.
+        fan_out = out_channels // groups * math.prod(self.kernel_size)
+        nn.init.normal_(self.weight, 0.0, math.sqrt(2.0 / fan_out))
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, **kwargs) -> DynamicConv2d:
+        """A DynamicConv2d with ``conv``'s hyperparameters (not its weights); kwargs set the DyConv ones."""
+        if type(conv) is not nn.Conv2d or not isinstance(conv.padding, tuple) or conv.padding_mode != 'zeros':
+            raise TypeError(f'DynamicConv2d.from_conv needs a plain nn.Conv2d with numeric zero padding, got {conv!r}')
+        return cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                   conv.dilation, conv.groups, conv.bias is not None, device=conv.weight.device,
+                   dtype=conv.weight.dtype, **kwargs)
+
+    def set_temperature(self, temperature: float) -> None:
+        """Set the softmax temperature of the attention (1 is a plain softmax; larger is flatter)."""
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f'DynamicConv2d: temperature must be a finite number > 0, got {temperature!r}')
+        with torch.no_grad():
+            self.temperature.fill_(float(temperature))
+
+    def attention_weights(self, x: Tensor) -> Tensor:
+        """The (B, K) per-sample kernel weights ``softmax(logits / temperature)``."""
+        logits = self.attention(x).flatten(1)
+        # At least float32: under float16 autocast, logits / T and the softmax would lose the small
+        # differences a high temperature leaves.
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        return torch.softmax(logits.to(dtype) / self.temperature.to(dtype), dim=1).to(logits.dtype)
+
+    def _output_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in zip(
+            size, self.padding, self.dilation, self.kernel_size, self.stride))  # type: ignore[return-value]
+
+    def resolved_aggregation(self, x: Tensor) -> str:
+        """'kernels' or 'outputs': the order used for input ``x`` (the smaller per-sample intermediate)."""
+        if self.aggregation != 'auto':
+            return self.aggregation
+        if x.shape[0] == 0:  # groups = 0 is not a conv
+            return 'outputs'
+        kernel_elements = self.in_channels // self.groups * math.prod(self.kernel_size)
+        output_elements = self.num_kernels * math.prod(self._output_size(tuple(x.shape[-2:])))
+        return 'kernels' if kernel_elements <= output_elements else 'outputs'
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f'DynamicConv2d: expected input (B, {self.in_channels}, H, W), got {tuple(x.shape)}')
+        attention = self.attention_weights(x)
+        aggregate = _AGGREGATE[self.resolved_aggregation(x)]
+        args = (x, self.weight, self.bias, attention, self.stride, self.padding, self.dilation, self.groups)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            # Recompute the per-sample kernels / stacked outputs in backward instead of keeping them.
+            return checkpoint(aggregate, *args, use_reentrant=False)
+        return aggregate(*args)
+
+    def extra_repr(self) -> str:
+        return (f'{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, '
+                f'padding={self.padding}, dilation={self.dilation}, groups={self.groups}, '
+                f'bias={self.bias is not None}, num_kernels={self.num_kernels}, aggregation={self.aggregation!r}')
