@@ -139,3 +139,15 @@ def test_branch_pack_errors():
         DDFBranchPack(8, branch='both')
     with pytest.raises(ValueError, match='head=2'):
         DDFBranchPack(8, head=2, branch='channel')
+
+
+def test_dy_resnet18_config_follows_the_dyconv_paper():
+    from pathlib import Path
+
+    from ddfnet.training.args import train_parser
+    from ddfnet.training.config import parse_args
+    path = Path(__file__).resolve().parents[1] / 'configs' / 'dy_resnet18_in1k.yaml'
+    args = parse_args(train_parser(), ['--config', str(path)])
+    assert (args.model, args.epochs, args.batch_size * 8, args.lr) == ('dy_resnet18', 100, 256, 0.1)
+    assert (args.weight_decay, args.drop_rate) == (1e-4, 0.1)
+    assert (args.dyconv_temp_start, args.dyconv_temp_end, args.dyconv_temp_epochs) == (30.0, 1.0, 10)
