@@ -111,11 +111,14 @@ void forward_nchw_planes(const Args<T>& a, int64_t begin, int64_t end) {
       if (s == 1) {
         std::copy(xp + r * g.W, xp + (r + 1) * g.W, pin + (r + pad) * Wq + pad);
       } else {
-        // Walk the padded column's (phase, position) along the row: no divisions in the loop.
-        T* row = pin + (r + pad) * Wq;
-        for (int64_t c = 0, phase = pad % s, pos = pad / s; c < g.W; ++c) {
-          row[phase * Hp * Wq + pos] = xp[r * g.W + c];
-          if (++phase == s) phase = 0, ++pos;
+        // One strided gather per phase: input column c lands in phase (c + pad) % s at position
+        // (c + pad) / s. A loop per phase has no loop-carried state (a phase counter walking the row
+        // was 3x slower, a third of ddf_resnet50's DDF time).
+        const T* src = xp + r * g.W;
+        for (int64_t phase = 0; phase < s; ++phase) {
+          const int64_t c0 = ((phase - pad) % s + s) % s;  // first input column of this phase
+          T* dst = pin + phase * Hp * Wq + (r + pad) * Wq + (c0 + pad) / s;
+          for (int64_t c = c0, i = 0; c < g.W; c += s, ++i) dst[i] = src[c];
         }
       }
     }
