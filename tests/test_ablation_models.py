@@ -151,3 +151,11 @@ def test_dy_resnet18_config_follows_the_dyconv_paper():
     assert (args.model, args.epochs, args.batch_size * 8, args.lr) == ('dy_resnet18', 100, 256, 0.1)
     assert (args.weight_decay, args.drop_rate) == (1e-4, 0.1)
     assert (args.dyconv_temp_start, args.dyconv_temp_end, args.dyconv_temp_epochs) == (30.0, 1.0, 10)
+
+
+def test_models_doc_lists_every_registered_model():
+    import re
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / 'docs' / 'models.md').read_text()
+    rows = set(re.findall(r'^\| `([a-z0-9_]+)`', text, flags=re.M))
+    assert set(timm.list_models('ddf*')) | set(timm.list_models('dy_*')) <= rows

@@ -260,3 +260,13 @@ def test_bad_input_and_from_conv():
     assert dynamic.bias is None and dynamic.weight.shape == (2, 16, 2, 3, 5)
     x = torch.randn(2, 8, 9, 11)
     assert dynamic(x).shape == conv(x).shape
+
+
+@pytest.mark.parametrize('aggregation', ('kernels', 'outputs'))
+def test_double_backward(aggregation):
+    # Plain autograd ops under non-reentrant checkpointing: gradients of gradients work (e.g. gradient
+    # penalties), unlike a hand-written backward.
+    torch.manual_seed(0)
+    layer = DynamicConv2d(4, 4, 3, padding=1, num_kernels=2, aggregation=aggregation).double()
+    x = torch.randn(2, 4, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(layer, (x,), fast_mode=True)

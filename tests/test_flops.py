@@ -48,3 +48,61 @@ def test_count_flops_bad_arguments_fail_cleanly(args):
     assert proc.returncode != 0
     assert proc.stdout == ''
     assert 'error:' in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_count_flops_dyconv_in_the_papers_order():
+    # 'kernels' is the DyConv paper's count: one conv plus kernel mixing (1.85G for DY-ResNet-18).
+    proc = _run('--model', 'dy_resnet18', '--dyconv-aggregation', 'kernels')
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result['dyconv_aggregation'] == 'kernels'
+    assert result['params_m'] == 44.934 and result['gmacs'] == pytest.approx(1.858, abs=2e-3)
+    dyconv = result['dyconv']
+    assert dyconv['attention'] > 0 and dyconv['aggregation'] > 0
+    assert abs(sum(result['by_op'].values()) - result['gmacs']) < 1e-3
+    assert sum(dyconv.values()) < result['gmacs']
+
+
+@pytest.mark.parametrize('name, params_m, gmacs', (
+    # DyConv models as they run ('auto': stages 3-4 mix outputs, so their convs run K=4 times)
+    ('dy_resnet18', 44.934, 4.246), ('dy_resnet50', 59.828, 7.215), ('dy_mobilenetv3_small_100', 4.378, 0.079),
+    ('ddf_spatial_resnet50', 14.274, 2.271), ('ddf_channel_resnet50', 16.81, 2.261),
+))
+def test_new_model_counts_pinned(name, params_m, gmacs):
+    import timm
+
+    import ddfnet  # noqa: F401
+    from ddfnet.utils import count_macs
+    result = count_macs(timm.create_model(name))
+    assert result['params_m'] == params_m and result['gmacs'] == pytest.approx(gmacs, abs=2e-3)
+    assert ('dyconv' in result) == name.startswith('dy_')
+    if name.startswith('ddf'):
+        assert result['by_op']['ddf_op'] == pytest.approx(0.0186, abs=1e-4)  # the same op as ddf_resnet50
+
+
+def test_dyconv_counts_split_into_static_conv_attention_and_mixing():
+    import timm
+
+    import ddfnet  # noqa: F401
+    from ddfnet import DynamicConv2d
+    from ddfnet.utils import count_macs
+    static = count_macs(timm.create_model('resnet18'), img_size=64)
+    counts = {}
+    for aggregation in ('kernels', 'outputs'):
+        model = timm.create_model('dy_resnet18')
+        for m in model.modules():
+            if isinstance(m, DynamicConv2d):
+                m.aggregation = aggregation
+        counts[aggregation] = count_macs(model, img_size=64)
+    kernels, outputs = counts['kernels'], counts['outputs']
+    # Kernel mixing runs the static network's convs once; output mixing runs each dynamic conv K=4 times.
+    dynamic_convs = kernels['dyconv']['conv']
+    assert kernels['gmacs'] - kernels['dyconv']['attention'] - kernels['dyconv']['aggregation'] == \
+        pytest.approx(static['gmacs'], abs=2e-4)
+    assert outputs['dyconv']['conv'] == pytest.approx(4 * dynamic_convs, rel=1e-3)
+    assert kernels['dyconv']['attention'] == outputs['dyconv']['attention']
+
+
+def test_count_flops_bad_dyconv_aggregation():
+    proc = _run('--model', 'dy_resnet18', '--dyconv-aggregation', 'grouped')
+    assert proc.returncode != 0 and 'invalid choice' in proc.stderr and 'Traceback' not in proc.stderr
