@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(proc.stderr, file=sys.stderr)
                 return proc.returncode
             results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    print(f"{args.img_size}x{args.img_size}, median of {args.steps} steps; ratios against resnet18 at the same batch")
+    print(f'{args.img_size}x{args.img_size}, median of {args.steps} steps; ratios against resnet18 at the same batch')
     print(f"{'config':<14}{'batch':>6}{'params M':>10}{'saved MiB':>11}{'peak MiB':>10}{'ms/step':>10}"
           f"{'saved/r18':>11}{'peak/r18':>10}{'time/r18':>10}")
     for r in results:

@@ -31,7 +31,8 @@ def test_registered():
 
 @pytest.mark.parametrize('name', sorted(DYNAMIC_CONVS))
 def test_dynamic_convs_replace_exactly_the_chosen_static_convs(name):
-    static = {n: m for n, m in timm.create_model(NEW_MODELS[name][0]).named_modules() if isinstance(m, torch.nn.Conv2d)}
+    static = {n: m for n, m in timm.create_model(NEW_MODELS[name][0]).named_modules()
+              if isinstance(m, torch.nn.Conv2d)}
     model = timm.create_model(name)
     dynamic = {n: m for n, m in model.named_modules() if isinstance(m, DynamicConv2d)}
     plain = {n for n, m in model.named_modules() if type(m) is torch.nn.Conv2d and '.attention.' not in n}
@@ -40,7 +41,8 @@ def test_dynamic_convs_replace_exactly_the_chosen_static_convs(name):
     for n, m in dynamic.items():
         conv = static[n]
         assert m.weight.shape[1:] == conv.weight.shape and m.num_kernels == 4
-        assert (m.stride, m.padding, m.dilation, m.groups) == (conv.stride, conv.padding, conv.dilation, conv.groups)
+        assert (m.stride, m.padding, m.dilation, m.groups) == \
+            (conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 @pytest.mark.parametrize('name', sorted(NEW_MODELS))
@@ -98,7 +100,8 @@ def test_num_kernels_override():
     assert timm.create_model('dy_mobilenetv3_small_100', num_kernels=3).blocks[1][0].conv_dw.num_kernels == 3
 
 
-@pytest.mark.parametrize('name, branch', (('ddf_spatial_resnet50', 'spatial'), ('ddf_channel_resnet50', 'channel')))
+@pytest.mark.parametrize('name, branch', (('ddf_spatial_resnet50', 'spatial'),
+                                          ('ddf_channel_resnet50', 'channel')))
 def test_ablation_structure_and_names(name, branch):
     model = timm.create_model(name)
     packs = [m for m in model.modules() if isinstance(m, DDFPack)]

@@ -12,7 +12,8 @@ from ddfnet.training import run_epoch_hooks
 
 CASES = {  # id -> (in, out, constructor kwargs, input H, W)
     '3x3': (6, 8, dict(kernel_size=3, padding=1), 7, 9),
-    '3x1-stride-dilation-groups': (6, 4, dict(kernel_size=(3, 1), stride=2, padding=(2, 0), dilation=2, groups=2), 9, 8),
+    '3x1-stride-dilation-groups': (6, 4, dict(kernel_size=(3, 1), stride=2, padding=(2, 0), dilation=2, groups=2),
+                                   9, 8),
     'depthwise-5x5-stride2': (8, 8, dict(kernel_size=5, stride=2, padding=2, groups=8), 9, 9),
     '1x1-no-bias': (5, 7, dict(kernel_size=1, bias=False), 4, 6),
 }
@@ -116,7 +117,8 @@ def test_auto_picks_the_smaller_intermediate():
     late = DynamicConv2d(512, 512, 3, padding=1)       # 512*9 vs 4*7*7
     assert early.resolved_aggregation(torch.empty(2, 64, 56, 56)) == 'kernels'
     assert late.resolved_aggregation(torch.empty(2, 512, 7, 7)) == 'outputs'
-    assert DynamicConv2d(512, 512, 3, aggregation='kernels').resolved_aggregation(torch.empty(2, 512, 7, 7)) == 'kernels'
+    forced = DynamicConv2d(512, 512, 3, aggregation='kernels')
+    assert forced.resolved_aggregation(torch.empty(2, 512, 7, 7)) == 'kernels'
 
 
 def _entropy(layer, x):

@@ -131,7 +131,8 @@ class DynamicConv2d(nn.Module):
     def from_conv(cls, conv: nn.Conv2d, **kwargs) -> DynamicConv2d:
         """A DynamicConv2d with ``conv``'s hyperparameters (not its weights); kwargs set the DyConv ones."""
         if type(conv) is not nn.Conv2d or not isinstance(conv.padding, tuple) or conv.padding_mode != 'zeros':
-            raise TypeError(f'DynamicConv2d.from_conv needs a plain nn.Conv2d with numeric zero padding, got {conv!r}')
+            raise TypeError(f'DynamicConv2d.from_conv needs a plain nn.Conv2d with numeric zero padding, '
+                            f'got {conv!r}')
         return cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                    conv.dilation, conv.groups, conv.bias is not None, device=conv.weight.device,
                    dtype=conv.weight.dtype, **kwargs)

@@ -94,7 +94,8 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-def _args(layers: tuple[int, ...], kernel_combine: str, kwargs: dict[str, Any], branch: str = 'both') -> dict[str, Any]:
+def _args(layers: tuple[int, ...], kernel_combine: str, kwargs: dict[str, Any],
+          branch: str = 'both') -> dict[str, Any]:
     # Caller kwargs override the variant's (timm's convention); caller block_args extend ours (e.g.
     # se_ratio) rather than replacing them and silently dropping kernel_combine.
     block_args = dict(kernel_combine=kernel_combine, branch=branch, **(kwargs.pop('block_args', None) or {}))
