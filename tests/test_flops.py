@@ -51,7 +51,7 @@ def test_count_flops_bad_arguments_fail_cleanly(args):
 
 
 def test_count_flops_dyconv_in_the_papers_order():
-    # 'kernels' is the DyConv paper's count: one conv plus kernel mixing (1.85G for DY-ResNet-18).
+    # 'kernels' is the DyConv paper's way of counting: one conv per layer plus the kernel mixing.
     proc = _run('--model', 'dy_resnet18', '--dyconv-aggregation', 'kernels')
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
