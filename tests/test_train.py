@@ -132,7 +132,8 @@ def test_kill_mid_epoch_then_resume_reaches_the_same_weights(reference, data_dir
     wait_for(process, f'epoch 1 [3/{STEPS}]')
     process.kill()
     process.wait()
-    assert checkpoint(tmp_path / 'run' / 'last.pth.tar')['state']['epoch'] == 1
+    state = checkpoint(tmp_path / 'run' / 'last.pth.tar')['state']
+    assert state['step'] == 0 and 1 <= state['epoch'] < EPOCHS  # an epoch end before the last (epoch 1's, normally)
     result = run('train.py', *args, '--resume', 'auto')
     assert result.returncode == 0, result.stdout + result.stderr
     assert 'resuming from' in result.stdout
@@ -149,10 +150,12 @@ def test_sigterm_saves_a_mid_epoch_recovery_point_that_resumes_exactly(reference
     assert process.returncode == 128 + signal.SIGTERM, output
     assert 'Traceback' not in output and 'recovery checkpoint' in output
     state = checkpoint(tmp_path / 'run' / 'last.pth.tar')['state']
-    assert state['epoch'] == 1 and 3 <= state['step'] < STEPS  # a mid-epoch point
+    # a mid-epoch point (batch 3-5 of epoch 1 normally; later if this process was slow to send the signal)
+    assert 1 <= state['epoch'] < EPOCHS and 1 <= state['step'] <= STEPS
     result = run('train.py', *args, '--resume', 'auto')
     assert result.returncode == 0, result.stdout + result.stderr
-    assert f'resuming from {tmp_path / "run" / "last.pth.tar"}: epoch 1, batch {state["step"]}' in result.stdout
+    assert f'resuming from {tmp_path / "run" / "last.pth.tar"}: epoch {state["epoch"]}, batch {state["step"]}' \
+        in result.stdout
     final = checkpoint(tmp_path / 'run' / 'last.pth.tar')
     reference_final = checkpoint(reference[0] / 'last.pth.tar')
     assert_same_weights(final['model'], reference_final['model'])

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import random
 import signal
 import time
@@ -200,8 +199,3 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_autocast=nullco
     loss, top1, top5, count = totals.tolist()
     count = max(count, 1.0)
     return {'loss': loss / count, 'top1': 100.0 * top1 / count, 'top5': 100.0 * top5 / count}
-
-
-def is_finite_metrics(metrics: dict[str, float]) -> bool:
-    """False when any metric is NaN or infinite."""
-    return all(math.isfinite(v) for v in metrics.values())
