@@ -311,3 +311,24 @@ def test_validate_bad_checkpoint(bad_input, checkpoint_name, extra, message, cap
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and message.format(tmp=tmp) in error[0], error
+
+
+def test_validate_reads_released_state_dicts_and_appends_csv(reference, tmp_path, capsys):
+    """A bare state_dict with DDP's ``module.`` prefixes and a safetensors file give the same top-1 as the
+    training checkpoint; a .csv results file gains one row per run."""
+    from safetensors.torch import save_file
+    run_dir = reference[0]
+    weights = checkpoint(run_dir / 'last.pth.tar')['model']
+    torch.save({f'module.{k}': v for k, v in weights.items()}, tmp_path / 'released.pth')
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp_path / 'released.safetensors'))
+    validate = _load_script('validate')
+    results = tmp_path / 'results.csv'
+    for name in ('last.pth.tar', 'released.pth', 'released.safetensors'):
+        path = run_dir / name if name == 'last.pth.tar' else tmp_path / name
+        run_main(lambda: validate.main(['--config', str(run_dir / 'args.yaml'), '--checkpoint', str(path),
+                                        '--results-file', str(results)]), 'validate.py')
+    with open(results) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and len({r['top1'] for r in rows}) == 1
+    assert rows[0]['params_m'] and rows[0]['img_size'] == '32'
+    assert capsys.readouterr().out.count('top-1') == 3
