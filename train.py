@@ -56,6 +56,8 @@ def check_args(args: argparse.Namespace) -> None:
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         raise UserError(f'--device {args.device} asked for, but no CUDA device is available (use --device cpu)')
+    if args.sync_bn and not args.device.startswith('cuda'):
+        raise UserError('--sync-bn needs CUDA devices; on CPU use --dist-bn reduce')
     if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
         raise UserError(f'mixup/cutmix pair up images: --batch-size must be even, not {args.batch_size}')
     if args.pretrained_file and not os.path.isfile(args.pretrained_file):
