@@ -265,7 +265,7 @@ def bad_input(reference, tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize('case, extra, message', [
+BAD_INPUTS = [
     ('missing data dir', ['--dataset', '', '--data-dir', '{tmp}/nowhere', '--experiment', 'new'],
      'data dir {tmp}/nowhere does not exist'),
     ('unknown model', ['--model', 'ddf_resnet27', '--experiment', 'new'], "unknown model 'ddf_resnet27'"),
@@ -283,7 +283,10 @@ def bad_input(reference, tmp_path):
     ('resume into another run', ['--resume', '{tmp}/elsewhere.pth.tar'], '{tmp}/out/run already holds another run'),
     ('odd batch with mixup', ['--mixup', '0.2', '--batch-size', '7', '--experiment', 'new'],
      'mixup/cutmix pair up images: --batch-size must be even'),
-])
+]
+
+
+@pytest.mark.parametrize('case, extra, message', BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
 def test_bad_input_is_one_line_and_changes_nothing(bad_input, data_dir, case, extra, message, monkeypatch, capsys):
     tmp = str(bad_input)
     argv = tiny_args(data_dir, bad_input / 'out') + [a.format(tmp=tmp) for a in extra]
@@ -301,7 +304,7 @@ def test_bad_input_is_one_line_and_changes_nothing(bad_input, data_dir, case, ex
     ('truncated.pth.tar', [], 'cannot load checkpoint {tmp}/truncated.pth.tar: truncated, corrupt'),
     ('out/run/last.pth.tar', ['--model-kwargs', '{}'], 'does not fit model ddf_resnet26'),
     ('out/run/last.pth.tar', ['--use-ema'], 'has no EMA weights'),
-])
+], ids=['truncated', 'other architecture', 'no EMA'])
 def test_validate_bad_checkpoint(bad_input, checkpoint_name, extra, message, capsys):
     tmp = str(bad_input)
     validate = _load_script('validate')
