@@ -79,12 +79,15 @@ int64_t grain(int64_t work_per_item) { return std::max<int64_t>(1, 32768 / std::
 // The forward over planes [begin, end). Each plane is first copied into a zero-padded buffer, split by
 // column phase (padded column c goes to phase c % s, position c / s), so every tap reads V contiguous
 // values whatever the stride, and the hot loop has no border checks. Outputs are computed in chunks of V
-// adjacent pixels of a row, U chunks at a time: each chunk's sums stay in a vector register over all k*k
-// taps, and the U independent chains hide the multiply-add latency. Rows are computed up to
-// Wv = roundup(Wo, V) columns; the padded spatial filter (psf, (B, K2, Ho, Wv)) and the buffer are wide
+// adjacent pixels of a row, U chunks of G channels (planes of one sample) at a time: each sum stays in a
+// vector register over all k*k taps, the G*U independent chains hide the multiply-add latency, and each
+// spatial-filter vector is loaded once for G channels (the filter plane, k*k times the size of an output
+// plane, lives in L2: loading it once per channel made the kernel L2-bound). Rows are computed up to
+// Wv = roundup(Wo, V) columns; the padded spatial filter (psf, (B, K2, Ho, Wv)) and the buffers are wide
 // enough, and the extra results are dropped.
 constexpr int64_t V = 8;
-constexpr int64_t U = 4;
+constexpr int64_t U = 2;
+constexpr int64_t G = 4;
 
 template <typename T, bool MUL>
 void forward_nchw_planes(const Args<T>& a, int64_t begin, int64_t end) {
@@ -97,62 +100,90 @@ void forward_nchw_planes(const Args<T>& a, int64_t begin, int64_t end) {
   const int64_t s = g.s, K2 = g.K2(), pad = (g.k / 2) * g.d, Wv = (g.Wo + V - 1) / V * V;
   const int64_t Hp = g.H + 2 * pad;
   const int64_t Wq = std::max((g.W + 2 * pad + s - 1) / s, Wv + (g.k - 1) * g.d / s + 1);
-  const int64_t per_row = Wv / V, chunks = g.Ho * per_row, filter_plane = g.Ho * Wv;
-  std::vector<int64_t> offset(K2);  // tap -> offset in the buffer, relative to a chunk's base
+  const int64_t per_row = Wv / V, chunks = g.Ho * per_row, filter_plane = g.Ho * Wv, plane_buffer = s * Hp * Wq;
+  std::vector<int64_t> offset(K2);  // tap -> offset in a plane's buffer, relative to a chunk's base
   for (int64_t t = 0; t < K2; ++t) {
     const int64_t dy = (t / g.k) * g.d, dx = (t % g.k) * g.d;
     offset[t] = (dx % s) * Hp * Wq + dy * Wq + dx / s;
   }
-  std::vector<T> buffer(s * Hp * Wq, T(0));  // borders stay zero; each plane overwrites the interior
-  T* pin = buffer.data();
-  for (int64_t p = begin; p < end; ++p) {
-    const T* xp = x + p * g.H * g.W;
-    for (int64_t r = 0; r < g.H; ++r) {
-      if (s == 1) {
-        std::copy(xp + r * g.W, xp + (r + 1) * g.W, pin + (r + pad) * Wq + pad);
-      } else {
-        // One strided gather per phase: input column c lands in phase (c + pad) % s at position
-        // (c + pad) / s. A loop per phase has no loop-carried state (a phase counter walking the row
-        // was 3x slower, a third of ddf_resnet50's DDF time).
-        const T* src = xp + r * g.W;
-        for (int64_t phase = 0; phase < s; ++phase) {
-          const int64_t c0 = ((phase - pad) % s + s) % s;  // first input column of this phase
-          T* dst = pin + phase * Hp * Wq + (r + pad) * Wq + (c0 + pad) / s;
-          for (int64_t c = c0, i = 0; c < g.W; c += s, ++i) dst[i] = src[c];
-        }
-      }
-    }
-    const T* cp = cf + p * K2;
-    const T* sp = psf + (p / g.C) * K2 * filter_plane;
-    T* op = out + p * g.Ho * g.Wo;
-    for (int64_t q0 = 0; q0 < chunks; q0 += U) {
-      const T* in[U];
-      const T* f[U];
-      for (int64_t u = 0; u < U; ++u) {
-        const int64_t q = std::min(q0 + u, chunks - 1);  // past the end: recompute the last chunk
-        const int64_t y = q / per_row, x0 = q % per_row * V;
-        in[u] = pin + y * s * Wq + x0;
-        f[u] = sp + y * Wv + x0;
-      }
-      Vec acc[U] = {};
-      for (int64_t t = 0; t < K2; ++t) {
-        const T c = cp[t];
-        for (int64_t u = 0; u < U; ++u) {
-          Vec xv, fv;
-          std::memcpy(&xv, in[u] + offset[t], sizeof(Vec));
-          std::memcpy(&fv, f[u] + t * filter_plane, sizeof(Vec));
-          if constexpr (MUL) {
-            acc[u] += xv * c * fv;
-          } else {
-            acc[u] += xv * (c + fv);
+  // Where each chunk reads and writes, computed once: divisions in the chunk loop (q / per_row) cost
+  // more than the chunk's arithmetic.
+  struct Chunk {
+    int64_t in, filter, out, n;  // offsets in a plane's buffer, the filter plane and the output plane; width
+  };
+  std::vector<Chunk> chunk(chunks);
+  for (int64_t q = 0; q < chunks; ++q) {
+    const int64_t y = q / per_row, x0 = q % per_row * V;
+    chunk[q] = {y * s * Wq + x0, y * Wv + x0, y * g.Wo + x0, std::min(V, g.Wo - x0)};
+  }
+  // Borders stay zero; each plane overwrites the interior. Channels past the group's end compute on
+  // whatever their buffer holds and are not stored.
+  std::vector<T> buffer(G * plane_buffer, T(0));
+  for (int64_t p0 = begin; p0 < end;) {
+    const int64_t b = p0 / g.C, n_planes = std::min({G, end - p0, (b + 1) * g.C - p0});
+    const T* cp[G];
+    const T* pin[G];
+    for (int64_t gi = 0; gi < G; ++gi) {
+      const int64_t p = p0 + std::min(gi, n_planes - 1);
+      cp[gi] = cf + p * K2;
+      pin[gi] = buffer.data() + gi * plane_buffer;
+      if (gi >= n_planes) continue;
+      const T* xp = x + p * g.H * g.W;
+      T* buf = buffer.data() + gi * plane_buffer;
+      for (int64_t r = 0; r < g.H; ++r) {
+        if (s == 1) {
+          std::copy(xp + r * g.W, xp + (r + 1) * g.W, buf + (r + pad) * Wq + pad);
+        } else {
+          // One strided gather per phase: input column c lands in phase (c + pad) % s at position
+          // (c + pad) / s. A loop per phase has no loop-carried state (a phase counter walking the row
+          // was 3x slower).
+          const T* src = xp + r * g.W;
+          for (int64_t phase = 0; phase < s; ++phase) {
+            const int64_t c0 = ((phase - pad) % s + s) % s;  // first input column of this phase
+            T* dst = buf + phase * Hp * Wq + (r + pad) * Wq + (c0 + pad) / s;
+            for (int64_t c = c0, i = 0; c < g.W; c += s, ++i) dst[i] = src[c];
           }
         }
       }
-      for (int64_t u = 0; u < U && q0 + u < chunks; ++u) {
-        const int64_t y = (q0 + u) / per_row, x0 = (q0 + u) % per_row * V;
-        for (int64_t l = 0; l < std::min(V, g.Wo - x0); ++l) op[y * g.Wo + x0 + l] = acc[u][l];
+    }
+    const T* sp = psf + b * K2 * filter_plane;
+    for (int64_t q0 = 0; q0 < chunks; q0 += U) {
+      int64_t in[U];
+      const T* f[U];
+      for (int64_t u = 0; u < U; ++u) {
+        const Chunk& ch = chunk[std::min(q0 + u, chunks - 1)];  // past the end: redo the last chunk
+        in[u] = ch.in;
+        f[u] = sp + ch.filter;
+      }
+      Vec acc[G][U] = {};
+      for (int64_t t = 0; t < K2; ++t) {
+        for (int64_t u = 0; u < U; ++u) {
+          Vec fv;
+          std::memcpy(&fv, f[u] + t * filter_plane, sizeof(Vec));
+          for (int64_t gi = 0; gi < G; ++gi) {
+            Vec xv;
+            std::memcpy(&xv, pin[gi] + in[u] + offset[t], sizeof(Vec));
+            if constexpr (MUL) {
+              acc[gi][u] += xv * (cp[gi][t] * fv);
+            } else {
+              acc[gi][u] += xv * (cp[gi][t] + fv);
+            }
+          }
+        }
+      }
+      for (int64_t gi = 0; gi < n_planes; ++gi) {
+        T* op = out + (p0 + gi) * g.Ho * g.Wo;
+        for (int64_t u = 0; u < U && q0 + u < chunks; ++u) {
+          const Chunk& ch = chunk[q0 + u];
+          if (ch.n == V) {
+            std::memcpy(op + ch.out, &acc[gi][u], sizeof(Vec));
+          } else {
+            for (int64_t l = 0; l < ch.n; ++l) op[ch.out + l] = acc[gi][u][l];
+          }
+        }
       }
     }
+    p0 += n_planes;
   }
 }
 
