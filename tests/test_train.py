@@ -18,6 +18,7 @@ import torch
 from ddfnet.training.config import run_main
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures('one_thread')
 EPOCHS, STEPS = 3, 8  # 64 training images / batch 8
 
 
@@ -26,20 +27,6 @@ def _load_script(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Runs inside this process use one thread too (see ENV)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp('demo-cache'))
 
 
 def tiny_args(data_dir, output, *extra):

@@ -10,19 +10,7 @@ from ddfnet.training import hooks
 from ddfnet.training.config import run_main
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp('demo-cache'))
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def train(argv):
