@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "../ddf.h"
@@ -187,71 +188,193 @@ void forward_nchw_planes(const Args<T>& a, int64_t begin, int64_t end) {
   }
 }
 
-// grad_input (gather form: each input row collects the output rows that sampled it) and
-// grad_channel_filter (per-tap partial rows, summed at the end of the plane), over planes [begin, end).
+// Register block of the gradient kernels that keep one vector of sums per tap: NT taps at a time.
+constexpr int64_t NT = 9;
+
+// Lanes of v summed in a fixed tree order.
+template <typename T, typename Vec>
+inline T horizontal_sum(Vec v) {
+  constexpr int64_t n = sizeof(Vec) / sizeof(T);
+  using Half [[gnu::vector_size(n / 2 * sizeof(T))]] = T;
+  Half lo, hi;
+  std::memcpy(&lo, &v, sizeof(Half));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(Half), sizeof(Half));
+  if constexpr (n / 2 == 1) {
+    return lo[0] + hi[0];
+  } else {
+    return horizontal_sum<T>(lo + hi);
+  }
+}
+
+// Copies plane xp (H, W) into buf, zero-padded by pad and split by column phase as in
+// forward_nchw_planes: padded column c goes to phase c % s, position c / s, so a tap reads V contiguous
+// values for V adjacent outputs whatever the stride. Borders must already be zero.
+template <typename T>
+void fill_padded_plane(const T* xp, T* buf, const Geometry& g, int64_t pad, int64_t Hp, int64_t Wq) {
+  const int64_t s = g.s;
+  if (s == 1) {
+    for (int64_t r = 0; r < g.H; ++r) std::copy(xp + r * g.W, xp + (r + 1) * g.W, buf + (r + pad) * Wq + pad);
+    return;
+  }
+  for (int64_t phase = 0; phase < s; ++phase) {
+    const int64_t c0 = ((phase - pad) % s + s) % s;  // first input column of this phase
+    T* dst = buf + phase * Hp * Wq + pad * Wq + (c0 + pad) / s;
+    for (int64_t r = 0; r < g.H; ++r) {
+      const T* src = xp + r * g.W;
+      for (int64_t c = c0, i = 0; c < g.W; c += s, ++i) dst[r * Wq + i] = src[c];
+    }
+  }
+}
+
+// Rows of grad_output and of the spatial filter as the NCHW backward reads them: `left` zero columns,
+// the Wo values, zeros up to `width`. Wide enough for U vectors of V outputs at any chunk start below
+// Wo, shifted by any tap (grad_input reads column m + (phase - offset) / s).
+struct PaddedRows {
+  int64_t left, width;
+};
+PaddedRows padded_rows(const Geometry& g) {
+  const int64_t pad = (g.k / 2) * g.d, Wu = (g.Wo + U * V - 1) / (U * V) * (U * V);
+  const int64_t left = (pad + g.s - 1) / g.s;
+  return {left, left + Wu + (g.s - 1 + pad) / g.s + 1};
+}
+
+// grad_input and grad_channel_filter over planes [begin, end). sf is the (B, K2, Ho, width) copy with
+// padded rows (see PaddedRows); grad_output's plane is copied the same way into a buffer, so a vector
+// of V adjacent outputs reads V contiguous values per operand with no border checks.
+//
+// grad_input, gather form: input pixel (yi, xi) collects the taps (i, j) whose output position
+// ((yi - off_i) / s, (xi - off_j) / s) is whole and inside. Input columns are done by phase
+// xi = m * s + phase, for which the valid taps and their column shift are fixed, so chunks of V values
+// of m are vectors; U chunks at a time keep U independent multiply-add chains in flight. (The scatter
+// form, adding each tap's row into the grad_input row, costs a load and a store per multiply-add and
+// a strided store at stride 2: 2-3x slower.)
+//
+// grad_channel_filter[t] = sum over output pixels of grad_out * x(tap t) (* sf[t]): the plane is copied
+// into a padded phase-split buffer (as in the forward); the sums of NT taps stay in vector registers
+// over the whole plane, with one horizontal sum per tap at the end (per-tap partial rows in memory
+// cost a load and a store per multiply-add, 2x slower).
 template <typename T>
 void backward_nchw_planes(const Args<T>& a, int64_t begin, int64_t end) {
-  const T *go = a.go, *x = a.x, *cf = a.cf, *sf = a.sf;
+  using Vec [[gnu::vector_size(V * sizeof(T))]] = T;
+  const T *go = a.go, *x = a.x, *cf = a.cf, *psf = a.sf;
   T *gx = a.gx, *gcf = a.gcf;
   const Geometry& g = a.g;
   const bool mul = a.mul;
-  const auto cols = column_ranges(g);
-  const int64_t K2 = g.K2(), in_plane = g.H * g.W, out_plane = g.Ho * g.Wo;
-  {
-    std::vector<T> part(K2 * g.Wo);
-    for (int64_t p = begin; p < end; ++p) {
-      const T* xp = x + p * in_plane;
-      const T* gp = go + p * out_plane;
-      const T* cp = cf + p * K2;
-      const T* sp = sf + (p / g.C) * K2 * out_plane;
-      for (int64_t yi = 0; yi < g.H; ++yi) {
-        T* row = gx + p * in_plane + yi * g.W;
-        std::fill(row, row + g.W, T(0));
+  const int64_t K2 = g.K2(), in_plane = g.H * g.W, out_plane = g.Ho * g.Wo, s = g.s;
+  const int64_t pad = (g.k / 2) * g.d, Wv = (g.Wo + V - 1) / V * V, Hp = g.H + 2 * pad;
+  const int64_t Wq = std::max((g.W + 2 * pad + s - 1) / s, Wv + (g.k - 1) * g.d / s + 1);
+  const PaddedRows pr = padded_rows(g);
+  const int64_t filter_plane = g.Ho * pr.width;
+  std::vector<int64_t> offset(K2);  // tap -> offset in the plane buffer, relative to a chunk's base
+  for (int64_t t = 0; t < K2; ++t) {
+    const int64_t dy = (t / g.k) * g.d, dx = (t % g.k) * g.d;
+    offset[t] = (dx % s) * Hp * Wq + dy * Wq + dx / s;
+  }
+  std::vector<T> buffer(s * Hp * Wq, T(0)), grad_rows(filter_plane, T(0)), gx_row(pr.width);
+  // Which output row each input row takes from each kernel row (or -1), and the column shift of each
+  // kernel column in each column phase (or `none`): computed once, as the divisions cost
+  // more than the arithmetic they select (stride 2).
+  constexpr int64_t none = std::numeric_limits<int64_t>::min();
+  std::vector<int64_t> source_row(g.H * g.k), shift(s * g.k);
+  for (int64_t yi = 0; yi < g.H; ++yi)
+    for (int64_t i = 0; i < g.k; ++i) source_row[yi * g.k + i] = source_of(yi, g.off(i), s, g.Ho);
+  for (int64_t phase = 0; phase < s; ++phase) {
+    for (int64_t j = 0; j < g.k; ++j) {
+      const int64_t n = phase - g.off(j);  // m * s + phase - off_j is a multiple of s for every m or none
+      shift[phase * g.k + j] = n % s == 0 ? n / s : none;
+    }
+  }
+  const std::vector<T> ones(mul ? 0 : filter_plane, T(1));  // 'add': the spatial filter drops out
+  struct Tap {
+    int64_t at;  // offset of the tap's first value in grad_rows, and in the sample's filter planes
+    int64_t t;
+  };
+  std::vector<Tap> taps;
+  taps.reserve(K2);
+  for (int64_t p = begin; p < end; ++p) {
+    const T* xp = x + p * in_plane;
+    const T* gp = go + p * out_plane;
+    const T* cp = cf + p * K2;
+    const T* sp = psf + (p / g.C) * K2 * filter_plane;
+    for (int64_t y = 0; y < g.Ho; ++y)
+      std::copy(gp + y * g.Wo, gp + (y + 1) * g.Wo, grad_rows.data() + y * pr.width + pr.left);
+    const T* grp = grad_rows.data();
+
+    for (int64_t yi = 0; yi < g.H; ++yi) {
+      T* row = gx + p * in_plane + yi * g.W;
+      for (int64_t phase = 0; phase < std::min(s, g.W); ++phase) {
+        taps.clear();
         for (int64_t i = 0; i < g.k; ++i) {
-          const int64_t y = source_of(yi, g.off(i), g.s, g.Ho);
+          const int64_t y = source_row[yi * g.k + i];
           if (y < 0) continue;
           for (int64_t j = 0; j < g.k; ++j) {
-            const int64_t t = i * g.k + j;
-            const Range r = cols[j];
-            if (r.lo >= r.hi) continue;
-            T* dst = row + r.lo * g.s + g.off(j);
-            const T* grow = gp + y * g.Wo + r.lo;
-            const T* srow = sp + t * out_plane + y * g.Wo + r.lo;
-            const T c = cp[t];
-            const int64_t n = r.hi - r.lo;
-            if (mul) {
-              for (int64_t q = 0; q < n; ++q) dst[q * g.s] += grow[q] * c * srow[q];
-            } else {
-              for (int64_t q = 0; q < n; ++q) dst[q * g.s] += grow[q] * (c + srow[q]);
-            }
+            const int64_t n = shift[phase * g.k + j];
+            if (n == none) continue;
+            taps.push_back({y * pr.width + pr.left + n, i * g.k + j});
           }
         }
+        for (int64_t m0 = 0; m0 < g.Wo; m0 += U * V) {
+          // Even and odd taps in separate sums: 2 * U chains of multiply-adds, enough to hide their
+          // latency (U chains alone were latency-bound).
+          Vec even[U] = {}, odd[U] = {};
+          auto add_tap = [&](const Tap& tap, Vec(&sum)[U]) {
+            const T c = cp[tap.t];
+            const T* gr = grp + tap.at + m0;
+            const T* sr = sp + tap.t * filter_plane + tap.at + m0;
+            for (int64_t u = 0; u < U; ++u) {
+              Vec gv, sv;
+              std::memcpy(&gv, gr + u * V, sizeof(Vec));
+              std::memcpy(&sv, sr + u * V, sizeof(Vec));
+              if (mul) {
+                sum[u] += gv * (c * sv);
+              } else {
+                sum[u] += gv * (c + sv);
+              }
+            }
+          };
+          const size_t n_taps = taps.size();
+          for (size_t n = 0; n + 1 < n_taps; n += 2) {
+            add_tap(taps[n], even);
+            add_tap(taps[n + 1], odd);
+          }
+          if (n_taps % 2) add_tap(taps[n_taps - 1], even);
+          for (int64_t u = 0; u < U; ++u) {
+            const Vec total = even[u] + odd[u];
+            std::memcpy(&gx_row[m0 + u * V], &total, sizeof(Vec));
+          }
+        }
+        if (s == 1) {
+          std::copy(gx_row.begin(), gx_row.begin() + g.W, row);
+        } else {
+          for (int64_t xi = phase, m = 0; xi < g.W; xi += s, ++m) row[xi] = gx_row[m];
+        }
       }
-      std::fill(part.begin(), part.end(), T(0));
+    }
+
+    fill_padded_plane(xp, buffer.data(), g, pad, Hp, Wq);
+    for (int64_t t0 = 0; t0 < K2; t0 += NT) {
+      const T* in[NT];
+      const T* f[NT];
+      for (int64_t u = 0; u < NT; ++u) {
+        const int64_t t = std::min(t0 + u, K2 - 1);  // past the last tap: redo it, not stored
+        in[u] = buffer.data() + offset[t];
+        f[u] = (mul ? sp + t * filter_plane : ones.data()) + pr.left;
+      }
+      Vec acc[NT] = {};
       for (int64_t y = 0; y < g.Ho; ++y) {
-        const T* grow = gp + y * g.Wo;
-        for (int64_t i = 0; i < g.k; ++i) {
-          const int64_t yi = y * g.s + g.off(i);
-          if (yi < 0 || yi >= g.H) continue;
-          for (int64_t j = 0; j < g.k; ++j) {
-            const int64_t t = i * g.k + j;
-            const Range r = cols[j];
-            T* acc = part.data() + t * g.Wo;
-            const T* in = xp + yi * g.W + g.off(j);
-            const T* srow = sp + t * out_plane + y * g.Wo;
-            if (mul) {
-              for (int64_t q = r.lo; q < r.hi; ++q) acc[q] += grow[q] * in[q * g.s] * srow[q];
-            } else {
-              for (int64_t q = r.lo; q < r.hi; ++q) acc[q] += grow[q] * in[q * g.s];
-            }
+        for (int64_t x0 = 0; x0 < Wv; x0 += V) {
+          const int64_t src = y * s * Wq + x0, dst = y * pr.width + x0;
+          Vec gv;
+          std::memcpy(&gv, grp + pr.left + dst, sizeof(Vec));
+          for (int64_t u = 0; u < NT; ++u) {
+            Vec xv, fv;
+            std::memcpy(&xv, in[u] + src, sizeof(Vec));
+            std::memcpy(&fv, f[u] + dst, sizeof(Vec));
+            acc[u] += gv * xv * fv;
           }
         }
       }
-      for (int64_t t = 0; t < K2; ++t) {
-        T sum = 0;
-        for (int64_t q = 0; q < g.Wo; ++q) sum += part[t * g.Wo + q];
-        gcf[p * K2 + t] = sum;
-      }
+      for (int64_t u = 0; u < NT && t0 + u < K2; ++u) gcf[p * K2 + t0 + u] = horizontal_sum<T>(acc[u]);
     }
   }
 }
@@ -377,23 +500,6 @@ void backward_nhwc_gx_rows(const Args<T>& a, int64_t begin, int64_t end) {
 // the channel loop: grad_output's vector is loaded once for all NT taps, and each tap needs a single
 // horizontal sum at the end (one dot product per tap, each with its own reduction, was 5x slower at
 // C = 64). Taps outside the image read a zero row, so the register block has a fixed size.
-constexpr int64_t NT = 9;
-
-// Lanes of v summed in a fixed tree order.
-template <typename T, typename Vec>
-inline T horizontal_sum(Vec v) {
-  constexpr int64_t n = sizeof(Vec) / sizeof(T);
-  using Half [[gnu::vector_size(n / 2 * sizeof(T))]] = T;
-  Half lo, hi;
-  std::memcpy(&lo, &v, sizeof(Half));
-  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(Half), sizeof(Half));
-  if constexpr (n / 2 == 1) {
-    return lo[0] + hi[0];
-  } else {
-    return horizontal_sum<T>(lo + hi);
-  }
-}
-
 template <typename T>
 void backward_nhwc_sf_rows(const Args<T>& a, int64_t begin, int64_t end) {
   using Vec [[gnu::vector_size(V * sizeof(T))]] = T;
@@ -597,7 +703,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_entry(
     const at::Tensor go = grad_output.to(acc).contiguous(fmt);
     const at::Tensor x = input.to(acc).contiguous(fmt);
     const at::Tensor cf = channel_filter_for(channel_filter, acc, cl);
-    const at::Tensor sf = spatial_filter.to(acc).contiguous(fmt);
+    at::Tensor sf = spatial_filter.to(acc).contiguous(fmt);
+    if (!cl) {  // see PaddedRows
+      const PaddedRows pr = padded_rows(g);
+      sf = at::constant_pad_nd(sf, {pr.left, pr.width - pr.left - g.Wo});
+    }
     AT_DISPATCH_FLOATING_TYPES(acc, "ddf_backward_cpu", [&] {
       Args<scalar_t> a;
       a.go = go.const_data_ptr<scalar_t>();
