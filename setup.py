@@ -17,12 +17,12 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def _build_flags():
-    """cxx/nvcc flags from ddfnet/ops/_native.py, so the JIT and ahead-of-time builds match."""
+def _native_module():
+    """ddfnet/ops/_native.py (flags, toolkit check), so the JIT and ahead-of-time builds match."""
     spec = importlib.util.spec_from_file_location('_ddfnet_native', os.path.join(ROOT, 'ddfnet', 'ops', '_native.py'))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.cxx_flags(), module.nvcc_flags()
+    return module
 
 
 def native_extension():
@@ -36,9 +36,10 @@ def native_extension():
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:  # an isolated build environment without torch: pure Python, JIT at first use
         return [], {}
-    cxx, nvcc = _build_flags()
+    native = _native_module()
+    cxx, nvcc = native.cxx_flags(), native.nvcc_flags()
     with_cuda = bool(cuda) and CUDA_HOME is not None and torch.version.cuda is not None
-    if with_cuda and not os.path.exists(os.path.join(CUDA_HOME, 'include', 'cuda_runtime.h')):
+    if with_cuda and not native.cuda_toolkit_root(CUDA_HOME):
         print(f'ddfnet: CUDA_HOME={CUDA_HOME} is not a CUDA toolkit root (no include/cuda_runtime.h); '
               'building the CPU kernels only. Set CUDA_HOME to the toolkit root to build the CUDA ones.')
         with_cuda = False

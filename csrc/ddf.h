@@ -7,6 +7,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
+
 #include <string_view>
 #include <tuple>
 
@@ -15,6 +17,15 @@ namespace ddfnet {
 // Output extent along one axis: the conv formula with 'same' padding, floor((size - 1) / stride) + 1
 // (0 for an empty axis, as in Python, where C++'s truncating division would give 1).
 inline int64_t out_size(int64_t size, int64_t stride) { return size <= 0 ? 0 : (size - 1) / stride + 1; }
+
+// A dilation or stride clamped to extent = max(H, W) (at least 1) gives the same result, and keeps buffer
+// sizes and index math bounded, so every backend clamps (output sizes still use the original stride).
+// A tap offset (i - half) * dilation with i != half and dilation >= extent never lands in the image (the
+// same holds for extent itself); a stride >= extent leaves Ho = Wo = 1, so only output coordinate 0
+// exists and samples the same pixels for stride = extent as for any larger one.
+inline int64_t clamp_to_extent(int64_t value, int64_t height, int64_t width) {
+  return std::min(value, std::max<int64_t>({height, width, 1}));
+}
 
 // Validates the forward arguments with the same exception types and messages as the Python
 // check_ddf_args (ValueError / TypeError), and returns true for 'mul', false for 'add'.

@@ -83,6 +83,7 @@ def test_cpu_kernel_matches_reference(combine, k, fmt, dtype):
     ((1, 1, 1, 1), 3, 1, 1),
     ((1, 3, 2, 7), 5, 1, 4),        # stride larger than the image's height
     ((1, 70, 9, 10), 3, 1, 1),      # channels_last channel blocks of 64 plus a remainder
+    ((2, 3, 9, 11), 3, 2 ** 40, 2 ** 33),  # dilation / stride far beyond the image: buffers stay small
 ])
 @pytest.mark.parametrize('fmt', [torch.contiguous_format, torch.channels_last], ids=['nchw', 'nhwc'])
 def test_cpu_kernel_edge_shapes(shape, k, d, s, fmt):

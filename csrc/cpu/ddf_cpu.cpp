@@ -29,24 +29,6 @@ struct Geometry {
   int64_t off(int64_t tap_index) const { return (tap_index - k / 2) * d; }  // tap row/col -> offset
 };
 
-// Output indices o in [lo, hi) whose sample position o * s + offset lies in [0, in).
-struct Range {
-  int64_t lo, hi;
-};
-Range valid_range(int64_t in, int64_t out, int64_t offset, int64_t s) {
-  const int64_t lo = offset >= 0 ? 0 : (-offset + s - 1) / s;
-  const int64_t last = in - 1 - offset;  // largest o * s allowed
-  const int64_t hi = last < 0 ? 0 : std::min(out, last / s + 1);
-  return {lo, std::max(lo, hi)};
-}
-
-// Valid output-column range of each kernel column j.
-std::vector<Range> column_ranges(const Geometry& g) {
-  std::vector<Range> r(g.k);
-  for (int64_t j = 0; j < g.k; ++j) r[j] = valid_range(g.W, g.Wo, g.off(j), g.s);
-  return r;
-}
-
 // For an input coordinate and a tap offset, the output coordinate that samples it, or -1.
 inline int64_t source_of(int64_t in_pos, int64_t offset, int64_t s, int64_t out) {
   const int64_t n = in_pos - offset;
@@ -77,6 +59,45 @@ int64_t grain(int64_t work_per_item) { return std::max<int64_t>(1, 32768 / std::
 // ---------------------------------------------------------------------------------------------------
 // NCHW. x (B, C, H, W), cf (B, C, K2), sf (B, K2, Ho, Wo), out/grad_out (B, C, Ho, Wo), all contiguous.
 
+// Vector lanes V; the forward's register block is U chunks x G channels (see forward_nchw_planes).
+constexpr int64_t V = 8;
+constexpr int64_t U = 2;
+constexpr int64_t G = 4;
+
+// Copies n values with inline vector moves: the kernels copy many short rows (often 14 or 56
+// values), where std::copy is a library call (memmove) per row.
+template <typename T>
+inline void copy_row(const T* __restrict src, int64_t n, T* __restrict dst) {
+  using Vec [[gnu::vector_size(V * sizeof(T))]] = T;
+  int64_t i = 0;
+  for (; i + V <= n; i += V) {
+    Vec v;
+    std::memcpy(&v, src + i, sizeof(Vec));
+    std::memcpy(dst + i, &v, sizeof(Vec));
+  }
+  for (; i < n; ++i) dst[i] = src[i];
+}
+
+// Copies plane xp (H, W) into buf, zero-padded by pad and split by column phase: padded column c goes to
+// phase c % s, position c / s, so a tap reads V contiguous values for V adjacent outputs whatever the
+// stride. Borders must already be zero.
+template <typename T>
+void fill_padded_plane(const T* xp, T* buf, const Geometry& g, int64_t pad, int64_t Hp, int64_t Wq) {
+  const int64_t s = g.s;
+  if (s == 1) {
+    for (int64_t r = 0; r < g.H; ++r) copy_row(xp + r * g.W, g.W, buf + (r + pad) * Wq + pad);
+    return;
+  }
+  for (int64_t phase = 0; phase < s; ++phase) {
+    const int64_t c0 = ((phase - pad) % s + s) % s;  // first input column of this phase
+    T* dst = buf + phase * Hp * Wq + pad * Wq + (c0 + pad) / s;
+    for (int64_t r = 0; r < g.H; ++r) {
+      const T* src = xp + r * g.W;
+      for (int64_t c = c0, i = 0; c < g.W; c += s, ++i) dst[r * Wq + i] = src[c];
+    }
+  }
+}
+
 // The forward over planes [begin, end). Each plane is first copied into a zero-padded buffer, split by
 // column phase (padded column c goes to phase c % s, position c / s), so every tap reads V contiguous
 // values whatever the stride, and the hot loop has no border checks. Outputs are computed in chunks of V
@@ -86,10 +107,6 @@ int64_t grain(int64_t work_per_item) { return std::max<int64_t>(1, 32768 / std::
 // plane, lives in L2: loading it once per channel made the kernel L2-bound). Rows are computed up to
 // Wv = roundup(Wo, V) columns; the padded spatial filter (psf, (B, K2, Ho, Wv)) and the buffers are wide
 // enough, and the extra results are dropped.
-constexpr int64_t V = 8;
-constexpr int64_t U = 2;
-constexpr int64_t G = 4;
-
 template <typename T, bool MUL>
 void forward_nchw_planes(const Args<T>& a, int64_t begin, int64_t end) {
   // GCC/Clang vector extension: V lanes, compiled to the target's SIMD width (SSE, or AVX2 in the
@@ -129,23 +146,7 @@ void forward_nchw_planes(const Args<T>& a, int64_t begin, int64_t end) {
       cp[gi] = cf + p * K2;
       pin[gi] = buffer.data() + gi * plane_buffer;
       if (gi >= n_planes) continue;
-      const T* xp = x + p * g.H * g.W;
-      T* buf = buffer.data() + gi * plane_buffer;
-      for (int64_t r = 0; r < g.H; ++r) {
-        if (s == 1) {
-          std::copy(xp + r * g.W, xp + (r + 1) * g.W, buf + (r + pad) * Wq + pad);
-        } else {
-          // One strided gather per phase: input column c lands in phase (c + pad) % s at position
-          // (c + pad) / s. A loop per phase has no loop-carried state (a phase counter walking the row
-          // was 3x slower).
-          const T* src = xp + r * g.W;
-          for (int64_t phase = 0; phase < s; ++phase) {
-            const int64_t c0 = ((phase - pad) % s + s) % s;  // first input column of this phase
-            T* dst = buf + phase * Hp * Wq + (r + pad) * Wq + (c0 + pad) / s;
-            for (int64_t c = c0, i = 0; c < g.W; c += s, ++i) dst[i] = src[c];
-          }
-        }
-      }
+      fill_padded_plane(x + p * g.H * g.W, buffer.data() + gi * plane_buffer, g, pad, Hp, Wq);
     }
     const T* sp = psf + b * K2 * filter_plane;
     for (int64_t q0 = 0; q0 < chunks; q0 += U) {
@@ -188,20 +189,6 @@ void forward_nchw_planes(const Args<T>& a, int64_t begin, int64_t end) {
   }
 }
 
-// Copies n values with inline vector moves: the backward kernels copy many short rows (often 14 or 56
-// values), where std::copy is a library call (memmove) per row.
-template <typename T>
-inline void copy_row(const T* __restrict src, int64_t n, T* __restrict dst) {
-  using Vec [[gnu::vector_size(V * sizeof(T))]] = T;
-  int64_t i = 0;
-  for (; i + V <= n; i += V) {
-    Vec v;
-    std::memcpy(&v, src + i, sizeof(Vec));
-    std::memcpy(dst + i, &v, sizeof(Vec));
-  }
-  for (; i < n; ++i) dst[i] = src[i];
-}
-
 // Register block of the gradient kernels that keep one vector of sums per tap: NT taps at a time.
 constexpr int64_t NT = 9;
 
@@ -217,26 +204,6 @@ inline T horizontal_sum(Vec v) {
     return lo[0] + hi[0];
   } else {
     return horizontal_sum<T>(lo + hi);
-  }
-}
-
-// Copies plane xp (H, W) into buf, zero-padded by pad and split by column phase as in
-// forward_nchw_planes: padded column c goes to phase c % s, position c / s, so a tap reads V contiguous
-// values for V adjacent outputs whatever the stride. Borders must already be zero.
-template <typename T>
-void fill_padded_plane(const T* xp, T* buf, const Geometry& g, int64_t pad, int64_t Hp, int64_t Wq) {
-  const int64_t s = g.s;
-  if (s == 1) {
-    for (int64_t r = 0; r < g.H; ++r) copy_row(xp + r * g.W, g.W, buf + (r + pad) * Wq + pad);
-    return;
-  }
-  for (int64_t phase = 0; phase < s; ++phase) {
-    const int64_t c0 = ((phase - pad) % s + s) % s;  // first input column of this phase
-    T* dst = buf + phase * Hp * Wq + pad * Wq + (c0 + pad) / s;
-    for (int64_t r = 0; r < g.H; ++r) {
-      const T* src = xp + r * g.W;
-      for (int64_t c = c0, i = 0; c < g.W; c += s, ++i) dst[r * Wq + i] = src[c];
-    }
   }
 }
 
@@ -706,8 +673,10 @@ void launch(const Args<T>& a, int64_t n, int64_t work_per_task) {
 // Operator entry points.
 
 Geometry geometry(const at::Tensor& input, int64_t k, int64_t d, int64_t s) {
-  return {input.size(0), input.size(1), input.size(2), input.size(3),
-          out_size(input.size(2), s), out_size(input.size(3), s), k, d, s};
+  const int64_t H = input.size(2), W = input.size(3);
+  // Buffers are sized from d and s: clamp them (no result changes, ddf.h); Ho, Wo use the original s.
+  return {input.size(0), input.size(1), H, W, out_size(H, s), out_size(W, s), k,
+          clamp_to_extent(d, H, W), clamp_to_extent(s, H, W)};
 }
 
 at::ScalarType accumulation_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }

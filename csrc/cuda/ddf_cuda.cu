@@ -53,14 +53,8 @@ Geometry make_geometry(const at::Tensor& input, int64_t kernel_size, int64_t dil
   g.width = width;
   g.out_h = ddfnet::out_size(height, stride);
   g.out_w = ddfnet::out_size(width, stride);
-  // Clamping to extent = max(H, W) changes no result and keeps the int64 index math far from overflow:
-  // a tap offset (i - half) * dilation with i != half and dilation >= extent never lands in the image
-  // (the same holds for extent itself), and a stride >= extent leaves Ho = Wo = 1, so only output
-  // coordinate 0 exists and the stride only enters through "n is a multiple of stride below Ho * stride",
-  // i.e. n == 0, for stride = extent as for any larger one. Ho and Wo above use the original stride.
-  const int64_t extent = std::max(height, width);
-  g.dilation = std::min(dilation, extent);
-  g.stride = std::min(stride, extent);
+  g.dilation = ddfnet::clamp_to_extent(dilation, height, width);  // no result changes (ddf.h)
+  g.stride = ddfnet::clamp_to_extent(stride, height, width);
   g.k = static_cast<int>(kernel_size);
   g.mul = mul;
   return g;

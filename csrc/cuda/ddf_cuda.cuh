@@ -29,7 +29,7 @@ namespace ddf_cuda {
 struct Geometry {
   int64_t batch, channels, height, width;  // input (B, C, H, W); H, W < 2^30, H * W < 2^31
   int64_t out_h, out_w;                    // (H - 1) / stride + 1, (W - 1) / stride + 1 (original stride)
-  int64_t dilation, stride;                // clamped to max(H, W), which changes no result (ddf_cuda.cu)
+  int64_t dilation, stride;                // clamped to max(H, W), which changes no result (ddf.h)
   int k;                                   // kernel size, odd
   bool mul;                                // kernel_combine == 'mul' ('add' otherwise)
 };

@@ -33,6 +33,11 @@ def nvcc_flags() -> list[str]:
     return ['-O3', '--use_fast_math', '-lineinfo']
 
 
+def cuda_toolkit_root(cuda_home: str | None) -> bool:
+    """Whether ``cuda_home`` is a CUDA toolkit root (has include/cuda_runtime.h), not a bare nvcc folder."""
+    return cuda_home is not None and os.path.exists(os.path.join(cuda_home, 'include', 'cuda_runtime.h'))
+
+
 def _sources() -> tuple[list[str], list[str]]:
     cpp = sorted(glob.glob(str(CSRC / '**' / '*.cpp'), recursive=True))
     cuda = sorted(glob.glob(str(CSRC / '**' / '*.cu'), recursive=True))
@@ -43,9 +48,7 @@ def _jit_build(prebuilt_error: str) -> ModuleType:
     from torch.utils import cpp_extension
 
     cpp, cuda = _sources()
-    cuda_home = cpp_extension.CUDA_HOME
-    with_cuda = (bool(cuda) and torch.cuda.is_available() and cuda_home is not None
-                 and os.path.exists(os.path.join(cuda_home, 'include', 'cuda_runtime.h')))
+    with_cuda = bool(cuda) and torch.cuda.is_available() and cuda_toolkit_root(cpp_extension.CUDA_HOME)
     name = 'ddfnet_native_cuda' if with_cuda else 'ddfnet_native'
     # One build folder per torch/Python version, so switching environments never loads a stale binary.
     tag = f'ddfnet-torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}'.replace('+', '_')
