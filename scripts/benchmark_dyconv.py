@@ -41,29 +41,20 @@ def _rss_kib(field: str) -> int:
 
 
 def _worker(config: str, batch_size: int, img_size: int, steps: int) -> dict:
-    import types
-
     import timm
     import torch
     import torch.nn.functional as F
 
     import ddfnet  # noqa: F401  (registers the models)
     from ddfnet.layers import DynamicConv2d
-    from ddfnet.layers.dynamic_conv import aggregate_kernels, aggregate_outputs
 
     torch.manual_seed(0)
     model = timm.create_model('resnet18' if config == 'resnet18' else 'dy_resnet18').train()
     for module in model.modules():
         if isinstance(module, DynamicConv2d):
-            if config in ('kernels', 'outputs', 'auto'):
-                module.aggregation = config
-            else:  # the alternatives without recomputation: autograd keeps the intermediate
-                aggregate = aggregate_kernels if config == 'grouped' else aggregate_outputs
-
-                def forward(self, x, aggregate=aggregate):
-                    return aggregate(x, self.weight, self.bias, self.attention_weights(x), self.stride,
-                                     self.padding, self.dilation, self.groups)
-                module.forward = types.MethodType(forward, module)
+            # 'grouped' / 'outputs_saved': no recomputation, autograd keeps the intermediate
+            module.aggregation = {'grouped': 'kernels', 'outputs_saved': 'outputs'}.get(config, config)
+            module.recompute = config in ('kernels', 'outputs', 'auto')
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(batch_size, 3, img_size, img_size)
     target = torch.randint(0, 1000, (batch_size,))

@@ -142,6 +142,16 @@ def test_branch_pack_errors():
         DDFBranchPack(8, branch='both')
     with pytest.raises(ValueError, match='head=2'):
         DDFBranchPack(8, head=2, branch='channel')
+    with pytest.raises(ValueError, match="kernel_combine='add' has nothing to combine"):
+        timm.create_model('ddf_spatial_resnet50', block_args=dict(kernel_combine='add'))
+
+
+def test_branch_pack_builds_only_its_branch():
+    # se_ratio only concerns the channel branch: 4 channels * 0.2 leaves no hidden unit, which must not
+    # stop a spatial-only layer from being built.
+    pack = DDFBranchPack(4, branch='spatial')
+    assert pack.channel_branch is None and all(n.startswith('spatial_branch.') for n, _ in pack.named_parameters())
+    assert pack(torch.randn(1, 4, 5, 5)).shape == (1, 4, 5, 5)
 
 
 def test_dy_resnet18_config_follows_the_dyconv_paper():

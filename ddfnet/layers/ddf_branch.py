@@ -7,7 +7,7 @@ depth-wise conv (SPEC §1). No new kernel is needed.
 """
 from __future__ import annotations
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..ops import output_size
 from .ddf_pack import DDFPack, _ddf_heads
@@ -32,13 +32,10 @@ class DDFBranchPack(DDFPack):
             raise ValueError(f"DDFBranchPack: branch must be 'spatial' or 'channel', got {branch!r}")
         if branch == 'channel' and head != 1:
             raise ValueError(f'DDFBranchPack: head={head} has no effect without the spatial branch; use 1')
-        super().__init__(in_channels, kernel_size, stride, dilation, head, se_ratio, nonlinearity,
-                         kernel_combine='mul', device=device, dtype=dtype)
+        nn.Module.__init__(self)  # DDFPack's own __init__ would build both branches
+        self._build(in_channels, kernel_size, stride, dilation, head, se_ratio, nonlinearity, 'mul', (branch,),
+                    dict(device=device, dtype=dtype))
         self.branch = branch
-        if branch == 'spatial':
-            self.channel_branch = None
-        else:
-            self.spatial_branch = None
 
     def forward(self, x: Tensor) -> Tensor:
         k = self.kernel_size

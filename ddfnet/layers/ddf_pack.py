@@ -128,21 +128,30 @@ class DDFPack(nn.Module):
                  head: int = 1, se_ratio: float = 0.2, nonlinearity: str = 'relu',
                  kernel_combine: str = 'mul', device=None, dtype=None):
         super().__init__()
+        self._build(in_channels, kernel_size, stride, dilation, head, se_ratio, nonlinearity, kernel_combine,
+                    ('spatial', 'channel'), dict(device=device, dtype=dtype))
+
+    def _build(self, in_channels: int, kernel_size: int, stride: int, dilation: int, head: int, se_ratio: float,
+               nonlinearity: str, kernel_combine: str, branches: tuple[str, ...], factory: dict) -> None:
+        """Check the arguments and build the named branches (the others are ``None``)."""
         _check_common(in_channels, kernel_size, dilation, head, kernel_combine)
         if stride < 1:
             raise ValueError(f'stride must be >= 1, got {stride}')
-        factory = dict(device=device, dtype=dtype)
         self.in_channels = in_channels
         self.kernel_size = kernel_size
         self.stride = stride
         self.dilation = dilation
         self.head = head
         self.kernel_combine = kernel_combine
-        self.spatial_branch = nn.Sequential(
-            nn.Conv2d(in_channels, head * kernel_size ** 2, 1, stride=stride, **factory),
-            FilterNorm(head, kernel_size, 'spatial', nonlinearity))
-        _init_filter_conv(self.spatial_branch[0])
-        self.channel_branch = _channel_branch(in_channels, kernel_size, se_ratio, nonlinearity, **factory)
+        self.spatial_branch = None
+        self.channel_branch = None
+        if 'spatial' in branches:
+            self.spatial_branch = nn.Sequential(
+                nn.Conv2d(in_channels, head * kernel_size ** 2, 1, stride=stride, **factory),
+                FilterNorm(head, kernel_size, 'spatial', nonlinearity))
+            _init_filter_conv(self.spatial_branch[0])
+        if 'channel' in branches:
+            self.channel_branch = _channel_branch(in_channels, kernel_size, se_ratio, nonlinearity, **factory)
 
     def forward(self, x: Tensor) -> Tensor:
         return _ddf_heads(x, self.channel_branch(x), self.spatial_branch(x), self.kernel_size,

@@ -111,6 +111,9 @@ class DynamicConv2d(nn.Module):
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.num_kernels = num_kernels
         self.aggregation = aggregation
+        # False: autograd keeps the per-sample intermediate, as the common implementation does (the
+        # memory benchmark's baseline); True (default) recomputes it in backward.
+        self.recompute = True
         self.weight = nn.Parameter(torch.empty(num_kernels, out_channels, in_channels // groups,
                                                *self.kernel_size, **factory))
         self.bias = nn.Parameter(torch.zeros(num_kernels, out_channels, **factory)) if bias else None
@@ -172,9 +175,10 @@ class DynamicConv2d(nn.Module):
         attention = self.attention_weights(x)
         aggregate = _AGGREGATE[self.resolved_aggregation(x)]
         args = (x, self.weight, self.bias, attention, self.stride, self.padding, self.dilation, self.groups)
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            # Recompute the per-sample kernels / stacked outputs in backward instead of keeping them.
-            return checkpoint(aggregate, *args, use_reentrant=False)
+        if self.recompute and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            # Recompute the per-sample kernels / stacked outputs in backward instead of keeping them. The
+            # aggregation draws no random numbers, so the RNG state need not be saved and restored.
+            return checkpoint(aggregate, *args, use_reentrant=False, preserve_rng_state=False)
         return aggregate(*args)
 
     def extra_repr(self) -> str:

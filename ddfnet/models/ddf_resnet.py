@@ -15,6 +15,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.resnet import Bottleneck, ResNet
 
 from ..layers import DDFBranchPack, DDFPack
+from ..layers.ddf_branch import BRANCHES
 
 __all__ = ['DDFBottleneck']
 
@@ -33,6 +34,11 @@ class DDFBottleneck(Bottleneck):
                  **kwargs: Any):
         if reduce_first != 1:
             raise ValueError('DDFBottleneck needs reduce_first=1: DDF keeps the channel count')
+        if branch not in ('both', *BRANCHES):
+            raise ValueError(f"DDFBottleneck: branch must be 'both', 'spatial' or 'channel', got {branch!r}")
+        if branch != 'both' and kernel_combine != 'mul':
+            raise ValueError(f"DDFBottleneck: a single branch is the 'mul' op with the other filter fixed to ones; "
+                             f'kernel_combine={kernel_combine!r} has nothing to combine')
         super().__init__(inplanes, planes, stride=stride, downsample=downsample, cardinality=cardinality,
                          base_width=base_width, reduce_first=reduce_first, dilation=dilation,
                          first_dilation=first_dilation, aa_layer=aa_layer, **kwargs)
@@ -96,9 +102,9 @@ default_cfgs = generate_default_cfgs({
 
 def _args(layers: tuple[int, ...], kernel_combine: str, kwargs: dict[str, Any],
           branch: str = 'both') -> dict[str, Any]:
-    # Caller kwargs override the variant's (timm's convention); caller block_args extend ours (e.g.
-    # se_ratio) rather than replacing them and silently dropping kernel_combine.
-    block_args = dict(kernel_combine=kernel_combine, branch=branch, **(kwargs.pop('block_args', None) or {}))
+    # Caller kwargs override the variant's (timm's convention); caller block_args extend and override
+    # ours (e.g. se_ratio) rather than replacing them and silently dropping kernel_combine.
+    block_args = {'kernel_combine': kernel_combine, 'branch': branch, **(kwargs.pop('block_args', None) or {})}
     return {'block': DDFBottleneck, 'layers': layers, **kwargs, 'block_args': block_args}
 
 

@@ -20,7 +20,7 @@ from ..layers import DynamicConv2d
 __all__ = ['count_macs']
 
 # aten/custom op name -> part of the breakdown
-_OP_PARTS = {'convolution': 'conv', 'addmm': 'linear', 'mm': 'matmul', 'bmm': 'matmul', 'ddf': 'ddf_op'}
+_OP_PARTS = {'convolution': 'conv', 'mm': 'linear', 'addmm': 'linear', 'bmm': 'matmul', 'ddf': 'ddf_op'}
 
 
 def count_macs(model: nn.Module, img_size: int = 224, in_chans: int = 3) -> dict[str, Any]:
