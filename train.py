@@ -29,7 +29,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, NativeScaler, distribute_bn, init_distributed_device, update_summary
 
 import ddfnet  # noqa: F401  (registers the DDF models with timm)
-from ddfnet.data import create_split, resolve_data_root
+from ddfnet.data import class_count, create_split, resolve_data_root
 from ddfnet.training import run_epoch_hooks
 from ddfnet.training.args import train_parser
 from ddfnet.training.checkpoint import (LAST, load_checkpoint, load_weights, model_state_dict, remove_partial_files,
@@ -60,6 +60,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError('--sync-bn needs CUDA devices; on CPU use --dist-bn reduce')
     if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
         raise UserError(f'mixup/cutmix pair up images: --batch-size must be even, not {args.batch_size}')
+    if args.sched == 'plateau':  # timm's plateau schedule needs a metric at every step; we step by epoch
+        raise UserError('--sched plateau is not supported; use cosine, step, multistep, poly or tanh')
     if args.pretrained_file and not os.path.isfile(args.pretrained_file):
         raise UserError(f'no pretrained file {args.pretrained_file}')
 
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     # batch_size matters to timm's iterable datasets (TFDS, WebDataset) only
     dataset_train = create_split(args.dataset, data_root, args.train_split, True, args.batch_size)
     dataset_eval = create_split(args.dataset, data_root, args.val_split, False, args.batch_size)
-    num_classes = args.num_classes or len(getattr(dataset_train.reader, 'class_to_idx', {})) or None
+    num_classes = args.num_classes or class_count(dataset_train)
     if num_classes is None:
         raise UserError('cannot tell the number of classes of this dataset: give --num-classes')
     try:
@@ -251,7 +253,8 @@ def main(argv: list[str] | None = None) -> None:
                 seed_epoch(args.seed, epoch, args.rank)
                 if hasattr(loader_train.sampler, 'set_epoch'):
                     loader_train.sampler.set_epoch(epoch)
-                run_epoch_hooks(model, epoch, args)
+                for hooked in (model, model_ema.module) if model_ema is not None else (model,):
+                    run_epoch_hooks(hooked, epoch, args)  # the EMA copy evaluates with the epoch's settings too
                 scheduler.step(epoch)
                 if state.step:
                     scheduler.step_update(num_updates=state.num_updates)

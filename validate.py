@@ -21,12 +21,14 @@ from functools import partial
 import timm
 import torch
 from timm.data import create_loader, resolve_data_config
+from timm.models import get_pretrained_cfg
 
 import ddfnet  # noqa: F401  (registers the DDF models with timm)
-from ddfnet.data import create_split, resolve_data_root
+from ddfnet.data import class_count, create_split, resolve_data_root
 from ddfnet.training.args import train_parser
 from ddfnet.training.checkpoint import load_checkpoint, load_weights, model_state_dict
-from ddfnet.training.config import OneLineArgumentParser, UserError, parse_args, run_main, yaml_mapping
+from ddfnet.training.config import (OneLineArgumentParser, UserError, atomic_write_text, parse_args, run_main,
+                                    yaml_mapping)
 from ddfnet.training.engine import evaluate
 
 
@@ -67,10 +69,7 @@ def write_results(results: dict, path: str) -> None:
                 writer.writeheader()
             writer.writerow(results)
     else:
-        tmp = f'{path}.partial'
-        with open(tmp, 'w') as f:
-            json.dump(results, f, indent=2)
-        os.replace(tmp, path)
+        atomic_write_text(json.dumps(results, indent=2), path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -94,9 +93,9 @@ def main(argv: list[str] | None = None) -> None:
 
     num_classes = args.num_classes
     if num_classes is None and state is not None:
-        head = timm.create_model(args.model, pretrained=False, **args.model_kwargs).pretrained_cfg.get('classifier')
+        head = getattr(get_pretrained_cfg(args.model), 'classifier', None)
         num_classes = state[f'{head}.weight'].shape[0] if f'{head}.weight' in state else None
-    num_classes = num_classes or len(getattr(dataset.reader, 'class_to_idx', {})) or 1000
+    num_classes = num_classes or class_count(dataset) or 1000
     try:
         model = timm.create_model(args.model, num_classes=num_classes, **args.model_kwargs)
     except TypeError as e:

@@ -75,6 +75,23 @@ def test_yaml_numbers_and_kwargs(tmp_path):
     assert args.model_kwargs == {'layers': [1, 2, 1, 1]}
 
 
+def test_optional_value_flags_take_yaml_booleans(tmp_path):
+    # `torch_compile: true` is the bare flag (the default backend), false leaves it off.
+    args = parse_args(train_parser(), ['-c', _write(tmp_path, 'torch_compile: true\n')])
+    assert args.torch_compile == 'inductor'
+    assert parse_args(train_parser(), ['-c', _write(tmp_path, 'torch_compile: false\n')]).torch_compile is None
+    assert parse_args(train_parser(), ['-c', _write(tmp_path, 'torch_compile: eager\n')]).torch_compile == 'eager'
+
+
+def test_class_count_of_folder_and_torchvision_datasets():
+    from types import SimpleNamespace
+
+    from ddfnet.data import class_count
+    assert class_count(SimpleNamespace(reader=SimpleNamespace(class_to_idx={'a': 0, 'b': 1}))) == 2
+    assert class_count(SimpleNamespace(class_to_idx={'a': 0, 'b': 1, 'c': 2})) == 3  # torch/* datasets
+    assert class_count(SimpleNamespace()) is None
+
+
 @pytest.mark.parametrize('text, message', [
     ('model: ddf_resnet26\nlearning_rate: 0.1\n', "unknown key 'learning_rate'"),
     ('batch-size: 4\n', "unknown key 'batch-size'"),

@@ -270,6 +270,7 @@ BAD_INPUTS = [
     ('resume into another run', ['--resume', '{tmp}/elsewhere.pth.tar'], '{tmp}/out/run already holds another run'),
     ('odd batch with mixup', ['--mixup', '0.2', '--batch-size', '7', '--experiment', 'new'],
      'mixup/cutmix pair up images: --batch-size must be even'),
+    ('plateau schedule', ['--sched', 'plateau', '--experiment', 'new'], '--sched plateau is not supported'),
 ]
 
 

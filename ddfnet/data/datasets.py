@@ -29,6 +29,12 @@ def _has_split_folder(root: str, split: str) -> bool:
     return any(os.path.isdir(os.path.join(root, name)) for name in (split, *names))
 
 
+def class_count(dataset) -> int | None:
+    """The number of classes of a timm dataset (folder readers) or a torchvision one, if it says."""
+    source = getattr(dataset, 'reader', dataset)  # timm wraps folders in a reader; torch/* datasets are bare
+    return len(getattr(source, 'class_to_idx', None) or {}) or None
+
+
 def create_split(dataset: str, root: str, split: str, is_training: bool, batch_size: int = 1):
     """timm's ``create_dataset`` for one split; a missing or empty split raises :class:`UserError`."""
     if not dataset and os.path.isdir(root) and not _has_split_folder(root, split):

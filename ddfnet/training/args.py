@@ -62,7 +62,7 @@ def train_parser() -> argparse.ArgumentParser:
 
     group = parser.add_argument_group('schedule')
     add = group.add_argument
-    add('--sched', default='cosine', help='timm scheduler: cosine, step, multistep, plateau, ...')
+    add('--sched', default='cosine', help='timm scheduler: cosine, step, multistep, poly, tanh')
     add('--sched-on-updates', **flag, default=False, help='update the lr every optimizer step, not every epoch')
     add('--lr', type=float, default=0.1, help='peak learning rate for the global batch')
     add('--epochs', type=int, default=120, help='epochs before the cool-down')

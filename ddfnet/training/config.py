@@ -71,6 +71,8 @@ def _coerce(action: argparse.Action, key: str, value: Any, path: str) -> Any:
         if not isinstance(value, bool):
             raise UserError(f'config {path}: {key} must be true or false, not {value!r}')
         return value
+    if action.nargs == '?' and action.const is not None and isinstance(value, bool):
+        return action.const if value else None  # `torch_compile: true` means the bare flag
     many = action.nargs not in (None, '?')
     values = value if many else [value]
     if many and not isinstance(value, (list, tuple)):
@@ -130,9 +132,18 @@ def resolved_config(args: argparse.Namespace, keys: Sequence[str]) -> dict[str, 
     return {key: plain(getattr(args, key)) for key in keys}
 
 
+def atomic_write_text(text: str, path: str) -> None:
+    """Write ``text`` to ``path`` via a temporary ``.partial`` file and a rename: never a truncated file."""
+    tmp = f'{path}.{os.getpid()}.partial'
+    try:
+        with open(tmp, 'w', encoding='utf-8') as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_yaml(config: dict[str, Any], path: str) -> None:
-    """Write ``config`` to ``path`` atomically (temp file + rename)."""
-    tmp = f'{path}.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
-        yaml.safe_dump(config, f, sort_keys=False)
-    os.replace(tmp, path)
+    """Write ``config`` to ``path`` atomically."""
+    atomic_write_text(yaml.safe_dump(config, sort_keys=False), path)
