@@ -103,6 +103,26 @@ def test_non_contiguous_inputs():
     _check(x[:, ::2], cf[:, ::2], sf, 3, 1, 1, 'add')  # strided channel slices
 
 
+@pytest.mark.parametrize('fmt', [torch.contiguous_format, torch.channels_last], ids=['nchw', 'nhwc'])
+@pytest.mark.parametrize('stride', [1, 2])
+@pytest.mark.parametrize('combine', ['mul', 'add'])
+def test_infinite_inputs_give_the_references_inf_and_nan(combine, stride, fmt):
+    # Vector lanes past a row's end (W = 11, not a multiple of 8) must not mix an inf of the last
+    # columns into a sum as 0 * inf = NaN where the reference, which never visits them, stays finite.
+    x, cf, sf = _case(2, 3, 7, 11, 3, stride, torch.float32, fmt, seed=5)
+    x[:, :, :, -1] = float('inf')
+    x[:, :, 2, 0] = float('-inf')
+    grad = torch.randn(2, 3, *sf.shape[2:], generator=torch.Generator().manual_seed(1))
+    got = (torch.ops.ddfnet.ddf(x, cf, sf, 3, 1, stride, combine),
+           *torch.ops.ddfnet.ddf_backward(grad, x, cf, sf, 3, 1, stride, combine))
+    want = (ddf_forward_reference(x, cf, sf, 3, 1, stride, combine),
+            *ddf_backward_reference(grad, x, cf, sf, 3, 1, stride, combine))
+    for a, b in zip(got, want):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
+        finite = b.isfinite()
+        torch.testing.assert_close(a[finite], b[finite], rtol=1e-5, atol=1e-4)
+
+
 def test_gradcheck_native():
     x, cf, sf = random_inputs(1, 2, 6, 5, 3, 2, requires_grad=True)
     for combine in ('mul', 'add'):

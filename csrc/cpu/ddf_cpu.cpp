@@ -234,13 +234,12 @@ PaddedRows padded_rows(const Geometry& g) {
 // into a padded phase-split buffer (as in the forward); the sums of NT taps stay in vector registers
 // over the whole plane, with one horizontal sum per tap at the end (per-tap partial rows in memory
 // cost a load and a store per multiply-add, 2x slower).
-template <typename T>
+template <typename T, bool MUL>
 void backward_nchw_planes(const Args<T>& a, int64_t begin, int64_t end) {
   using Vec [[gnu::vector_size(V * sizeof(T))]] = T;
   const T *go = a.go, *x = a.x, *cf = a.cf, *psf = a.sf;
   T *gx = a.gx, *gcf = a.gcf;
   const Geometry& g = a.g;
-  const bool mul = a.mul;
   const int64_t K2 = g.K2(), in_plane = g.H * g.W, out_plane = g.Ho * g.Wo, s = g.s;
   const int64_t pad = (g.k / 2) * g.d, Wv = (g.Wo + V - 1) / V * V, Hp = g.H + 2 * pad;
   const int64_t Wq = std::max((g.W + 2 * pad + s - 1) / s, Wv + (g.k - 1) * g.d / s + 1);
@@ -265,13 +264,28 @@ void backward_nchw_planes(const Args<T>& a, int64_t begin, int64_t end) {
       shift[phase * g.k + j] = n % s == 0 ? n / s : none;
     }
   }
-  const std::vector<T> ones(mul ? 0 : filter_plane, T(1));  // 'add': the spatial filter drops out
+  // The taps each (input row, column phase) gathers from: the same for every plane.
   struct Tap {
     int64_t at;  // offset of the tap's first value in grad_rows, and in the sample's filter planes
     int64_t t;
   };
+  const int64_t phases = std::min(s, g.W);
   std::vector<Tap> taps;
-  taps.reserve(K2);
+  std::vector<int64_t> first_tap(g.H * phases + 1, 0);  // (yi, phase) -> its taps' start in `taps`
+  for (int64_t yi = 0; yi < g.H; ++yi) {
+    for (int64_t phase = 0; phase < phases; ++phase) {
+      for (int64_t i = 0; i < g.k; ++i) {
+        const int64_t y = source_row[yi * g.k + i];
+        if (y < 0) continue;
+        for (int64_t j = 0; j < g.k; ++j) {
+          const int64_t n = shift[phase * g.k + j];
+          if (n == none) continue;
+          taps.push_back({y * pr.width + pr.left + n, i * g.k + j});
+        }
+      }
+      first_tap[yi * phases + phase + 1] = int64_t(taps.size());
+    }
+  }
   for (int64_t p = begin; p < end; ++p) {
     const T* xp = x + p * in_plane;
     const T* gp = go + p * out_plane;
@@ -283,17 +297,9 @@ void backward_nchw_planes(const Args<T>& a, int64_t begin, int64_t end) {
 
     for (int64_t yi = 0; yi < g.H; ++yi) {
       T* row = gx + p * in_plane + yi * g.W;
-      for (int64_t phase = 0; phase < std::min(s, g.W); ++phase) {
-        taps.clear();
-        for (int64_t i = 0; i < g.k; ++i) {
-          const int64_t y = source_row[yi * g.k + i];
-          if (y < 0) continue;
-          for (int64_t j = 0; j < g.k; ++j) {
-            const int64_t n = shift[phase * g.k + j];
-            if (n == none) continue;
-            taps.push_back({y * pr.width + pr.left + n, i * g.k + j});
-          }
-        }
+      for (int64_t phase = 0; phase < phases; ++phase) {
+        const Tap* tp = taps.data() + first_tap[yi * phases + phase];
+        const int64_t n_taps = first_tap[yi * phases + phase + 1] - first_tap[yi * phases + phase];
         for (int64_t m0 = 0; m0 < g.Wo; m0 += U * V) {
           // Even and odd taps in separate sums: 2 * U chains of multiply-adds, enough to hide their
           // latency (U chains alone were latency-bound).
@@ -306,19 +312,18 @@ void backward_nchw_planes(const Args<T>& a, int64_t begin, int64_t end) {
               Vec gv, sv;
               std::memcpy(&gv, gr + u * V, sizeof(Vec));
               std::memcpy(&sv, sr + u * V, sizeof(Vec));
-              if (mul) {
+              if constexpr (MUL) {
                 sum[u] += gv * (c * sv);
               } else {
                 sum[u] += gv * (c + sv);
               }
             }
           };
-          const size_t n_taps = taps.size();
-          for (size_t n = 0; n + 1 < n_taps; n += 2) {
-            add_tap(taps[n], even);
-            add_tap(taps[n + 1], odd);
+          for (int64_t n = 0; n + 1 < n_taps; n += 2) {
+            add_tap(tp[n], even);
+            add_tap(tp[n + 1], odd);
           }
-          if (n_taps % 2) add_tap(taps[n_taps - 1], even);
+          if (n_taps % 2) add_tap(tp[n_taps - 1], even);
           for (int64_t u = 0; u < U; ++u) {
             const Vec total = even[u] + odd[u];
             std::memcpy(&gx_row[m0 + u * V], &total, sizeof(Vec));
@@ -339,21 +344,31 @@ void backward_nchw_planes(const Args<T>& a, int64_t begin, int64_t end) {
       for (int64_t u = 0; u < NT; ++u) {
         const int64_t t = std::min(t0 + u, K2 - 1);  // past the last tap: redo it, not stored
         in[u] = buffer.data() + offset[t];
-        f[u] = (mul ? sp + t * filter_plane : ones.data()) + pr.left;
+        f[u] = sp + t * filter_plane + pr.left;  // not read for 'add', where the spatial filter drops out
       }
       Vec acc[NT] = {};
-      for (int64_t y = 0; y < g.Ho; ++y) {
-        for (int64_t x0 = 0; x0 < Wv; x0 += V) {
-          const int64_t src = y * s * Wq + x0, dst = y * pr.width + x0;
-          Vec gv;
-          std::memcpy(&gv, grp + pr.left + dst, sizeof(Vec));
-          for (int64_t u = 0; u < NT; ++u) {
-            Vec xv, fv;
-            std::memcpy(&xv, in[u] + src, sizeof(Vec));
+      // The last chunk of a row past Wo reads real input columns (zero grad_output): those lanes are
+      // cleared rather than multiplied by zero, so an inf there cannot turn the sum into NaN.
+      auto add_chunk = [&](int64_t src, int64_t dst, int64_t n) {
+        Vec gv;
+        std::memcpy(&gv, grp + pr.left + dst, sizeof(Vec));
+        for (int64_t u = 0; u < NT; ++u) {
+          Vec xv;
+          std::memcpy(&xv, in[u] + src, sizeof(Vec));
+          for (int64_t l = n; l < V; ++l) xv[l] = T(0);
+          if constexpr (MUL) {
+            Vec fv;
             std::memcpy(&fv, f[u] + dst, sizeof(Vec));
             acc[u] += gv * xv * fv;
+          } else {
+            acc[u] += gv * xv;
           }
         }
+      };
+      const int64_t full = g.Wo / V * V;
+      for (int64_t y = 0; y < g.Ho; ++y) {
+        for (int64_t x0 = 0; x0 < full; x0 += V) add_chunk(y * s * Wq + x0, y * pr.width + x0, V);
+        if (full < g.Wo) add_chunk(y * s * Wq + full, y * pr.width + full, g.Wo - full);
       }
       for (int64_t u = 0; u < NT && t0 + u < K2; ++u) gcf[p * K2 + t0 + u] = horizontal_sum<T>(acc[u]);
     }
@@ -549,16 +564,14 @@ void backward_nhwc_gx_rows(const Args<T>& a, int64_t begin, int64_t end) {
 // the channel loop: grad_output's vector is loaded once for all NT taps, and each tap needs a single
 // horizontal sum at the end (one dot product per tap, each with its own reduction, was 5x slower at
 // C = 64). Taps outside the image read a zero row, so the register block has a fixed size.
-template <typename T>
+template <typename T, bool MUL>
 void backward_nhwc_sf_rows(const Args<T>& a, int64_t begin, int64_t end) {
   using Vec [[gnu::vector_size(V * sizeof(T))]] = T;
   const T *go = a.go, *x = a.x, *cft = a.cf;
   T* gsf = a.gsf;
   const Geometry& g = a.g;
-  const bool mul = a.mul;
   const int64_t K2 = g.K2(), C = g.C, Cv = C / V * V;
   const std::vector<T> zeros(C, T(0));
-  const std::vector<T> ones(mul ? 0 : C, T(1));  // 'add': the channel filter drops out of the product
   for (int64_t r_idx = begin; r_idx < end; ++r_idx) {
     const int64_t b = r_idx / g.Ho, y = r_idx % g.Ho;
     for (int64_t xo = 0; xo < g.Wo; ++xo) {
@@ -572,22 +585,27 @@ void backward_nhwc_sf_rows(const Args<T>& a, int64_t begin, int64_t end) {
           const int64_t yi = y * g.s + g.off(t / g.k), xi = xo * g.s + g.off(t % g.k);
           const bool inside = yi >= 0 && yi < g.H && xi >= 0 && xi < g.W;
           in[u] = inside ? x + ((b * g.H + yi) * g.W + xi) * C : zeros.data();
-          w[u] = mul ? cft + (b * K2 + t) * C : ones.data();
+          w[u] = cft + (b * K2 + t) * C;  // not read for 'add', where the channel filter drops out
         }
         Vec acc[NT] = {};
         for (int64_t c = 0; c < Cv; c += V) {
           Vec gv;
           std::memcpy(&gv, gp + c, sizeof(Vec));
           for (int64_t u = 0; u < NT; ++u) {
-            Vec xv, wv;
+            Vec xv;
             std::memcpy(&xv, in[u] + c, sizeof(Vec));
-            std::memcpy(&wv, w[u] + c, sizeof(Vec));
-            acc[u] += gv * wv * xv;
+            if constexpr (MUL) {
+              Vec wv;
+              std::memcpy(&wv, w[u] + c, sizeof(Vec));
+              acc[u] += gv * wv * xv;
+            } else {
+              acc[u] += gv * xv;
+            }
           }
         }
         for (int64_t u = 0; u < NT && t0 + u < K2; ++u) {
           T value = horizontal_sum<T>(acc[u]);
-          for (int64_t c = Cv; c < C; ++c) value += gp[c] * w[u][c] * in[u][c];
+          for (int64_t c = Cv; c < C; ++c) value += MUL ? gp[c] * w[u][c] * in[u][c] : gp[c] * in[u][c];
           gsf[pix * K2 + t0 + u] = value;
         }
       }
@@ -691,6 +709,17 @@ at::Tensor channel_filter_for(const at::Tensor& cf, at::ScalarType acc, bool cha
   return channels_last ? flat.transpose(1, 2).contiguous() : flat.contiguous();
 }
 
+// t (B, K2, Ho, Wo) as a contiguous (B, K2, Ho, width) tensor of the accumulation type, the Wo columns
+// starting at `left`, zeros around: one pass over t, whatever its dtype and layout.
+at::Tensor padded_columns(const at::Tensor& t, int64_t left, int64_t width, at::ScalarType acc) {
+  const int64_t n = t.size(3);
+  at::Tensor out = at::empty({t.size(0), t.size(1), t.size(2), width}, t.options().dtype(acc));
+  out.narrow(3, 0, left).zero_();
+  out.narrow(3, left + n, width - left - n).zero_();
+  out.narrow(3, left, n).copy_(t);
+  return out;
+}
+
 at::Tensor forward_entry(const at::Tensor& input, const at::Tensor& channel_filter,
                          const at::Tensor& spatial_filter, int64_t kernel_size, int64_t dilation, int64_t stride,
                          c10::string_view kernel_combine) {
@@ -704,11 +733,9 @@ at::Tensor forward_entry(const at::Tensor& input, const at::Tensor& channel_filt
   if (out.numel() == 0) return out.to(input.scalar_type());
   const at::Tensor x = input.to(acc).contiguous(fmt);
   const at::Tensor cf = channel_filter_for(channel_filter, acc, cl);
-  at::Tensor sf = spatial_filter.to(acc).contiguous(fmt);
-  if (!cl) {  // pad rows to whole vectors (see forward_nchw_planes)
-    const int64_t Wv = (g.Wo + V - 1) / V * V;
-    if (Wv != g.Wo) sf = at::constant_pad_nd(sf, {0, Wv - g.Wo});
-  }
+  // NCHW: rows padded to whole vectors (see forward_nchw_planes).
+  const at::Tensor sf = cl ? spatial_filter.to(acc).contiguous(fmt)
+                           : padded_columns(spatial_filter, 0, (g.Wo + V - 1) / V * V, acc);
   AT_DISPATCH_FLOATING_TYPES(acc, "ddf_forward_cpu", [&] {
     Args<scalar_t> a;
     a.x = x.const_data_ptr<scalar_t>();
@@ -754,11 +781,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_entry(
     const at::Tensor go = grad_output.to(acc).contiguous(fmt);
     const at::Tensor x = input.to(acc).contiguous(fmt);
     const at::Tensor cf = channel_filter_for(channel_filter, acc, cl);
-    at::Tensor sf = spatial_filter.to(acc).contiguous(fmt);
-    if (!cl) {  // see PaddedRows
-      const PaddedRows pr = padded_rows(g);
-      sf = at::constant_pad_nd(sf, {pr.left, pr.width - pr.left - g.Wo});
-    }
+    const PaddedRows pr = padded_rows(g);  // NCHW reads padded rows
+    const at::Tensor sf =
+        cl ? spatial_filter.to(acc).contiguous(fmt) : padded_columns(spatial_filter, pr.left, pr.width, acc);
     AT_DISPATCH_FLOATING_TYPES(acc, "ddf_backward_cpu", [&] {
       Args<scalar_t> a;
       a.go = go.const_data_ptr<scalar_t>();
@@ -773,13 +798,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_entry(
       const int64_t K2 = g.K2();
       if (cl) {
         launch<scalar_t, backward_nhwc_gx_rows<scalar_t>>(a, g.B * g.H, g.W * g.C * K2);
-        launch<scalar_t, backward_nhwc_sf_rows<scalar_t>>(a, g.B * g.Ho, g.Wo * g.C * K2);
+        if (mul) {
+          launch<scalar_t, backward_nhwc_sf_rows<scalar_t, true>>(a, g.B * g.Ho, g.Wo * g.C * K2);
+        } else {
+          launch<scalar_t, backward_nhwc_sf_rows<scalar_t, false>>(a, g.B * g.Ho, g.Wo * g.C * K2);
+        }
         launch<scalar_t, backward_nhwc_cf_blocks<scalar_t>>(a, g.B * ((g.C + CB - 1) / CB), g.Ho * g.Wo * CB * K2);
       } else {
-        launch<scalar_t, backward_nchw_planes<scalar_t>>(a, g.B * g.C, g.Ho * g.Wo * K2 * 2);
         if (mul) {
+          launch<scalar_t, backward_nchw_planes<scalar_t, true>>(a, g.B * g.C, g.Ho * g.Wo * K2 * 2);
           launch<scalar_t, backward_nchw_sf_rows<scalar_t, true>>(a, g.B * g.Ho, g.C * g.Wo * K2);
         } else {
+          launch<scalar_t, backward_nchw_planes<scalar_t, false>>(a, g.B * g.C, g.Ho * g.Wo * K2 * 2);
           launch<scalar_t, backward_nchw_sf_rows<scalar_t, false>>(a, g.B * g.Ho, g.C * g.Wo * K2);
         }
       }
