@@ -264,10 +264,8 @@ def main(argv: list[str] | None = None) -> None:
                     stop=stop, resume_rng=resume_rng if state.step else None, tensorboard=tensorboard)
                 if args.distributed and args.dist_bn:
                     distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
-                eval_metrics = evaluate(model, loader_eval, device, amp_autocast, args.channels_last)
-                if model_ema is not None:
-                    ema_metrics = evaluate(model_ema.module, loader_eval, device, amp_autocast, args.channels_last)
-                    eval_metrics.update({f'ema_{k}': v for k, v in ema_metrics.items()})
+                eval_metrics = evaluate(model, loader_eval, device, amp_autocast, args.channels_last,
+                                        ema_model=model_ema.module if model_ema is not None else None)
                 value = eval_metrics[key]
                 better = state.best_metric is None or (value < state.best_metric if args.eval_metric == 'loss'
                                                        else value > state.best_metric)

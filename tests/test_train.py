@@ -212,7 +212,11 @@ def test_two_ranks_under_torchrun_end_with_identical_weights(data_dir, tmp_path)
     assert len([f for f in os.listdir(tmp_path / 'run') if f.startswith('events')]) == 1  # only rank 0 writes
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize('accum, where', [(1, 'step 2'), (2, 'steps 2-3')])
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch, capsys, accum,
+                                                                   where):
+    # One NaN loss, at epoch 1's third batch; with accumulation 2 that batch does not step the optimizer,
+    # and the run must stop at the step that ends its window.
     train = _load_script('train')
     calls = []
 
@@ -220,14 +224,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_
         def forward(self, logits, target):
             calls.append(1)
             loss = super().forward(logits, target)
-            return loss * float('nan') if len(calls) > STEPS + 2 else loss  # epoch 1, third step
+            return loss * float('nan') if len(calls) == STEPS + 3 else loss
 
     monkeypatch.setattr(train, 'LabelSmoothingCrossEntropy', lambda smoothing: PoisonedLoss())
     with pytest.raises(SystemExit) as exit_info:
-        run_main(lambda: train.main(tiny_args(data_dir, tmp_path)), 'train.py')
+        run_main(lambda: train.main(tiny_args(data_dir, tmp_path, '--grad-accum-steps', str(accum))), 'train.py')
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()
-    assert error == [f'train.py: error: non-finite loss at epoch 1 step 2: stopping before it reaches the weights '
+    assert error == [f'train.py: error: non-finite loss at epoch 1 {where}: stopping before it reaches the weights '
                      '(the last good checkpoint is kept; lower --lr, add --clip-grad or use --amp-dtype bfloat16)']
     saved = checkpoint(tmp_path / 'run' / 'last.pth.tar')
     assert saved['state'] == {**saved['state'], 'epoch': 1, 'step': 0}

@@ -78,3 +78,24 @@ def test_pretrained_file_fine_tunes_with_a_new_classifier(data_dir, tmp_path):
     assert torch.equal(after['conv1.weight'], before['conv1.weight'])
     ddf_weight = 'layer4.0.conv2.spatial_branch.0.weight'
     assert torch.equal(after[ddf_weight], before[ddf_weight])
+
+
+def test_evaluate_scores_the_ema_model_in_the_same_pass():
+    from ddfnet.training.engine import evaluate
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 7))
+    ema = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 7))
+    batches = [(torch.randn(5, 3, 2, 2), torch.randint(0, 7, (5,))) for _ in range(3)]
+
+    class Loader:
+        passes = 0
+
+        def __iter__(self):
+            Loader.passes += 1
+            return iter(batches)
+
+    both = evaluate(model, Loader(), torch.device('cpu'), ema_model=ema)
+    assert Loader.passes == 1
+    alone = evaluate(ema, batches, torch.device('cpu'))
+    assert both == {**evaluate(model, batches, torch.device('cpu')), **{f'ema_{k}': v for k, v in alone.items()}}
+    assert 0 <= both['top1'] <= both['top5'] <= 100

@@ -107,6 +107,11 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     if state.step and resume_rng is not None:
         set_rng_state(resume_rng)
     world = _world()
+    # Over the current accumulation window, on the device: sum of loss x images, images, non-finite
+    # losses. The host reads it once per optimizer step (not per micro-batch), so accumulation steps
+    # queue their work without waiting for the device.
+    window = torch.zeros(3, device=device)
+    window_start = state.step
     loss_sum = loss_count = 0.0
     epoch_start = interval_start = time.perf_counter()
     interval_images, first_batch = 0, state.step
@@ -123,17 +128,23 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         with sync:
             with amp_autocast():
                 loss = loss_fn(model(images), targets)
-            # One small all-reduce per batch: the mean loss, whether any rank's loss is non-finite and
-            # whether any rank got a stop signal, so all ranks take the same decision at the same step.
-            status = torch.stack([loss.detach().float(), (~torch.isfinite(loss.detach())).float(),
-                                  torch.tensor(float(bool(stop and stop.signum)), device=loss.device)])
-            if world > 1:
-                dist.all_reduce(status)
-            loss_value, nonfinite, stopping = status.tolist()
-            if nonfinite:
-                raise TrainingStopped(f'non-finite loss at epoch {state.epoch} step {batch_idx}: stopping before '
-                                      'it reaches the weights (the last good checkpoint is kept; lower --lr, '
-                                      'add --clip-grad or use --amp-dtype bfloat16)')
+            detached = loss.detach().float()
+            window += torch.stack([detached * images.shape[0], detached.new_tensor(float(images.shape[0])),
+                                   (~torch.isfinite(detached)).float()])
+            if need_update:
+                # One small all-reduce per optimizer step, before the step's backward: the window's loss,
+                # whether any rank had a non-finite loss in it and whether any rank got a stop signal, so all
+                # ranks take the same decision at the same step. An earlier micro-batch's NaN has reached
+                # the gradients by now, but never the weights: they change only below.
+                status = torch.cat([window, window.new_tensor([float(bool(stop and stop.signum))])])
+                if world > 1:
+                    dist.all_reduce(status)
+                window_loss, window_images, nonfinite, stopping = status.tolist()
+                if nonfinite:
+                    steps = f'step {batch_idx}' if window_start == batch_idx else f'steps {window_start}-{batch_idx}'
+                    raise TrainingStopped(f'non-finite loss at epoch {state.epoch} {steps}: stopping before '
+                                          'it reaches the weights (the last good checkpoint is kept; lower --lr, '
+                                          'add --clip-grad or use --amp-dtype bfloat16)')
             scaled = loss / accum
             if loss_scaler is not None:
                 loss_scaler(scaled, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
@@ -144,12 +155,14 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
                     if args.clip_grad is not None:
                         dispatch_clip_grad(model.parameters(), args.clip_grad, mode=args.clip_mode)
                     optimizer.step()
-        loss_sum += loss_value / world * images.shape[0]
-        loss_count += images.shape[0]
         interval_images += images.shape[0] * world
         state.step = batch_idx + 1
         if not need_update:
             continue
+        window.zero_()
+        window_start = batch_idx + 1
+        loss_sum += window_loss
+        loss_count += window_images
         optimizer.zero_grad(set_to_none=True)
         state.num_updates += 1
         if model_ema is not None:
@@ -163,11 +176,12 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
             rate = interval_images / max(now - interval_start, 1e-9)
             per_batch = (now - epoch_start) / (batch_idx + 1 - first_batch)
             eta = time.strftime('%H:%M:%S', time.gmtime(per_batch * (num_batches - batch_idx - 1)))
+            step_loss = window_loss / max(window_images, 1)  # this step's mean over its images and ranks
             _logger.info(f'epoch {state.epoch} [{batch_idx + 1:>{len(str(num_batches))}}/{num_batches}] '
-                         f'loss {loss_value / world:.4f} ({loss_sum / loss_count:.4f}) lr {lr:.3e} '
+                         f'loss {step_loss:.4f} ({loss_sum / loss_count:.4f}) lr {lr:.3e} '
                          f'{rate:.1f} img/s eta {eta}')
             if tensorboard is not None:
-                tensorboard.add_scalar('train/loss', loss_value / world, state.num_updates)
+                tensorboard.add_scalar('train/loss', step_loss, state.num_updates)
                 tensorboard.add_scalar('train/lr', lr, state.num_updates)
                 tensorboard.add_scalar('train/images_per_sec', rate, state.num_updates)
             interval_start, interval_images = now, 0
@@ -178,24 +192,33 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, amp_autocast=nullcontext,
-             channels_last: bool = False) -> dict[str, float]:
-    """Top-1 / top-5 accuracy (percent) and mean cross-entropy over ``loader``, summed over all ranks."""
-    model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1, top-5, count
+             channels_last: bool = False, ema_model: nn.Module | None = None) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (percent) and mean cross-entropy over ``loader``, summed over all ranks.
+
+    With ``ema_model``, it is scored on the same batches (one pass: the images are decoded once) and its
+    figures are added with an ``ema_`` prefix.
+    """
+    models = [model] if ema_model is None else [model, ema_model]
+    for m in models:
+        m.eval()
+    totals = torch.zeros(len(models), 4, dtype=torch.float64, device=device)  # loss sum, top-1, top-5, count
     for images, targets in loader:
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with amp_autocast():
-            logits = model(images)
-        logits = logits.float()
-        topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = topk == targets[:, None]
-        totals += torch.stack([nn.functional.cross_entropy(logits, targets, reduction='sum').double(),
-                               hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
-                               torch.tensor(float(targets.shape[0]), dtype=torch.float64, device=device)])
+        for i, m in enumerate(models):
+            with amp_autocast():
+                logits = m(images)
+            logits = logits.float()
+            hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]
+            totals[i] += torch.stack([nn.functional.cross_entropy(logits, targets, reduction='sum').double(),
+                                      hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
+                                      totals.new_tensor(float(targets.shape[0]))])
     if _world() > 1:
         dist.all_reduce(totals)
-    loss, top1, top5, count = totals.tolist()
-    count = max(count, 1.0)
-    return {'loss': loss / count, 'top1': 100.0 * top1 / count, 'top5': 100.0 * top5 / count}
+    metrics = {}
+    for prefix, (loss, top1, top5, count) in zip(('', 'ema_'), totals.tolist()):
+        count = max(count, 1.0)
+        metrics.update({f'{prefix}loss': loss / count, f'{prefix}top1': 100.0 * top1 / count,
+                        f'{prefix}top5': 100.0 * top5 / count})
+    return metrics
