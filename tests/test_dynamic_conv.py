@@ -46,6 +46,7 @@ def test_equals_per_sample_loop(case, aggregation):
     want = _per_sample_loop(layer, x)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), want)
+        torch.testing.assert_close(layer(x[:1]), want[:1])  # a single sample ('auto' mixes kernels)
     # With gradients recorded the same function runs under recomputation.
     torch.testing.assert_close(layer(x.requires_grad_()), want)
 
@@ -119,6 +120,10 @@ def test_auto_picks_the_smaller_intermediate():
     assert late.resolved_aggregation(torch.empty(2, 512, 7, 7)) == 'outputs'
     forced = DynamicConv2d(512, 512, 3, aggregation='kernels')
     assert forced.resolved_aggregation(torch.empty(2, 512, 7, 7)) == 'kernels'
+    # A single sample's kernel is one static weight: mixing kernels is then the smaller and cheaper order.
+    assert late.resolved_aggregation(torch.empty(1, 512, 7, 7)) == 'kernels'
+    single = DynamicConv2d(512, 512, 3, aggregation='outputs').resolved_aggregation(torch.empty(1, 512, 7, 7))
+    assert single == 'outputs'  # only 'auto' chooses
 
 
 def _entropy(layer, x):

@@ -63,17 +63,20 @@ def test_count_flops_dyconv_in_the_papers_order():
     assert sum(dyconv.values()) < result['gmacs']
 
 
-@pytest.mark.parametrize('name, params_m, gmacs', (
-    # DyConv models as they run ('auto': stages 3-4 mix outputs, so their convs run K=4 times)
-    ('dy_resnet18', 44.934, 4.246), ('dy_resnet50', 59.828, 7.215), ('dy_mobilenetv3_small_100', 4.378, 0.079),
-    ('ddf_spatial_resnet50', 14.274, 2.271), ('ddf_channel_resnet50', 16.81, 2.261),
+@pytest.mark.parametrize('name, params_m, gmacs, batch_size', (
+    # DyConv models as they run on batches ('auto': stages 3-4 mix outputs, so their convs run K=4 times)
+    ('dy_resnet18', 44.934, 4.246, 2), ('dy_resnet50', 59.828, 7.215, 2),
+    ('dy_mobilenetv3_small_100', 4.378, 0.079, 2),
+    # and on a single image, which mixes kernels everywhere: the paper's order
+    ('dy_resnet18', 44.934, 1.858, 1), ('dy_resnet50', 59.828, 4.135, 1), ('dy_mobilenetv3_small_100', 4.378, 0.059, 1),
+    ('ddf_spatial_resnet50', 14.274, 2.271, 1), ('ddf_channel_resnet50', 16.81, 2.261, 1),
 ))
-def test_new_model_counts_pinned(name, params_m, gmacs):
+def test_new_model_counts_pinned(name, params_m, gmacs, batch_size):
     import timm
 
     import ddfnet  # noqa: F401
     from ddfnet.utils import count_macs
-    result = count_macs(timm.create_model(name))
+    result = count_macs(timm.create_model(name), batch_size=batch_size)
     assert result['params_m'] == params_m and result['gmacs'] == pytest.approx(gmacs, abs=2e-3)
     assert ('dyconv' in result) == name.startswith('dy_')
     if name.startswith('ddf'):
@@ -93,7 +96,7 @@ def test_dyconv_counts_split_into_static_conv_attention_and_mixing():
         for m in model.modules():
             if isinstance(m, DynamicConv2d):
                 m.aggregation = aggregation
-        counts[aggregation] = count_macs(model, img_size=64)
+        counts[aggregation] = count_macs(model, img_size=64, batch_size=2)
     kernels, outputs = counts['kernels'], counts['outputs']
     # Kernel mixing runs the static network's convs once; output mixing runs each dynamic conv K=4 times.
     dynamic_convs = kernels['dyconv']['conv']
@@ -106,3 +109,5 @@ def test_dyconv_counts_split_into_static_conv_attention_and_mixing():
 def test_count_flops_bad_dyconv_aggregation():
     proc = _run('--model', 'dy_resnet18', '--dyconv-aggregation', 'grouped')
     assert proc.returncode != 0 and 'invalid choice' in proc.stderr and 'Traceback' not in proc.stderr
+    proc = _run('--model', 'dy_resnet18', '--batch-size', '0')
+    assert proc.returncode != 0 and '--batch-size must be positive' in proc.stderr and 'Traceback' not in proc.stderr

@@ -23,32 +23,39 @@ __all__ = ['count_macs']
 _OP_PARTS = {'convolution': 'conv', 'mm': 'linear', 'addmm': 'linear', 'bmm': 'matmul', 'ddf': 'ddf_op'}
 
 
-def count_macs(model: nn.Module, img_size: int = 224, in_chans: int = 3) -> dict[str, Any]:
-    """Count one forward pass of ``model`` on a (1, in_chans, img_size, img_size) input.
+def count_macs(model: nn.Module, img_size: int = 224, in_chans: int = 3, batch_size: int = 1) -> dict[str, Any]:
+    """Count one forward pass of ``model`` on a (batch_size, in_chans, img_size, img_size) input, per image.
+
+    The batch size matters only for layers that choose their evaluation order by it: a DynamicConv2d
+    mixes kernels for a single sample and, in its default 'auto' order, mixes outputs in late stages of
+    larger batches.
 
     Returns ``params_m``, ``gmacs`` and two breakdowns in GMACs: ``by_op`` (conv, linear, ddf_op, ...) and
     ``by_module`` (the model's top-level children: stem, stages, head); models with DynamicConv2d layers
     get a third, ``dyconv``: the total over those layers split into ``attention``, ``aggregation`` and
     ``conv``.
     """
+    if batch_size < 1:
+        raise ValueError(f'count_macs: batch_size must be >= 1, got {batch_size}')
     model = model.eval()
-    x = torch.zeros(1, in_chans, img_size, img_size)
+    x = torch.zeros(batch_size, in_chans, img_size, img_size)
     counter = FlopCounterMode(display=False, depth=1)
     with counter, torch.no_grad():
         model(x)
     total = counter.get_total_flops()
+    per_image = 2e9 * batch_size  # FLOPs -> GMACs per image
     by_op: dict[str, float] = defaultdict(float)
     by_module: dict[str, float] = {}
     for module_name, ops in counter.get_flop_counts().items():
         if module_name == 'Global':
             for op, flops in ops.items():
                 name = str(op).split('.')[-1]  # 'aten.convolution' -> 'convolution'
-                by_op[_OP_PARTS.get(name, name)] += flops / 2e9
+                by_op[_OP_PARTS.get(name, name)] += flops / per_image
         elif module_name.count('.') == 1:  # 'ResNet.layer1' -> 'layer1'
-            by_module[module_name.split('.', 1)[1]] = sum(ops.values()) / 2e9
+            by_module[module_name.split('.', 1)[1]] = sum(ops.values()) / per_image
     result = {
         'params_m': round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
-        'gmacs': round(total / 2e9, 3),
+        'gmacs': round(total / per_image, 3),
         'by_op': {k: round(v, 4) for k, v in sorted(by_op.items())},
         'by_module': {k: round(v, 4) for k, v in by_module.items()},
     }
@@ -61,9 +68,9 @@ def count_macs(model: nn.Module, img_size: int = 224, in_chans: int = 3) -> dict
         if isinstance(module, DynamicConv2d):
             ops = {str(op).split('.')[-1]: flops for op, flops in counts.get(f'{root}.{name}', {}).items()}
             attention = sum(counts.get(f'{root}.{name}.attention', {}).values())
-            dyconv['attention'] += attention / 2e9
-            dyconv['conv'] += (ops.pop('convolution', 0) - attention) / 2e9
-            dyconv['aggregation'] += sum(ops.values()) / 2e9
+            dyconv['attention'] += attention / per_image
+            dyconv['conv'] += (ops.pop('convolution', 0) - attention) / per_image
+            dyconv['aggregation'] += sum(ops.values()) / per_image
     if any(dyconv.values()):
         result['dyconv'] = {k: round(v, 4) for k, v in dyconv.items()}
     return result
