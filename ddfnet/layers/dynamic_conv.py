@@ -17,7 +17,7 @@ checkpointing: backward keeps only what a static conv keeps (the input) plus the
 the per-sample intermediate exists for one layer at a time. ``'auto'`` (default) picks, per call, the
 side whose intermediate is smaller: early high-resolution layers aggregate kernels (no extra conv
 work), late low-resolution ones aggregate outputs; a batch of one always aggregates kernels (its kernel
-is one static weight's size, and the conv a plain one: 2.4x faster dy_resnet18 inference at batch 1 on
+is one static weight's size, and the conv a plain one: dy_resnet18 inference at batch 1 1.6x faster on
 CPU, docs/benchmarks.md).
 """
 from __future__ import annotations
