@@ -198,14 +198,13 @@ def main(argv: list[str] | None = None) -> None:
     resume_rng = None
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint['optimizer'])
-        # timm's schedules are functions of (epoch, step) and the settings; restore the saved state only when
-        # the settings are unchanged, so a resume with a new --epochs follows the new schedule.
+        # timm's schedules (plateau is rejected) are functions of (epoch, step) and their settings, which
+        # is all their state holds: the scheduler built from this config is the resumed one. Say so when
+        # the settings differ from the checkpoint's, e.g. a resume with a new --epochs.
         changed = [k for k in SCHEDULE_KEYS if checkpoint['config'].get(k) != config[k]]
         if changed:
             _logger.warning(f'schedule settings changed since the checkpoint ({", ".join(changed)}): '
                             'the learning rate follows the new ones')
-        else:
-            scheduler.load_state_dict(checkpoint['scheduler'])
         if loss_scaler is not None and checkpoint.get('scaler'):
             loss_scaler.load_state_dict(checkpoint['scaler'])
         if model_ema is not None and checkpoint.get('model_ema'):

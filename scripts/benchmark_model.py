@@ -10,8 +10,6 @@ reported with images/s and the ratio to the last model. One JSON line per model 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
@@ -39,15 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import ddfnet  # noqa: F401  (registers the DDF models)
+    from ddfnet.utils.bench import emit_json_lines, environment, usable_device
 
     for name in args.models:
         if not timm.is_model(name):
             parser.error(f'unknown model {name!r}')
     try:
-        device = torch.device(args.device)
-        torch.empty(1, device=device)
-    except (RuntimeError, AssertionError) as e:
-        parser.error(f'device {args.device!r} is not usable: {e}'.splitlines()[0])
+        device = usable_device(args.device)
+    except ValueError as e:
+        parser.error(str(e))
     warnings.simplefilter('once')
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     amp_dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(args.amp)
@@ -78,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
                 optimizer.step()
         runners[name] = step
 
+    for name, step in runners.items():  # one untimed call each: a model that cannot run this input says so
+        try:
+            step()
+        except (RuntimeError, ValueError) as e:
+            parser.error(f'{name} cannot run this input: {str(e).strip().splitlines()[0]}')
     for _ in range(args.warmup):
         for step in runners.values():
             step()
@@ -91,25 +94,18 @@ def main(argv: list[str] | None = None) -> int:
             times[name].append(time.perf_counter() - start)
 
     base = statistics.median(times[args.models[-1]])
-    env = dict(torch=torch.__version__, device_name=(torch.cuda.get_device_name(device) if device.type == 'cuda'
-                                                else platform.processor() or platform.machine()),
-               threads=torch.get_num_threads())
+    env = environment(device)
     rows = []
     print(f'{"model":<22}{"ms/batch":>10}{"img/s":>10}{"ratio":>8}   ({args.mode}, batch {args.batch_size}, '
           f'{args.img_size}px, {device}, amp={args.amp}, channels_last={args.channels_last})')
     for name, samples in times.items():
         median = statistics.median(samples)
-        row = dict(model=name, mode=args.mode, batch_size=args.batch_size, img_size=args.img_size,
-                   device=str(device), amp=args.amp, channels_last=args.channels_last,
+        row = dict(model=name, mode=args.mode, batch_size=args.batch_size, img_size=args.img_size, amp=args.amp, channels_last=args.channels_last,
                    ms_per_batch=round(median * 1e3, 2), images_per_s=round(args.batch_size / median, 2),
                    ratio_to_last=round(median / base, 3), rounds=args.rounds, **env)
         rows.append(row)
         print(f'{name:<22}{row["ms_per_batch"]:>10.1f}{row["images_per_s"]:>10.1f}{row["ratio_to_last"]:>8.3f}')
-    lines = [json.dumps(r) for r in rows]
-    print('\n'.join(lines))
-    if args.json:
-        with open(args.json, 'w') as f:
-            f.write('\n'.join(lines) + '\n')
+    emit_json_lines(rows, args.json)
     return 0
 
 

@@ -27,10 +27,7 @@ them to a file).
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
-import json
-import platform
 import re
 import statistics
 import sys
@@ -103,14 +100,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import ddfnet
     from ddfnet.ops import DDFSlowPathWarning, ddf_backward_reference, ddf_forward_reference
+    from ddfnet.utils.bench import emit_json_lines, environment, usable_device
 
     try:
-        device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-        if device.type not in ('cpu', 'cuda'):
-            raise RuntimeError('only cpu and cuda devices can be timed')
-        torch.empty(1, device=device)
-    except (RuntimeError, AssertionError) as e:
-        parser.error(f'device {args.device!r} is not usable: {e}'.splitlines()[0])
+        device = usable_device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    except ValueError as e:
+        parser.error(str(e))
     # The 'implementation' field records a reference fallback; the once-per-process warning adds nothing.
     warnings.simplefilter('ignore', DDFSlowPathWarning)
     cuda = device.type == 'cuda'
@@ -190,12 +185,9 @@ def main(argv: list[str] | None = None) -> int:
             fns.update({('forward', 'reference'): ref_fwd, ('fwd+bwd', 'reference'): ref_fwd_bwd})
         return time_ms(fns)
 
-    env = dict(device=str(device), device_name=(torch.cuda.get_device_name(device) if cuda
-                                                else platform.processor() or platform.machine()),
-               torch=torch.__version__, implementation=ddfnet.ops.implementation(device.type),
-               threads=torch.get_num_threads(), peak_gbps=None if peak is None else round(peak, 1),
-               peak_source=peak_source, cudnn_benchmark=cuda, l2_flushed=cuda, warmup=args.warmup,
-               rounds=args.rounds, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'))
+    env = dict(environment(device), implementation=ddfnet.ops.implementation(device.type),
+               peak_gbps=None if peak is None else round(peak, 1), peak_source=peak_source, cudnn_benchmark=cuda,
+               l2_flushed=cuda, warmup=args.warmup, rounds=args.rounds)
     print(f'DDF op (k={k}, dilation={dil}, stride={stride}, {combine}) on {env["device_name"]} ({device}); '
           f'ddf runs {env["implementation"]}; torch {torch.__version__}; peak '
           f'{"unknown" if peak is None else f"{peak:.0f} GB/s ({peak_source})"}; medians of {args.rounds} '
@@ -234,11 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                   f'{gbps:>9.1f}{"-" if pct is None else f"{pct:.1f}":>7}', flush=True)
     if skipped_note:
         print(skipped_note)
-    lines = [json.dumps(r) for r in rows]
-    print('\n'.join(lines))
-    if args.json:
-        with open(args.json, 'w') as f:
-            f.write('\n'.join(lines) + '\n')
+    emit_json_lines(rows, args.json)
     return 0
 
 
