@@ -177,3 +177,15 @@ def test_forced_reference_path_in_a_subprocess(tmp_path):
     assert result.stdout.split() == ['reference', '1']
     x, cf, sf, out = torch.load(tmp_path / 'ref.pt')
     torch.testing.assert_close(torch.ops.ddfnet.ddf(x, cf, sf, 3, 1, 2, 'mul'), out)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='with a GPU, tests/test_cuda.py runs for real')
+def test_the_cuda_suite_passes_as_a_cpu_dry_run():
+    # Without a GPU tests/test_cuda.py skips; running its tests against the CPU kernel keeps its helpers,
+    # shapes and tolerances honest until a GPU runs it (about a minute).
+    env = dict(os.environ, DDFNET_TEST_CUDA_ON='cpu')
+    result = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-x', '-p', 'no:cacheprovider',
+                             os.path.join(os.path.dirname(__file__), 'test_cuda.py')],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert ' passed' in result.stdout and ' failed' not in result.stdout

@@ -6,14 +6,22 @@ the reference with itself would prove nothing.
 
 Low-precision results are compared with the float64 reference computed on the same (rounded) inputs,
 so the only differences left are the kernels' float32 accumulation and the final rounding.
+
+``DDFNET_TEST_CUDA_ON=cpu`` runs the file against the CPU kernel instead (the tests that only make sense
+across devices or with CUDA graphs skip): a check of the tests themselves on a machine without a GPU.
 """
+import os
+
 import pytest
 import torch
 
 import ddfnet
 from ddfnet.ops import ddf_backward_reference, ddf_forward_reference
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+DEVICE = os.environ.get('DDFNET_TEST_CUDA_ON', 'cuda')
+ON_CPU = DEVICE == 'cpu'  # the dry run
+pytestmark = pytest.mark.skipif(not (ON_CPU or torch.cuda.is_available()), reason='needs a CUDA device')
+needs_cuda = pytest.mark.skipif(ON_CPU, reason='compares devices or uses CUDA graphs: not in the CPU dry run')
 
 COMBINES = ('mul', 'add')
 LAYOUTS = ('nchw', 'nhwc')
@@ -24,9 +32,9 @@ TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 2e-3, to
 
 
 def require_native():
-    impl = ddfnet.ops.implementation('cuda')
+    impl = ddfnet.ops.implementation(DEVICE)
     assert impl == 'native', (
-        f"ddfnet.ops.implementation('cuda') is {impl!r} on a machine with a GPU: the CUDA kernels of csrc/cuda "
+        f"ddfnet.ops.implementation({DEVICE!r}) is {impl!r} on a machine with a GPU: the CUDA kernels of csrc/cuda "
         'are not active (extension not built with CUDA, a build failure, or DDFNET_FORCE_REFERENCE set), so '
         'these tests would only compare the reference with itself.')
 
@@ -42,7 +50,7 @@ def make_inputs(shape, k, stride, dtype, layout='nchw', seed=0):
     out_h, out_w = (h - 1) // stride + 1, (w - 1) // stride + 1
     gen = torch.Generator().manual_seed(seed)
     sizes = ((b, c, h, w), (b, c, k, k), (b, k * k, out_h, out_w), (b, c, out_h, out_w))
-    x, cf, sf, grad = (torch.randn(s, generator=gen, dtype=torch.float64).to('cuda', dtype) for s in sizes)
+    x, cf, sf, grad = (torch.randn(s, generator=gen, dtype=torch.float64).to(DEVICE, dtype) for s in sizes)
     if layout == 'nhwc':
         x, sf, grad = (t.contiguous(memory_format=torch.channels_last) for t in (x, sf, grad))
     return x, cf, sf, grad
@@ -228,6 +236,7 @@ def test_zero_size(shape):
         assert not g.any(), name
 
 
+@needs_cuda
 @pytest.mark.parametrize('layout', LAYOUTS)
 @pytest.mark.parametrize('dtype', (torch.float64, torch.float32), ids=dtype_id)
 @pytest.mark.parametrize('combine', COMBINES)
@@ -245,12 +254,13 @@ def test_cpu_and_cuda_agree(combine, dtype, layout):
 def test_autocast_runs_in_half():
     require_native()
     x, cf, sf, _ = make_inputs((2, 4, 8, 8), 3, 1, torch.float32)
-    with torch.autocast('cuda', dtype=torch.float16):
+    with torch.autocast(DEVICE, dtype=torch.float16):
         out = ddfnet.ddf(x, cf, sf, 3)
     assert out.dtype == torch.float16
     torch.testing.assert_close(out, ddfnet.ddf(x.half(), cf.half(), sf.half(), 3))
 
 
+@needs_cuda
 def test_mixed_devices_raise():
     require_native()
     x, cf, sf, _ = make_inputs((2, 4, 8, 8), 3, 1, torch.float32)
@@ -258,6 +268,7 @@ def test_mixed_devices_raise():
         torch.ops.ddfnet.ddf(x, cf.cpu(), sf, 3, 1, 1, 'mul')
 
 
+@needs_cuda
 def test_torch_compile_reduce_overhead():
     # CUDA graphs: the kernels must not synchronise or allocate outside the caching allocator.
     require_native()
