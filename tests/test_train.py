@@ -2,7 +2,6 @@
 tiny copy of the demo dataset: a demo run validated, two ranks under torchrun, kills and resumes that
 reach the very same weights, a non-finite loss, and bad inputs."""
 import csv
-import importlib.util
 import json
 import os
 import shutil
@@ -16,25 +15,10 @@ import pytest
 import torch
 
 from ddfnet.training.config import run_main
+from training import ROOT, load_script, tiny_args
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures('one_thread')
 EPOCHS, STEPS = 3, 8  # 64 training images / batch 8
-
-
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(f'_ddfnet_{name}', ROOT / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def tiny_args(data_dir, output, *extra):
-    """A run of EPOCHS x STEPS steps of a one-block-per-stage DDF-ResNet-26 at 32x32 (a few seconds)."""
-    return ['--config', str(ROOT / 'configs' / 'demo.yaml'), '--data-dir', data_dir, '--demo-per-class', '8',
-            '--model-kwargs', '{layers: [1, 1, 1, 1]}', '--img-size', '32', '--batch-size', '8', '--workers', '0',
-            '--device', 'cpu', '--epochs', str(EPOCHS), '--warmup-epochs', '1', '--log-interval', '1',
-            '--output', str(output), '--experiment', 'run', *extra]
 
 
 # One thread per process: runs compared for bitwise equality must use the same thread count, and on a busy
@@ -217,7 +201,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_
                                                                    where):
     # One NaN loss, at epoch 1's third batch; with accumulation 2 that batch does not step the optimizer,
     # and the run must stop at the step that ends its window.
-    train = _load_script('train')
+    train = load_script('train')
     calls = []
 
     class PoisonedLoss(torch.nn.CrossEntropyLoss):
@@ -283,7 +267,7 @@ def test_bad_input_is_one_line_and_changes_nothing(bad_input, data_dir, case, ex
     tmp = str(bad_input)
     argv = tiny_args(data_dir, bad_input / 'out') + [a.format(tmp=tmp) for a in extra]
     before = _snapshot(bad_input)
-    train = _load_script('train')
+    train = load_script('train')
     with pytest.raises(SystemExit) as exit_info:
         run_main(lambda: train.main(argv), 'train.py')
     assert exit_info.value.code == 2
@@ -299,7 +283,7 @@ def test_bad_input_is_one_line_and_changes_nothing(bad_input, data_dir, case, ex
 ], ids=['truncated', 'other architecture', 'no EMA'])
 def test_validate_bad_checkpoint(bad_input, checkpoint_name, extra, message, capsys):
     tmp = str(bad_input)
-    validate = _load_script('validate')
+    validate = load_script('validate')
     argv = ['--config', f'{tmp}/out/run/args.yaml', '--checkpoint', f'{tmp}/{checkpoint_name}', *extra]
     with pytest.raises(SystemExit) as exit_info:
         run_main(lambda: validate.main(argv), 'validate.py')
@@ -316,7 +300,7 @@ def test_validate_reads_released_state_dicts_and_appends_csv(reference, tmp_path
     weights = checkpoint(run_dir / 'last.pth.tar')['model']
     torch.save({f'module.{k}': v for k, v in weights.items()}, tmp_path / 'released.pth')
     save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp_path / 'released.safetensors'))
-    validate = _load_script('validate')
+    validate = load_script('validate')
     results = tmp_path / 'results.csv'
     for name in ('last.pth.tar', 'released.pth', 'released.safetensors'):
         path = run_dir / name if name == 'last.pth.tar' else tmp_path / name

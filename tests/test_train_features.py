@@ -1,7 +1,5 @@
 """train.py's optional features each run (one short epoch, in this process), the epoch hooks see every
 epoch including after a resume, and fine-tuning from --pretrained-file drops a mismatched classifier."""
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,22 +7,19 @@ import torch
 from ddfnet.training import hooks
 from ddfnet.training.config import run_main
 
-ROOT = Path(__file__).resolve().parents[1]
+import training
+from training import load_script
+
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def train(argv):
-    spec = importlib.util.spec_from_file_location('_ddfnet_train', ROOT / 'train.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script('train')
     run_main(lambda: module.main(argv), 'train.py')
 
 
 def tiny_args(data_dir, output, *extra):
-    return ['--config', str(ROOT / 'configs' / 'demo.yaml'), '--data-dir', data_dir, '--demo-per-class', '4',
-            '--model-kwargs', '{layers: [1, 1, 1, 1]}', '--img-size', '32', '--batch-size', '8', '--workers', '0',
-            '--device', 'cpu', '--epochs', '1', '--warmup-epochs', '0', '--output', str(output),
-            '--experiment', 'run', *extra]
+    return training.tiny_args(data_dir, output, *extra, per_class=4, epochs=1, warmup=0)
 
 
 def load(path):

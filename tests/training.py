@@ -1,0 +1,22 @@
+"""Helpers of the training tests: the repository's scripts as modules, and the arguments of a tiny run."""
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name):
+    """``train.py`` / ``validate.py`` imported as a fresh module (their ``main`` runs in this process)."""
+    spec = importlib.util.spec_from_file_location(f'_ddfnet_{name}', ROOT / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_args(data_dir, output, *extra, per_class=8, epochs=3, warmup=1):
+    """train.py arguments: a one-block-per-stage DDF-ResNet-26 at 32x32 on ``per_class`` demo images per
+    class (8 classes), batch 8, ``epochs`` epochs (a few seconds each), into ``output``/run."""
+    return ['--config', str(ROOT / 'configs' / 'demo.yaml'), '--data-dir', data_dir, '--demo-per-class', str(per_class),
+            '--model-kwargs', '{layers: [1, 1, 1, 1]}', '--img-size', '32', '--batch-size', '8', '--workers', '0',
+            '--device', 'cpu', '--epochs', str(epochs), '--warmup-epochs', str(warmup), '--log-interval', '1',
+            '--output', str(output), '--experiment', 'run', *extra]
