@@ -5,7 +5,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 CUDA_HOME ?= /usr/local/cuda
-TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
 export CUDA_HOME TORCH_CUDA_ARCH_LIST
 
 BIN := $(VENV)/bin

@@ -5,7 +5,8 @@ native kernels are compiled ahead of time into ``ddfnet._C`` when torch is impor
 environment, i.e. with ``pip install --no-build-isolation -e .`` (pip's default isolated build
 environment has no torch, and installing a second torch there would risk an ABI mismatch). The CUDA
 kernels are included when nvcc (``CUDA_HOME``) and a CUDA build of torch are present;
-``TORCH_CUDA_ARCH_LIST`` picks the architectures (default "8.0;9.0": A100, H100/H200). Set
+``TORCH_CUDA_ARCH_LIST`` picks the architectures (default "8.0;9.0+PTX": A100, H100/H200, and PTX that
+newer GPUs compile at load time). Set
 ``DDFNET_NO_EXTENSION=1`` to skip the ahead-of-time build.
 """
 import glob
@@ -44,7 +45,7 @@ def native_extension():
               'building the CPU kernels only. Set CUDA_HOME to the toolkit root to build the CUDA ones.')
         with_cuda = False
     if with_cuda:
-        os.environ.setdefault('TORCH_CUDA_ARCH_LIST', '8.0;9.0')  # A100, H100/H200
+        os.environ.setdefault('TORCH_CUDA_ARCH_LIST', '8.0;9.0+PTX')  # A100, H100/H200; PTX for newer GPUs
         ext = CUDAExtension('ddfnet._C', cpp + cuda, define_macros=[('DDFNET_WITH_CUDA', None)],
                             extra_compile_args={'cxx': cxx, 'nvcc': nvcc})
     else:

@@ -12,7 +12,8 @@
 // Splitting: when the natural parallelism is too small to fill the GPU (few (b, c) planes for grad_cf,
 // few pixels for grad_sf), the reduction axis is cut into `nsplit` contiguous parts; each part writes a
 // float partial sum to a workspace (nsplit, n) and sum_partials_kernel adds the parts in order 0, 1, ...
-// nsplit depends on the shapes only, so the results are bitwise reproducible run to run (and GPU to GPU).
+// nsplit depends on the shapes only, so the results are bitwise reproducible run to run on one GPU model
+// and build (another architecture's code may fuse multiply-adds differently).
 #include "ddf_cuda.cuh"
 
 #include <ATen/Dispatch.h>
