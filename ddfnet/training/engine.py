@@ -128,9 +128,10 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         with sync:
             with amp_autocast():
                 loss = loss_fn(model(images), targets)
-            detached = loss.detach().float()
-            window += torch.stack([detached * images.shape[0], detached.new_tensor(float(images.shape[0])),
-                                   (~torch.isfinite(detached)).float()])
+            # Device-side only: a tensor made from a Python number would be a host-to-device copy, which
+            # waits for the queue.
+            detached, n = loss.detach().float(), images.shape[0]
+            window += torch.stack([detached * n, torch.full_like(detached, n), (~torch.isfinite(detached)).float()])
             if need_update:
                 # One small all-reduce per optimizer step, before the step's backward: the window's loss,
                 # whether any rank had a non-finite loss in it and whether any rank got a stop signal, so all
@@ -213,7 +214,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_autocast=nullco
             hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]
             totals[i] += torch.stack([nn.functional.cross_entropy(logits, targets, reduction='sum').double(),
                                       hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
-                                      totals.new_tensor(float(targets.shape[0]))])
+                                      totals.new_full((), targets.shape[0])])  # a fill, not a copy
     if _world() > 1:
         dist.all_reduce(totals)
     metrics = {}
