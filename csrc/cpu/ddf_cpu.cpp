@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../ddf.h"
@@ -38,7 +39,8 @@ inline int64_t source_of(int64_t in_pos, int64_t offset, int64_t s, int64_t out)
 }
 
 // Everything a kernel reads and writes; unused pointers are null. cf is (B, C, K2) for NCHW and
-// (B, K2, C) for channels_last; sf is the padded (B, K2, Ho, Wv) copy for the NCHW forward.
+// (B, K2, C) for channels_last; for NCHW, sf is a copy with padded rows: (B, K2, Ho, Wv) for the
+// forward, (B, K2, Ho, PaddedRows::width) for the backward.
 template <typename T>
 struct Args {
   const T* x = nullptr;
@@ -64,6 +66,26 @@ constexpr int64_t V = 8;
 constexpr int64_t U = 2;
 constexpr int64_t G = 4;
 
+// The zero-padded, column-phase-split copy of input rows the NCHW kernels read (see fill_padded_row):
+// `pad` zeros around, outputs computed in rows of Wv = roundup(Wo, V), Wq positions per phase row (wide
+// enough for a vector at any chunk start shifted by any tap).
+inline int64_t pad_of(const Geometry& g) { return (g.k / 2) * g.d; }
+inline int64_t vec_width(const Geometry& g) { return (g.Wo + V - 1) / V * V; }
+inline int64_t phase_width(const Geometry& g) {
+  return std::max((g.W + 2 * pad_of(g) + g.s - 1) / g.s, vec_width(g) + (g.k - 1) * g.d / g.s + 1);
+}
+
+// tap -> offset of the value it reads for a chunk's first output, relative to the chunk's base, in a
+// buffer whose column phases are phase_stride apart and whose input rows are row_stride apart.
+std::vector<int64_t> tap_offsets(const Geometry& g, int64_t phase_stride, int64_t row_stride) {
+  std::vector<int64_t> offset(g.K2());
+  for (int64_t t = 0; t < g.K2(); ++t) {
+    const int64_t dy = (t / g.k) * g.d, dx = (t % g.k) * g.d;
+    offset[t] = (dx % g.s) * phase_stride + dy * row_stride + dx / g.s;
+  }
+  return offset;
+}
+
 // Copies n values with inline vector moves: the kernels copy many short rows (often 14 or 56
 // values), where std::copy is a library call (memmove) per row.
 template <typename T>
@@ -78,24 +100,27 @@ inline void copy_row(const T* __restrict src, int64_t n, T* __restrict dst) {
   for (; i < n; ++i) dst[i] = src[i];
 }
 
-// Copies plane xp (H, W) into buf, zero-padded by pad and split by column phase: padded column c goes to
-// phase c % s, position c / s, so a tap reads V contiguous values for V adjacent outputs whatever the
-// stride. Borders must already be zero.
+// Copies input row src (W values) into dst, `pad` zeros on the left, split by column phase: padded column
+// c goes to phase c % s (phases phase_stride apart), position c / s, so a tap reads V contiguous values
+// for V adjacent outputs whatever the stride. The zeros around must already be there.
 template <typename T>
-void fill_padded_plane(const T* xp, T* buf, const Geometry& g, int64_t pad, int64_t Hp, int64_t Wq) {
+inline void fill_padded_row(const T* src, const Geometry& g, int64_t pad, int64_t phase_stride, T* dst) {
   const int64_t s = g.s;
   if (s == 1) {
-    for (int64_t r = 0; r < g.H; ++r) copy_row(xp + r * g.W, g.W, buf + (r + pad) * Wq + pad);
+    copy_row(src, g.W, dst + pad);
     return;
   }
   for (int64_t phase = 0; phase < s; ++phase) {
     const int64_t c0 = ((phase - pad) % s + s) % s;  // first input column of this phase
-    T* dst = buf + phase * Hp * Wq + pad * Wq + (c0 + pad) / s;
-    for (int64_t r = 0; r < g.H; ++r) {
-      const T* src = xp + r * g.W;
-      for (int64_t c = c0, i = 0; c < g.W; c += s, ++i) dst[r * Wq + i] = src[c];
-    }
+    T* d = dst + phase * phase_stride + (c0 + pad) / s;
+    for (int64_t c = c0, i = 0; c < g.W; c += s, ++i) d[i] = src[c];
   }
+}
+
+// Copies plane xp (H, W) into buf, (Hp = H + 2 pad) rows of Wq per phase.
+template <typename T>
+void fill_padded_plane(const T* xp, T* buf, const Geometry& g, int64_t pad, int64_t Hp, int64_t Wq) {
+  for (int64_t r = 0; r < g.H; ++r) fill_padded_row(xp + r * g.W, g, pad, Hp * Wq, buf + (r + pad) * Wq);
 }
 
 // The forward over planes [begin, end). Each plane is first copied into a zero-padded buffer, split by
@@ -115,15 +140,9 @@ void forward_nchw_planes(const Args<T>& a, int64_t begin, int64_t end) {
   const T *x = a.x, *cf = a.cf, *psf = a.sf;
   T* out = a.out;
   const Geometry& g = a.g;
-  const int64_t s = g.s, K2 = g.K2(), pad = (g.k / 2) * g.d, Wv = (g.Wo + V - 1) / V * V;
-  const int64_t Hp = g.H + 2 * pad;
-  const int64_t Wq = std::max((g.W + 2 * pad + s - 1) / s, Wv + (g.k - 1) * g.d / s + 1);
+  const int64_t s = g.s, K2 = g.K2(), pad = pad_of(g), Wv = vec_width(g), Hp = g.H + 2 * pad, Wq = phase_width(g);
   const int64_t per_row = Wv / V, chunks = g.Ho * per_row, filter_plane = g.Ho * Wv, plane_buffer = s * Hp * Wq;
-  std::vector<int64_t> offset(K2);  // tap -> offset in a plane's buffer, relative to a chunk's base
-  for (int64_t t = 0; t < K2; ++t) {
-    const int64_t dy = (t / g.k) * g.d, dx = (t % g.k) * g.d;
-    offset[t] = (dx % s) * Hp * Wq + dy * Wq + dx / s;
-  }
+  const std::vector<int64_t> offset = tap_offsets(g, Hp * Wq, Wq);  // in a plane's buffer
   // Where each chunk reads and writes, computed once: divisions in the chunk loop (q / per_row) cost
   // more than the chunk's arithmetic.
   struct Chunk {
@@ -214,7 +233,7 @@ struct PaddedRows {
   int64_t left, width;
 };
 PaddedRows padded_rows(const Geometry& g) {
-  const int64_t pad = (g.k / 2) * g.d, Wu = (g.Wo + U * V - 1) / (U * V) * (U * V);
+  const int64_t pad = pad_of(g), Wu = (g.Wo + U * V - 1) / (U * V) * (U * V);
   const int64_t left = (pad + g.s - 1) / g.s;
   return {left, left + Wu + (g.s - 1 + pad) / g.s + 1};
 }
@@ -241,15 +260,10 @@ void backward_nchw_planes(const Args<T>& a, int64_t begin, int64_t end) {
   T *gx = a.gx, *gcf = a.gcf;
   const Geometry& g = a.g;
   const int64_t K2 = g.K2(), in_plane = g.H * g.W, out_plane = g.Ho * g.Wo, s = g.s;
-  const int64_t pad = (g.k / 2) * g.d, Wv = (g.Wo + V - 1) / V * V, Hp = g.H + 2 * pad;
-  const int64_t Wq = std::max((g.W + 2 * pad + s - 1) / s, Wv + (g.k - 1) * g.d / s + 1);
+  const int64_t pad = pad_of(g), Hp = g.H + 2 * pad, Wq = phase_width(g);
   const PaddedRows pr = padded_rows(g);
   const int64_t filter_plane = g.Ho * pr.width;
-  std::vector<int64_t> offset(K2);  // tap -> offset in the plane buffer, relative to a chunk's base
-  for (int64_t t = 0; t < K2; ++t) {
-    const int64_t dy = (t / g.k) * g.d, dx = (t % g.k) * g.d;
-    offset[t] = (dx % s) * Hp * Wq + dy * Wq + dx / s;
-  }
+  const std::vector<int64_t> offset = tap_offsets(g, Hp * Wq, Wq);  // in the plane buffer
   std::vector<T> buffer(s * Hp * Wq, T(0)), grad_rows(filter_plane, T(0)), gx_row(pr.width);
   // Which output row each input row takes from each kernel row (or -1), and the column shift of each
   // kernel column in each column phase (or `none`): computed once, as the divisions cost
@@ -396,17 +410,10 @@ void backward_nchw_sf_rows(const Args<T>& a, int64_t begin, int64_t end) {
   T* gsf = a.gsf;
   const Geometry& g = a.g;
   const int64_t K2 = g.K2(), C = g.C, s = g.s, in_plane = g.H * g.W, out_plane = g.Ho * g.Wo;
-  const int64_t pad = (g.k / 2) * g.d, Wv = (g.Wo + V - 1) / V * V;
-  const int64_t Wq = std::max((g.W + 2 * pad + s - 1) / s, Wv + (g.k - 1) * g.d / s + 1);
+  const int64_t pad = pad_of(g), Wv = vec_width(g), Wq = phase_width(g);
   const int64_t row_len = s * Wq, n_rows = (R - 1) * s + 2 * pad + 1, per_channel = n_rows * row_len;
   const int64_t grad_len = R * Wv;
-  std::vector<int64_t> offset(K2);  // tap -> offset in a channel's rows, relative to a chunk's base
-  for (int64_t t = 0; t < K2; ++t) {
-    const int64_t dx = (t % g.k) * g.d;
-    offset[t] = (t / g.k) * g.d * row_len + (dx % s) * Wq + dx / s;
-  }
-  std::vector<int64_t> first(s);  // phase -> first input column in it
-  for (int64_t phase = 0; phase < s; ++phase) first[phase] = ((phase - pad) % s + s) % s;
+  const std::vector<int64_t> offset = tap_offsets(g, Wq, row_len);  // in a channel's rows
   // The block's channel filter with each channel's taps padded to whole groups of NT (zeros past K2),
   // so a group's NT values sit at fixed offsets from one pointer.
   const int64_t K2n = (K2 + NT - 1) / NT * NT;
@@ -427,15 +434,7 @@ void backward_nchw_sf_rows(const Args<T>& a, int64_t begin, int64_t end) {
             std::fill(dst, dst + row_len, T(0));
             continue;
           }
-          const T* src = x + p * in_plane + yi * g.W;
-          if (s == 1) {
-            copy_row(src, g.W, dst + pad);
-            continue;
-          }
-          for (int64_t phase = 0; phase < s; ++phase) {
-            T* d = dst + phase * Wq + (first[phase] + pad) / s;
-            for (int64_t col = first[phase], n = 0; col < g.W; col += s, ++n) d[n] = src[col];
-          }
+          fill_padded_row(x + p * in_plane + yi * g.W, g, pad, Wq, dst);
         }
         for (int64_t r = 0; r < nr; ++r)
           copy_row(go + p * out_plane + (y0 + r) * g.Wo, g.Wo, grad.data() + c * grad_len + r * Wv);
@@ -677,6 +676,16 @@ bool cpu_has_avx2() {
 }
 #endif
 
+// f(std::true_type) for 'mul', f(std::false_type) for 'add': kernels templated on MUL.
+template <typename F>
+void with_mul(bool mul, F&& f) {
+  if (mul) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
 // Runs K over tasks [0, n) on the intra-op thread pool.
 template <typename T, Kernel<T> K>
 void launch(const Args<T>& a, int64_t n, int64_t work_per_task) {
@@ -735,7 +744,7 @@ at::Tensor forward_entry(const at::Tensor& input, const at::Tensor& channel_filt
   const at::Tensor cf = channel_filter_for(channel_filter, acc, cl);
   // NCHW: rows padded to whole vectors (see forward_nchw_planes).
   const at::Tensor sf = cl ? spatial_filter.to(acc).contiguous(fmt)
-                           : padded_columns(spatial_filter, 0, (g.Wo + V - 1) / V * V, acc);
+                           : padded_columns(spatial_filter, 0, vec_width(g), acc);
   AT_DISPATCH_FLOATING_TYPES(acc, "ddf_forward_cpu", [&] {
     Args<scalar_t> a;
     a.x = x.const_data_ptr<scalar_t>();
@@ -746,10 +755,10 @@ at::Tensor forward_entry(const at::Tensor& input, const at::Tensor& channel_filt
     a.mul = mul;
     if (cl) {
       launch<scalar_t, forward_nhwc_rows<scalar_t>>(a, g.B * g.Ho, g.Wo * g.C * g.K2());
-    } else if (mul) {
-      launch<scalar_t, forward_nchw_planes<scalar_t, true>>(a, g.B * g.C, g.Ho * g.Wo * g.K2());
     } else {
-      launch<scalar_t, forward_nchw_planes<scalar_t, false>>(a, g.B * g.C, g.Ho * g.Wo * g.K2());
+      with_mul(mul, [&](auto m) {
+        launch<scalar_t, forward_nchw_planes<scalar_t, decltype(m)::value>>(a, g.B * g.C, g.Ho * g.Wo * g.K2());
+      });
     }
   });
   return out.to(input.scalar_type());
@@ -798,20 +807,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_entry(
       const int64_t K2 = g.K2();
       if (cl) {
         launch<scalar_t, backward_nhwc_gx_rows<scalar_t>>(a, g.B * g.H, g.W * g.C * K2);
-        if (mul) {
-          launch<scalar_t, backward_nhwc_sf_rows<scalar_t, true>>(a, g.B * g.Ho, g.Wo * g.C * K2);
-        } else {
-          launch<scalar_t, backward_nhwc_sf_rows<scalar_t, false>>(a, g.B * g.Ho, g.Wo * g.C * K2);
-        }
+        with_mul(mul, [&](auto m) {
+          launch<scalar_t, backward_nhwc_sf_rows<scalar_t, decltype(m)::value>>(a, g.B * g.Ho, g.Wo * g.C * K2);
+        });
         launch<scalar_t, backward_nhwc_cf_blocks<scalar_t>>(a, g.B * ((g.C + CB - 1) / CB), g.Ho * g.Wo * CB * K2);
       } else {
-        if (mul) {
-          launch<scalar_t, backward_nchw_planes<scalar_t, true>>(a, g.B * g.C, g.Ho * g.Wo * K2 * 2);
-          launch<scalar_t, backward_nchw_sf_rows<scalar_t, true>>(a, g.B * g.Ho, g.C * g.Wo * K2);
-        } else {
-          launch<scalar_t, backward_nchw_planes<scalar_t, false>>(a, g.B * g.C, g.Ho * g.Wo * K2 * 2);
-          launch<scalar_t, backward_nchw_sf_rows<scalar_t, false>>(a, g.B * g.Ho, g.C * g.Wo * K2);
-        }
+        with_mul(mul, [&](auto m) {
+          constexpr bool M = decltype(m)::value;
+          launch<scalar_t, backward_nchw_planes<scalar_t, M>>(a, g.B * g.C, g.Ho * g.Wo * K2 * 2);
+          launch<scalar_t, backward_nchw_sf_rows<scalar_t, M>>(a, g.B * g.Ho, g.C * g.Wo * K2);
+        });
       }
     });
   }

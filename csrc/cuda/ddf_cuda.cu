@@ -21,8 +21,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <array>
-#include <atomic>
 #include <climits>
 #include <string_view>
 #include <tuple>
@@ -32,15 +30,9 @@ namespace ddf_cuda {
 
 unsigned int grid_size(int64_t work, int64_t per_block) {
   // A few waves of resident blocks is plenty for grid-stride loops. (Queried directly rather than via
-  // ATen/cuda/CUDAContext.h, which needs the cuSPARSE/cuBLAS headers that a bare toolkit may lack; cached
-  // per device, as a backward launches several kernels.)
-  static std::array<std::atomic<int>, 64> cache{};  // 0: not queried yet
-  const int device = c10::cuda::current_device();
-  int sms = device < 64 ? cache[device].load(std::memory_order_relaxed) : 0;
-  if (sms == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    if (device < 64) cache[device].store(sms, std::memory_order_relaxed);
-  }
+  // ATen/cuda/CUDAContext.h, which needs the cuSPARSE/cuBLAS headers that a bare toolkit may lack.)
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
   const int64_t most = static_cast<int64_t>(std::max(sms, 1)) * 32;
   return static_cast<unsigned int>(std::max<int64_t>(1, std::min(ceil_div(work, per_block), most)));
 }
