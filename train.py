@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     run_dir, resume_path = run_folder(args)
     # Checks that read files come before the first write, so bad input changes nothing on disk.
     checkpoint = load_checkpoint(resume_path) if resume_path else None
-    if checkpoint is not None and not (isinstance(checkpoint, dict) and 'optimizer' in checkpoint):
+    if checkpoint is not None and not (isinstance(checkpoint, dict)
+                                       and all(k in checkpoint for k in ('optimizer', 'state', 'config'))):
         raise UserError(f'{resume_path} is not a training checkpoint of train.py (use --pretrained-file for weights)')
     data_root = resolve_data_root(args.dataset, args.data_dir, args.demo_per_class)
 

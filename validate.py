@@ -43,7 +43,8 @@ def validate_parser() -> argparse.ArgumentParser:
     add('--data-dir', metavar='DIR')
     add('--dataset', default='', help="timm dataset name ('' = image folder), or 'demo'")
     add('--demo-per-class', type=int, default=256)
-    add('--split', default='validation')
+    add('--split', '--val-split', dest='val_split', default='validation',
+        help="split to evaluate (a training config's val_split applies; the command line wins)")
     add('--num-classes', type=int, help="default: the checkpoint's classifier size, else the dataset's classes")
     add('--img-size', type=int)
     add('--crop-pct', type=float)
@@ -76,8 +77,6 @@ def main(argv: list[str] | None = None) -> None:
     parser = validate_parser()
     training_keys = {a.dest for a in train_parser()._actions}
     args = parse_args(parser, argv, accepted=training_keys)  # a training config's other keys are fine here
-    if args.split == 'validation' and args.config:
-        args.split = parse_args(train_parser(), ['--config', args.config]).val_split
     if not args.model:
         raise UserError('no model: give --model (or --config)')
     if not timm.is_model(args.model):
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.checkpoint:
         state = model_state_dict(load_checkpoint(args.checkpoint), args.checkpoint, use_ema=args.use_ema)
     data_root = resolve_data_root(args.dataset, args.data_dir, args.demo_per_class)
-    dataset = create_split(args.dataset, data_root, args.split, is_training=False)
+    dataset = create_split(args.dataset, data_root, args.val_split, is_training=False)
 
     num_classes = args.num_classes
     if num_classes is None and state is not None:
@@ -119,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     metrics = evaluate(model, loader, device, amp_autocast, args.channels_last)
     seconds = time.perf_counter() - start
     results = {
-        'model': args.model, 'checkpoint': args.checkpoint, 'ema': args.use_ema, 'split': args.split,
+        'model': args.model, 'checkpoint': args.checkpoint, 'ema': args.use_ema, 'split': args.val_split,
         'top1': round(metrics['top1'], 4), 'top5': round(metrics['top5'], 4), 'loss': round(metrics['loss'], 6),
         'params_m': round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
         'images': len(dataset), 'images_per_sec': round(len(dataset) / seconds, 1),

@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--extrapolate-to', type=int, default=256)
     parser.add_argument('--img-size', type=int, default=224)
     parser.add_argument('--steps', type=int, default=3)
+    parser.add_argument('--json', help='also write the JSON lines to this file')
     parser.add_argument('--worker', choices=CONFIGS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if min(*args.batch_sizes, args.img_size, args.steps, args.extrapolate_to) < 1:
@@ -147,8 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         for config, value in fits.items():
             ratio = f" ({value / fits['resnet18']:.2f}x resnet18)" if 'resnet18' in fits else ''
             print(f'  {config:<14}{value:>10.0f}{ratio}')
-    for r in results:
-        print(json.dumps(r))
+    import torch
+
+    from ddfnet.utils.bench import emit_json_lines, environment
+    emit_json_lines([dict(r, **environment(torch.device('cpu'))) for r in results], args.json)
     return 0
 
 

@@ -115,3 +115,19 @@ def test_bad_config_is_one_line_from_the_script(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"train.py: error: unknown key 'learning_rate' in config {config}"]
     assert os.listdir(tmp_path) == ['c.yaml']
+
+
+def test_validate_takes_the_configs_val_split_unless_the_command_line_names_one(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('_ddfnet_validate', ROOT / 'validate.py')
+    validate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(validate)
+    config = tmp_path / 'run.yaml'
+    config.write_text('model: ddf_resnet26\nval_split: val\n')
+    accepted = {a.dest for a in train_parser()._actions}
+
+    def split(*argv):
+        return parse_args(validate.validate_parser(), ['--config', str(config), *argv], accepted=accepted).val_split
+    assert split() == 'val'
+    assert split('--split', 'validation') == 'validation'  # explicit, even when it is the default's value
+    assert split('--split', 'test') == 'test'

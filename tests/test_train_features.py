@@ -94,3 +94,18 @@ def test_evaluate_scores_the_ema_model_in_the_same_pass():
     alone = evaluate(ema, batches, torch.device('cpu'))
     assert both == {**evaluate(model, batches, torch.device('cpu')), **{f'ema_{k}': v for k, v in alone.items()}}
     assert 0 <= both['top1'] <= both['top5'] <= 100
+
+
+def test_evaluate_counts_each_image_once_under_a_padded_distributed_sampler():
+    from timm.data.distributed_sampler import OrderedDistributedSampler
+
+    from ddfnet.training.engine import evaluate
+    images, targets = torch.randn(10, 3, 2, 2), torch.arange(10) % 7
+    dataset = torch.utils.data.TensorDataset(images, targets)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 7))
+    # 10 images on 3 ranks: rank 2 gets images 2, 5, 8 and a repeat of image 0 as padding.
+    sampler = OrderedDistributedSampler(dataset, num_replicas=3, rank=2)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, sampler=sampler)
+    got = evaluate(model, loader, torch.device('cpu'))
+    want = evaluate(model, [(images[[2, 5, 8]], targets[[2, 5, 8]])], torch.device('cpu'))
+    assert len(list(sampler)) == 4 and got == want

@@ -19,24 +19,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import UserError
+from .config import TMP_SUFFIX as _TMP_SUFFIX
+from .config import UserError, atomic_write
 
 LAST, BEST = 'last.pth.tar', 'best.pth.tar'
-_TMP_SUFFIX = '.partial'
 
 
 def atomic_save(obj: Any, path: str) -> None:
     """``torch.save`` to ``path`` via a temporary file and a rename: never a truncated ``path``."""
-    tmp = f'{path}.{os.getpid()}{_TMP_SUFFIX}'
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda f: torch.save(obj, f), binary=True)
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, Sequence
+from typing import IO, Any, Callable, Sequence
 
 import yaml
 
@@ -132,16 +132,27 @@ def resolved_config(args: argparse.Namespace, keys: Sequence[str]) -> dict[str, 
     return {key: plain(getattr(args, key)) for key in keys}
 
 
-def atomic_write_text(text: str, path: str) -> None:
-    """Write ``text`` to ``path`` via a temporary ``.partial`` file and a rename: never a truncated file."""
-    tmp = f'{path}.{os.getpid()}.partial'
+TMP_SUFFIX = '.partial'  # of the temporary files atomic writes rename into place
+
+
+def atomic_write(path: str, write: Callable[[IO], Any], binary: bool = False) -> None:
+    """``write(file)`` to a temporary file next to ``path``, flushed to disk, then renamed over ``path``:
+    ``path`` is never a truncated file, and the temporary file is removed whatever happens."""
+    tmp = f'{path}.{os.getpid()}{TMP_SUFFIX}'
     try:
-        with open(tmp, 'w', encoding='utf-8') as f:
-            f.write(text)
+        with open(tmp, 'wb') if binary else open(tmp, 'w', encoding='utf-8') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_write_text(text: str, path: str) -> None:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_write`)."""
+    atomic_write(path, lambda f: f.write(text))
 
 
 def write_yaml(config: dict[str, Any], path: str) -> None:

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.distributed as dist
+from timm.data.distributed_sampler import OrderedDistributedSampler
 from timm.utils import dispatch_clip_grad
 from torch import nn
 
@@ -137,7 +138,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
                 # whether any rank had a non-finite loss in it and whether any rank got a stop signal, so all
                 # ranks take the same decision at the same step. An earlier micro-batch's NaN has reached
                 # the gradients by now, but never the weights: they change only below.
-                status = torch.cat([window, window.new_tensor([float(bool(stop and stop.signum))])])
+                status = torch.cat([window, window.new_full((1,), float(bool(stop and stop.signum)))])
                 if world > 1:
                     dist.all_reduce(status)
                 window_loss, window_images, nonfinite, stopping = status.tolist()
@@ -203,7 +204,19 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_autocast=nullco
     for m in models:
         m.eval()
     totals = torch.zeros(len(models), 4, dtype=torch.float64, device=device)  # loss sum, top-1, top-5, count
+    # A distributed eval sampler evens out the ranks by repeating images at the end: count each image once.
+    sampler = getattr(loader, 'sampler', None)
+    valid = None
+    if isinstance(sampler, OrderedDistributedSampler):
+        valid = (len(sampler.dataset) + sampler.num_replicas - 1 - sampler.rank) // sampler.num_replicas
+    seen = 0
     for images, targets in loader:
+        if valid is not None:
+            keep = max(0, min(targets.shape[0], valid - seen))
+            seen += targets.shape[0]
+            if keep == 0:
+                continue
+            images, targets = images[:keep], targets[:keep]
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)

@@ -46,7 +46,8 @@ def count_macs(model: nn.Module, img_size: int = 224, in_chans: int = 3, batch_s
     per_image = 2e9 * batch_size  # FLOPs -> GMACs per image
     by_op: dict[str, float] = defaultdict(float)
     by_module: dict[str, float] = {}
-    for module_name, ops in counter.get_flop_counts().items():
+    counts = counter.get_flop_counts()
+    for module_name, ops in counts.items():
         if module_name == 'Global':
             for op, flops in ops.items():
                 name = str(op).split('.')[-1]  # 'aten.convolution' -> 'convolution'
@@ -61,7 +62,6 @@ def count_macs(model: nn.Module, img_size: int = 224, in_chans: int = 3, batch_s
     }
     # FlopCounterMode keys modules by '<root class>.<qualified name>' and counts nested modules' ops in
     # their parents too, so a layer's own work is its total minus its attention's.
-    counts = counter.get_flop_counts()
     root = type(model).__name__
     dyconv = dict(attention=0.0, aggregation=0.0, conv=0.0)
     for name, module in model.named_modules():
