@@ -277,3 +277,24 @@ def test_double_backward(aggregation):
     layer = DynamicConv2d(4, 4, 3, padding=1, num_kernels=2, aggregation=aggregation).double()
     x = torch.randn(2, 4, 4, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(layer, (x,), fast_mode=True)
+
+
+@pytest.mark.parametrize('name', ['dy_resnet18', 'dy_mobilenetv3_small_100'])
+def test_models_convert_to_channels_last(name):
+    # Module.to(memory_format=channels_last) converts 5-D tensors too and used to fail on the kernel bank.
+    import timm
+
+    import ddfnet  # noqa: F401
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = model(x)
+        model = model.to(memory_format=torch.channels_last)
+        got = model(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    weight = next(m for m in model.modules() if isinstance(m, DynamicConv2d)).weight
+    assert weight.dim() == 5 and weight.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
+    model.train()
+    model(x.contiguous(memory_format=torch.channels_last)).sum().backward()
+    assert weight.grad is not None and weight.grad.shape == weight.shape

@@ -132,6 +132,14 @@ class DynamicConv2d(nn.Module):
         fan_out = out_channels // groups * math.prod(self.kernel_size)
         nn.init.normal_(self.weight, 0.0, math.sqrt(2.0 / fan_out))
 
+    def _apply(self, fn, recurse=True):
+        # Module.to(memory_format=torch.channels_last) converts every 4-D and 5-D tensor and fails on the
+        # 5-D kernel bank (K, Cout, Cin/groups, kh, kw): hand it over as the (K * Cout, ...) conv weight it
+        # is (converted like a conv weight), and keep the 5-D view. The layer's other tensors are < 5-D.
+        def apply(t):
+            return fn(t.flatten(0, 1)).unflatten(0, t.shape[:2]) if t.dim() == 5 else fn(t)
+        return super()._apply(apply, recurse)
+
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, **kwargs) -> DynamicConv2d:
         """A DynamicConv2d with ``conv``'s hyperparameters (not its weights); kwargs set the DyConv ones."""
