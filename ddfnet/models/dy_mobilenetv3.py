@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import generate_default_cfgs, load_pretrained, register_model
+from timm.models import generate_default_cfgs, load_pretrained, mobilenetv3, register_model
 from timm.models._efficientnet_blocks import ConvBnAct, DepthwiseSeparableConv, InvertedResidual
 from timm.models.mobilenetv3 import MobileNetV3, _gen_mobilenet_v3
 from torch import nn
 
 from ..layers import DynamicConv2d
 from .ddf_resnet import require_local_weights
+from .dy_resnet import DYCONV_CFG
 
 __all__ = ['make_block_convs_dynamic']
 
@@ -43,13 +43,7 @@ def make_block_convs_dynamic(model: nn.Module, **dyconv_args: Any) -> int:
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (1, 1),
-        'crop_pct': 0.875, 'interpolation': 'bilinear', 'mean': IMAGENET_DEFAULT_MEAN,
-        'std': IMAGENET_DEFAULT_STD, 'first_conv': 'conv_stem', 'classifier': 'classifier',
-        'paper_ids': 'arXiv:1912.03458', 'paper_name': 'Dynamic Convolution: Attention over Convolution Kernels',
-        'notes': 'No released weights.', **kwargs,
-    }
+    return mobilenetv3._cfg(**DYCONV_CFG, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({'dy_mobilenetv3_small_100.untrained': _cfg()})

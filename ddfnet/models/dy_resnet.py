@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model, resnet
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from ..layers import DynamicConv2d
@@ -35,14 +34,13 @@ class DyBottleneck(Bottleneck):
         self.conv2 = DynamicConv2d.from_conv(self.conv2, num_kernels=num_kernels)
 
 
+# What every DyConv model's default cfg adds to timm's cfg of the static model.
+DYCONV_CFG = {'paper_ids': 'arXiv:1912.03458', 'paper_name': 'Dynamic Convolution: Attention over Convolution Kernels',
+              'notes': 'No released weights.'}
+
+
 def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.875, 'interpolation': 'bilinear', 'mean': IMAGENET_DEFAULT_MEAN,
-        'std': IMAGENET_DEFAULT_STD, 'first_conv': 'conv1', 'classifier': 'fc',
-        'paper_ids': 'arXiv:1912.03458', 'paper_name': 'Dynamic Convolution: Attention over Convolution Kernels',
-        'notes': 'No released weights.', **kwargs,
-    }
+    return resnet._cfg(**DYCONV_CFG, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
