@@ -24,10 +24,14 @@ def naive_ddf(x, channel_filter, spatial_filter, kernel_size, dilation=1, stride
     return torch.stack(rows, dim=-2)
 
 
-def random_inputs(b, c, h, w, k, stride=1, dtype=torch.float64, requires_grad=False, seed=0):
+def random_inputs(b, c, h, w, k, stride=1, dtype=torch.float64, requires_grad=False, seed=0, *, device='cpu',
+                  memory_format=torch.contiguous_format, grad_output=False):
+    """input, channel_filter, spatial_filter (and a grad_output when asked) of the op, drawn in float64 and
+    rounded to ``dtype`` on ``device``, so every dtype sees the same values up to one rounding; the input,
+    spatial filter and grad_output in ``memory_format``."""
     g = torch.Generator().manual_seed(seed)
     out_h, out_w = (h - 1) // stride + 1, (w - 1) // stride + 1
-    tensors = (torch.randn(b, c, h, w, generator=g, dtype=dtype),
-               torch.randn(b, c, k, k, generator=g, dtype=dtype),
-               torch.randn(b, k * k, out_h, out_w, generator=g, dtype=dtype))
-    return tuple(t.requires_grad_(requires_grad) for t in tensors)
+    sizes = [(b, c, h, w), (b, c, k, k), (b, k * k, out_h, out_w)] + ([(b, c, out_h, out_w)] if grad_output else [])
+    tensors = [torch.randn(s, generator=g, dtype=torch.float64).to(device, dtype) for s in sizes]
+    tensors = [t if i == 1 else t.contiguous(memory_format=memory_format) for i, t in enumerate(tensors)]
+    return tuple(t.requires_grad_(requires_grad and i < 3) for i, t in enumerate(tensors))

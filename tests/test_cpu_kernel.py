@@ -35,11 +35,8 @@ def test_python_fallback_schemas_match_the_cpp_ones():
 
 
 def _case(b, c, h, w, k, stride, dtype, fmt, seed):
-    x, cf, sf = random_inputs(b, c, h, w, k, stride, dtype=torch.float64, seed=seed)
-    x, cf, sf = (t.to(dtype) for t in (x, cf, sf))  # round once; the reference sees the rounded values
-    x = x.contiguous(memory_format=fmt)
-    sf = sf.contiguous(memory_format=fmt)
-    return x, cf, sf
+    # rounded once to dtype; the reference sees the rounded values
+    return random_inputs(b, c, h, w, k, stride, dtype=dtype, seed=seed, memory_format=fmt)
 
 
 def _check(x, cf, sf, k, d, s, combine):

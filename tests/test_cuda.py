@@ -15,6 +15,8 @@ import os
 import pytest
 import torch
 
+from naive import random_inputs
+
 import ddfnet
 from ddfnet.ops import ddf_backward_reference, ddf_forward_reference
 
@@ -46,14 +48,9 @@ def dtype_id(dtype):
 def make_inputs(shape, k, stride, dtype, layout='nchw', seed=0):
     """input, channel_filter, spatial_filter and a grad_output on the GPU, drawn in float64, rounded to
     `dtype`; with layout 'nhwc' the input, spatial filter and grad_output are channels_last."""
-    b, c, h, w = shape
-    out_h, out_w = (h - 1) // stride + 1, (w - 1) // stride + 1
-    gen = torch.Generator().manual_seed(seed)
-    sizes = ((b, c, h, w), (b, c, k, k), (b, k * k, out_h, out_w), (b, c, out_h, out_w))
-    x, cf, sf, grad = (torch.randn(s, generator=gen, dtype=torch.float64).to(DEVICE, dtype) for s in sizes)
-    if layout == 'nhwc':
-        x, sf, grad = (t.contiguous(memory_format=torch.channels_last) for t in (x, sf, grad))
-    return x, cf, sf, grad
+    fmt = torch.channels_last if layout == 'nhwc' else torch.contiguous_format
+    return random_inputs(*shape, k, stride, dtype=dtype, seed=seed, device=DEVICE, memory_format=fmt,
+                         grad_output=True)
 
 
 def run_op(x, cf, sf, grad, k, dilation, stride, combine):
