@@ -30,6 +30,7 @@ import warnings
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 from torch.utils import flop_counter
 
 from . import _native
@@ -179,19 +180,228 @@ def _ddf_backward_fake(grad_output, input, channel_filter, spatial_filter, kerne
     return torch.empty_like(input), torch.empty_like(channel_filter), torch.empty_like(spatial_filter)
 
 
-def _setup_context(ctx, inputs, output):
-    input, channel_filter, spatial_filter, kernel_size, dilation, stride, kernel_combine = inputs
-    ctx.save_for_backward(input, channel_filter, spatial_filter)
-    ctx.args = (kernel_size, dilation, stride, kernel_combine)
+# ---------------------------------------------------------------------------------------------------
+# Autograd: reverse mode (any order), forward mode and vmap, for both operators.
+#
+# The op is linear in the input and in the combined filter F, and F = cf * sf ('mul') or cf + sf ('add'),
+# so every derivative of ddf and ddf_backward is again a ddf / ddf_backward call with one tensor replaced
+# by a tangent (or a zero filter). Writing them that way makes them hold for the native CPU/CUDA kernels
+# and the reference alike, and makes them differentiable in turn (third order and up).
+#
+# torch.library.register_autograd is not used: the autograd.Function it generates has no forward-mode
+# rule and no setup_context, so forward-mode AD / torch.func.jvp silently lose the tangent (torch 2.14
+# takes its no-grad path for dual tensors) and torch.func.grad raises. The two Functions below have
+# both, and an explicit vmap rule. Under torch.func transforms an autograd.Function must be applied
+# before the dispatcher (functorch handles it level by level), so every call here, and the public
+# ddf(), goes through _call_ddf / _call_ddf_backward; the Autograd-key kernels serve plain autograd.
+# ---------------------------------------------------------------------------------------------------
+
+def _functorch_active() -> bool:
+    # Under torch.compile the op stays one opaque node; dynamo need not see this check.
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
 
-def _backward(ctx, grad_output):
-    input, channel_filter, spatial_filter = ctx.saved_tensors
-    grads = torch.ops.ddfnet.ddf_backward(grad_output, input, channel_filter, spatial_filter, *ctx.args)
-    return (*grads, None, None, None, None)
+def _call_ddf(*args) -> Tensor:
+    """``torch.ops.ddfnet.ddf(*args)``, differentiable in every autograd mode and torch.func transform."""
+    if _functorch_active():
+        return _DDFFunction.apply(*args)
+    return torch.ops.ddfnet.ddf(*args)
 
 
-torch.library.register_autograd('ddfnet::ddf', _backward, setup_context=_setup_context)
+def _call_ddf_backward(*args) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch.ops.ddfnet.ddf_backward(*args)``, differentiable like :func:`_call_ddf`."""
+    if _functorch_active():
+        return _DDFBackwardFunction.apply(*args)
+    return torch.ops.ddfnet.ddf_backward(*args)
+
+
+def _total(terms) -> Tensor | None:
+    """Sum of the terms that are not None (None when all are)."""
+    present = [t for t in terms if t is not None]
+    return sum(present[1:], present[0]) if present else None
+
+
+def _or_zeros(tangent: Tensor | None, like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if tangent is None else tangent
+
+
+def _ddf_directional(input, channel_filter, spatial_filter, d_input, d_channel, d_spatial, args):
+    """Derivative of ``ddf(input, channel_filter, spatial_filter)`` along the given tangents (None: zero).
+
+    'mul' is trilinear in the three tensors: one call per tangent. 'add' is bilinear in the input and
+    cf + sf: one call for the input's tangent, one for the filters' (a zero tensor for a missing one).
+    """
+    ddf_op = _call_ddf
+    terms = [None if d_input is None else ddf_op(d_input, channel_filter, spatial_filter, *args)]
+    if args[3] == 'mul':
+        terms += [None if d_channel is None else ddf_op(input, d_channel, spatial_filter, *args),
+                  None if d_spatial is None else ddf_op(input, channel_filter, d_spatial, *args)]
+    elif d_channel is not None or d_spatial is not None:
+        terms.append(ddf_op(input, _or_zeros(d_channel, channel_filter), _or_zeros(d_spatial, spatial_filter),
+                            *args))
+    return _total(terms)
+
+
+def _ddf_backward_directional(grad_output, input, channel_filter, spatial_filter, d_input, d_channel, d_spatial,
+                              args, needed=(True, True, True)):
+    """Derivative of ``ddf_backward``'s three gradients along (d_input, d_channel, d_spatial), grad_output fixed.
+
+    This is the Hessian of <grad_output, ddf(...)> w.r.t. (input, cf, sf) applied to the tangent, so it is
+    both ddf_backward's forward-mode rule (in those arguments) and its reverse-mode rule (with the incoming
+    gradients as the tangent). Each gradient is linear in the tensors it depends on and does not depend on
+    its own argument, so its derivative replaces one of the *other* tensors at a time ('mul'); for 'add',
+    grad_input depends on cf + sf only, and the filter gradients do not depend on the filters at all.
+    ``needed`` skips calls whose results are not wanted. Missing results are None.
+    """
+    def backward(x, cf, sf):
+        return _call_ddf_backward(grad_output, x, cf, sf, *args)
+
+    need_input, need_channel, need_spatial = needed
+    from_input = from_channel = from_spatial = (None, None, None)
+    if d_input is not None and (need_channel or need_spatial):
+        from_input = backward(d_input, channel_filter, spatial_filter)
+    if args[3] == 'mul':
+        if d_channel is not None and (need_input or need_spatial):
+            from_channel = backward(input, d_channel, spatial_filter)
+        if d_spatial is not None and (need_input or need_channel):
+            from_spatial = backward(input, channel_filter, d_spatial)
+        return (_total((from_channel[0], from_spatial[0])) if need_input else None,
+                _total((from_input[1], from_spatial[1])) if need_channel else None,
+                _total((from_input[2], from_channel[2])) if need_spatial else None)
+    if need_input and (d_channel is not None or d_spatial is not None):
+        from_channel = backward(input, _or_zeros(d_channel, channel_filter), _or_zeros(d_spatial, spatial_filter))
+    return (from_channel[0] if need_input else None, from_input[1] if need_channel else None,
+            from_input[2] if need_spatial else None)
+
+
+class _DDFFunction(torch.autograd.Function):
+    """Autograd of ``ddfnet::ddf``: backward is ``ddf_backward``, the forward-mode rule is directional ddf calls."""
+
+    @staticmethod
+    def forward(input, channel_filter, spatial_filter, kernel_size, dilation, stride, kernel_combine):
+        # Plain autograd runs this with gradients of both modes disabled (the kernel's no-grad path); a
+        # torch.func transform runs it one level down, where the next transform applies.
+        return _call_ddf(input, channel_filter, spatial_filter, kernel_size, dilation, stride, kernel_combine)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:3])
+        ctx.save_for_forward(*inputs[:3])
+        ctx.args = inputs[3:]
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if grad_output is None:
+            return (None,) * 7
+        grads = _call_ddf_backward(grad_output, *ctx.saved_tensors, *ctx.args)
+        return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), None, None, None, None)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _ddf_vmap(info, in_dims, *args)
+
+    @staticmethod
+    def jvp(ctx, d_input, d_channel, d_spatial, *_):
+        input, channel_filter, spatial_filter = ctx.saved_tensors
+        out = _ddf_directional(input, channel_filter, spatial_filter, d_input, d_channel, d_spatial, ctx.args)
+        return out  # jvp runs only when some tangent is given, so `out` is a tensor
+
+
+class _DDFBackwardFunction(torch.autograd.Function):
+    """Autograd of ``ddfnet::ddf_backward`` (gradients of gradients): see :func:`_ddf_backward_directional`."""
+
+    @staticmethod
+    def forward(grad_output, input, channel_filter, spatial_filter, kernel_size, dilation, stride, kernel_combine):
+        return _call_ddf_backward(grad_output, input, channel_filter, spatial_filter, kernel_size, dilation, stride,
+                                  kernel_combine)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:4])
+        ctx.save_for_forward(*inputs[:4])
+        ctx.args = inputs[4:]
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, gg_input, gg_channel, gg_spatial):
+        grad_output, input, channel_filter, spatial_filter = ctx.saved_tensors
+        need_grad_output, *needed = ctx.needs_input_grad[:4]
+        # <gg, ddf_backward(g, ...)> is linear in g: its gradient w.r.t. g is ddf's derivative along gg.
+        d_grad_output = _ddf_directional(input, channel_filter, spatial_filter, gg_input, gg_channel, gg_spatial,
+                                         ctx.args) if need_grad_output else None
+        rest = _ddf_backward_directional(grad_output, input, channel_filter, spatial_filter, gg_input, gg_channel,
+                                         gg_spatial, ctx.args, tuple(needed))
+        return (d_grad_output, *rest, None, None, None, None)
+
+    @staticmethod
+    def jvp(ctx, d_grad_output, d_input, d_channel, d_spatial, *_):
+        grad_output, input, channel_filter, spatial_filter = ctx.saved_tensors
+        # ddf_backward is linear in grad_output: that tangent gives one more call with it in grad_output's place.
+        from_grad = (None, None, None) if d_grad_output is None else _call_ddf_backward(
+            d_grad_output, input, channel_filter, spatial_filter, *ctx.args)
+        rest = _ddf_backward_directional(grad_output, input, channel_filter, spatial_filter, d_input, d_channel,
+                                         d_spatial, ctx.args)
+        return tuple(_or_zeros(_total((a, b)), like) for a, b, like in
+                     zip(from_grad, rest, (input, channel_filter, spatial_filter)))
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _ddf_backward_vmap(info, in_dims, *args)
+
+
+def _autograd_kernel(op, function):
+    """The Autograd-key kernel of ``op``: ``function.apply`` when gradients of either mode may be needed,
+    else straight to the backend kernel (no autograd.Function overhead at inference)."""
+    def kernel(keyset, *args):
+        if ((torch.is_grad_enabled() and torch._C._any_requires_grad(*args))
+                or (forward_ad._current_level >= 0 and torch._C._is_fwd_grad_enabled())):
+            if _functorch_active():  # an autograd.Function cannot start inside the dispatcher under functorch
+                raise RuntimeError(f'{op} was called directly under a torch.func transform; call ddfnet.ddf '
+                                   '(or ddfnet.ops.ddf) instead, which supports torch.func.grad/jvp/vmap')
+            return function.apply(*args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+    return kernel
+
+
+_impl_lib.impl('ddf', _autograd_kernel(torch.ops.ddfnet.ddf.default, _DDFFunction), 'Autograd', with_keyset=True)
+_impl_lib.impl('ddf_backward', _autograd_kernel(torch.ops.ddfnet.ddf_backward.default, _DDFBackwardFunction),
+               'Autograd', with_keyset=True)
+
+
+def _fold_vmap_dim(info, in_dims, tensors):
+    """Fold vmap's dimension into the batch dimension: (N, B, ...) -> (N*B, ...), broadcasting unbatched
+    tensors. The op treats samples independently, so one call on the folded batch is the batched op."""
+    folded = []
+    for t, dim in zip(tensors, in_dims):
+        t = t.expand(info.batch_size, *t.shape) if dim is None else t.movedim(dim, 0)
+        if t.dim() != 5:
+            raise ValueError(f'ddf: under vmap each tensor must be 4-D per vmapped slice, got {t.dim() - 1}-D')
+        folded.append(t.flatten(0, 1))
+    return folded
+
+
+def _unfold(info, t: Tensor) -> Tensor:
+    return t.unflatten(0, (info.batch_size, -1))
+
+
+def _ddf_vmap(info, in_dims, input, channel_filter, spatial_filter, kernel_size, dilation, stride, kernel_combine):
+    folded = _fold_vmap_dim(info, in_dims[:3], (input, channel_filter, spatial_filter))
+    out = _call_ddf(*folded, kernel_size, dilation, stride, kernel_combine)
+    return _unfold(info, out), 0
+
+
+def _ddf_backward_vmap(info, in_dims, grad_output, input, channel_filter, spatial_filter, kernel_size, dilation,
+                       stride, kernel_combine):
+    folded = _fold_vmap_dim(info, in_dims[:4], (grad_output, input, channel_filter, spatial_filter))
+    grads = _call_ddf_backward(*folded, kernel_size, dilation, stride, kernel_combine)
+    return tuple(_unfold(info, g) for g in grads), (0, 0, 0)
+
+
+# For torch.ops.ddfnet.* called directly under vmap (ddf() goes through the Functions' vmap rules).
+torch.library.register_vmap('ddfnet::ddf', _ddf_vmap)
+torch.library.register_vmap('ddfnet::ddf_backward', _ddf_backward_vmap)
 
 
 def _register_flop_formula(op):
@@ -256,5 +466,4 @@ def ddf(input: Tensor, channel_filter: Tensor, spatial_filter: Tensor, kernel_si
         input, channel_filter, spatial_filter = (
             t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
             for t in (input, channel_filter, spatial_filter))
-    return torch.ops.ddfnet.ddf(input, channel_filter, spatial_filter, kernel_size, dilation, stride,
-                                kernel_combine)
+    return _call_ddf(input, channel_filter, spatial_filter, kernel_size, dilation, stride, kernel_combine)
