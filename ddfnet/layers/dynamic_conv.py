@@ -77,6 +77,12 @@ def aggregate_outputs(x: Tensor, weight: Tensor, bias: Tensor | None, attention:
 _AGGREGATE: dict[str, Callable[..., Tensor]] = {'kernels': aggregate_kernels, 'outputs': aggregate_outputs}
 
 
+def _under_torch_func() -> bool:
+    # torch.func.grad/vjp/jacrev/hessian reject the saved-tensor hooks that checkpointing uses: under
+    # them the layer keeps its intermediate instead (more memory, same result).
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
 class DynamicConv2d(nn.Module):
     """Drop-in for ``nn.Conv2d`` with ``num_kernels`` kernels mixed per sample (Chen et al., CVPR 2020).
 
@@ -188,7 +194,8 @@ class DynamicConv2d(nn.Module):
         attention = self.attention_weights(x)
         aggregate = _AGGREGATE[self.resolved_aggregation(x)]
         args = (x, self.weight, self.bias, attention, self.stride, self.padding, self.dilation, self.groups)
-        if self.recompute and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+        if self.recompute and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad) \
+                and not _under_torch_func():
             # Recompute the per-sample kernels / stacked outputs in backward instead of keeping them. The
             # aggregation draws no random numbers, so the RNG state need not be saved and restored.
             return checkpoint(aggregate, *args, use_reentrant=False, preserve_rng_state=False)

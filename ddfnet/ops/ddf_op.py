@@ -7,12 +7,12 @@ Two operators live in the ``ddfnet`` namespace:
 * ``torch.ops.ddfnet.ddf_backward(grad_output, input, channel_filter, spatial_filter, kernel_size,
   dilation, stride, kernel_combine) -> (grad_input, grad_channel_filter, grad_spatial_filter)``
 
-Both have fake (meta) implementations, and the forward has a ``register_autograd`` formula that calls
-the backward operator, so ``torch.library.opcheck`` passes and ``torch.compile(fullgraph=True)`` traces
-through them without graph breaks.
+Both have fake (meta) implementations and autograd kernels (reverse mode to any order, forward mode,
+vmap rules; see the Autograd section below), so ``torch.library.opcheck`` passes and
+``torch.compile(fullgraph=True)`` traces through them without graph breaks.
 
 Implementations. The schemas are declared once, in C++ (``csrc/ddf.cpp``), and the native CPU and
-CUDA kernels register there; this module adds the fake kernels, the autograd formula, the FLOP formulas
+CUDA kernels register there; this module adds the fake kernels, the autograd formulas, the FLOP formulas
 and the autocast rule. When the extension cannot be loaded or built (see :mod:`ddfnet.ops._native`), or
 ``DDFNET_FORCE_REFERENCE=1`` is set, the same schemas are defined here instead. Any device without a
 native kernel runs the pure-PyTorch reference in :mod:`ddfnet.ops.reference` and says so once with a
@@ -231,14 +231,13 @@ def _ddf_directional(input, channel_filter, spatial_filter, d_input, d_channel, 
     'mul' is trilinear in the three tensors: one call per tangent. 'add' is bilinear in the input and
     cf + sf: one call for the input's tangent, one for the filters' (a zero tensor for a missing one).
     """
-    ddf_op = _call_ddf
-    terms = [None if d_input is None else ddf_op(d_input, channel_filter, spatial_filter, *args)]
+    terms = [None if d_input is None else _call_ddf(d_input, channel_filter, spatial_filter, *args)]
     if args[3] == 'mul':
-        terms += [None if d_channel is None else ddf_op(input, d_channel, spatial_filter, *args),
-                  None if d_spatial is None else ddf_op(input, channel_filter, d_spatial, *args)]
+        terms += [None if d_channel is None else _call_ddf(input, d_channel, spatial_filter, *args),
+                  None if d_spatial is None else _call_ddf(input, channel_filter, d_spatial, *args)]
     elif d_channel is not None or d_spatial is not None:
-        terms.append(ddf_op(input, _or_zeros(d_channel, channel_filter), _or_zeros(d_spatial, spatial_filter),
-                            *args))
+        terms.append(_call_ddf(input, _or_zeros(d_channel, channel_filter), _or_zeros(d_spatial, spatial_filter),
+                               *args))
     return _total(terms)
 
 
@@ -298,14 +297,10 @@ class _DDFFunction(torch.autograd.Function):
         return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), None, None, None, None)
 
     @staticmethod
-    def vmap(info, in_dims, *args):
-        return _ddf_vmap(info, in_dims, *args)
-
-    @staticmethod
     def jvp(ctx, d_input, d_channel, d_spatial, *_):
         input, channel_filter, spatial_filter = ctx.saved_tensors
-        out = _ddf_directional(input, channel_filter, spatial_filter, d_input, d_channel, d_spatial, ctx.args)
-        return out  # jvp runs only when some tangent is given, so `out` is a tensor
+        # Autograd calls jvp only when some input has a tangent, so this is a tensor.
+        return _ddf_directional(input, channel_filter, spatial_filter, d_input, d_channel, d_spatial, ctx.args)
 
 
 class _DDFBackwardFunction(torch.autograd.Function):
@@ -345,10 +340,6 @@ class _DDFBackwardFunction(torch.autograd.Function):
         return tuple(_or_zeros(_total((a, b)), like) for a, b, like in
                      zip(from_grad, rest, (input, channel_filter, spatial_filter)))
 
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return _ddf_backward_vmap(info, in_dims, *args)
-
 
 def _autograd_kernel(op, function):
     """The Autograd-key kernel of ``op``: ``function.apply`` when gradients of either mode may be needed,
@@ -386,22 +377,28 @@ def _unfold(info, t: Tensor) -> Tensor:
     return t.unflatten(0, (info.batch_size, -1))
 
 
-def _ddf_vmap(info, in_dims, input, channel_filter, spatial_filter, kernel_size, dilation, stride, kernel_combine):
-    folded = _fold_vmap_dim(info, in_dims[:3], (input, channel_filter, spatial_filter))
-    out = _call_ddf(*folded, kernel_size, dilation, stride, kernel_combine)
-    return _unfold(info, out), 0
+def _vmap_rules(call_ddf, call_ddf_backward):
+    """vmap rules for ddf and ddf_backward that fold the vmapped dimension into the batch and make one call."""
+    def ddf_rule(info, in_dims, input, channel_filter, spatial_filter, kernel_size, dilation, stride,
+                 kernel_combine):
+        folded = _fold_vmap_dim(info, in_dims[:3], (input, channel_filter, spatial_filter))
+        return _unfold(info, call_ddf(*folded, kernel_size, dilation, stride, kernel_combine)), 0
+
+    def ddf_backward_rule(info, in_dims, grad_output, input, channel_filter, spatial_filter, kernel_size, dilation,
+                          stride, kernel_combine):
+        folded = _fold_vmap_dim(info, in_dims[:4], (grad_output, input, channel_filter, spatial_filter))
+        grads = call_ddf_backward(*folded, kernel_size, dilation, stride, kernel_combine)
+        return tuple(_unfold(info, g) for g in grads), (0, 0, 0)
+    return ddf_rule, ddf_backward_rule
 
 
-def _ddf_backward_vmap(info, in_dims, grad_output, input, channel_filter, spatial_filter, kernel_size, dilation,
-                       stride, kernel_combine):
-    folded = _fold_vmap_dim(info, in_dims[:4], (grad_output, input, channel_filter, spatial_filter))
-    grads = _call_ddf_backward(*folded, kernel_size, dilation, stride, kernel_combine)
-    return tuple(_unfold(info, g) for g in grads), (0, 0, 0)
-
-
-# For torch.ops.ddfnet.* called directly under vmap (ddf() goes through the Functions' vmap rules).
-torch.library.register_vmap('ddfnet::ddf', _ddf_vmap)
-torch.library.register_vmap('ddfnet::ddf_backward', _ddf_backward_vmap)
+# The Functions' rules run one transform level down, so their calls go through _call_ddf* again (and
+# stay differentiable). The operators' own rules serve torch.ops.ddfnet.* called directly under vmap;
+# those run inside the dispatcher, where only the plain operators can be called.
+_DDFFunction.vmap, _DDFBackwardFunction.vmap = (staticmethod(rule) for rule in _vmap_rules(_call_ddf,
+                                                                                          _call_ddf_backward))
+for _name, _rule in zip(('ddf', 'ddf_backward'), _vmap_rules(torch.ops.ddfnet.ddf, torch.ops.ddfnet.ddf_backward)):
+    torch.library.register_vmap(f'ddfnet::{_name}', _rule)
 
 
 def _register_flop_formula(op):
@@ -431,6 +428,17 @@ def _ddf_backward_flops(grad_output_shape, input_shape, *args, out_shape=None, *
     return 3 * 3 * batch * channels * out_h * out_w * kernel_size * kernel_size
 
 
+def _check_autocast_dtypes(input: Tensor, channel_filter: Tensor, spatial_filter: Tensor,
+                           dtype: torch.dtype) -> None:
+    # After the autocast casts only a float64 tensor can differ; the op's own message ("outside
+    # autocast") would then be wrong. Non-floating tensors are left to the op's dtype check.
+    tensors = (('input', input), ('channel_filter', channel_filter), ('spatial_filter', spatial_filter))
+    if all(t.is_floating_point() for _, t in tensors) and len({t.dtype for _, t in tensors}) > 1:
+        raise TypeError(f'ddf: under autocast, float64 tensors keep their dtype (as autocast does) and the '
+                        f'others are cast to {dtype}, so input, channel_filter and spatial_filter must be '
+                        'all float64 or none, got ' + ', '.join(f'{n} {t.dtype}' for n, t in tensors))
+
+
 def ddf(input: Tensor, channel_filter: Tensor, spatial_filter: Tensor, kernel_size: int = 3,
         dilation: int = 1, stride: int = 1, kernel_combine: str = 'mul') -> Tensor:
     """Decoupled dynamic filtering (SPEC §1).
@@ -447,12 +455,15 @@ def ddf(input: Tensor, channel_filter: Tensor, spatial_filter: Tensor, kernel_si
 
     Returns:
         (B, C, Ho, Wo) in the inputs' dtype (the autocast dtype under autocast) and the input's memory
-        format. Differentiable w.r.t. all three tensors. Argument order matches the original release.
+        format. Differentiable w.r.t. all three tensors to any order (gradients of gradients, e.g. a
+        gradient penalty), in forward mode (``torch.func.jvp``, ``torch.autograd.forward_ad``) and under
+        ``torch.func.grad`` / ``vmap`` / ``hessian``. Argument order matches the original release.
         An empty batch (B = 0) gives an empty output; non-contiguous inputs are fine.
 
     Raises:
         TypeError: a tensor argument is not a Tensor or not float64/32/16/bfloat16; kernel_size,
-            dilation or stride is not an int; the three tensors' dtypes differ (outside autocast).
+            dilation or stride is not an int; the three tensors' dtypes differ (outside autocast), or
+            under autocast some but not all of them are float64.
         ValueError: a tensor is not 4-D; channel_filter is not (B, C, k, k) or spatial_filter not
             (B, k*k, Ho, Wo) for the input (the message gives the expected shape); kernel_size is even or
             < 1; dilation or stride < 1; kernel_combine is not 'mul'/'add'; the tensors are on different
@@ -466,4 +477,5 @@ def ddf(input: Tensor, channel_filter: Tensor, spatial_filter: Tensor, kernel_si
         input, channel_filter, spatial_filter = (
             t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
             for t in (input, channel_filter, spatial_filter))
+        _check_autocast_dtypes(input, channel_filter, spatial_filter, dtype)
     return _call_ddf(input, channel_filter, spatial_filter, kernel_size, dilation, stride, kernel_combine)
