@@ -10,6 +10,7 @@ so the only differences left are the kernels' float32 accumulation and the final
 ``DDFNET_TEST_CUDA_ON=cpu`` runs the file against the CPU kernel instead (the tests that only make sense
 across devices or with CUDA graphs skip): a check of the tests themselves on a machine without a GPU.
 """
+import copy
 import os
 
 import pytest
@@ -134,6 +135,48 @@ def test_gradcheck(combine, k, dilation, stride, layout):
     x, cf, sf, _ = make_inputs((2, 3, 7, 6), k, stride, torch.float64, layout)
     inputs = tuple(t.requires_grad_() for t in (x, cf, sf))
     assert torch.autograd.gradcheck(lambda *t: ddfnet.ddf(*t, k, dilation, stride, combine), inputs)
+
+
+@pytest.mark.parametrize('combine', COMBINES)
+@pytest.mark.parametrize('k, dilation, stride', [(k, d, s) for k in (1, 3, 5) for d in (1, 2) for s in (1, 2)])
+def test_gradgradcheck(combine, k, dilation, stride):
+    # Gradients of gradients (the autograd of ddf_backward, written with ddf / ddf_backward calls) on this
+    # device's kernels; fast_mode projects the second-order Jacobians on random vectors. Both layouts
+    # across the grid, odd sizes.
+    require_native()
+    layout = LAYOUTS[(k + dilation + stride) % 2]
+    x, cf, sf, _ = make_inputs((2, 3, 7, 5), k, stride, torch.float64, layout)
+    inputs = tuple(t.requires_grad_() for t in (x, cf, sf))
+    assert torch.autograd.gradgradcheck(lambda *t: ddfnet.ddf(*t, k, dilation, stride, combine), inputs,
+                                        fast_mode=True, check_fwd_over_rev=True)
+
+
+@pytest.mark.parametrize('combine', COMBINES)
+def test_forward_mode_and_vmap(combine):
+    require_native()
+    x, cf, sf, _ = make_inputs((2, 3, 7, 5), 3, 2, torch.float64, 'nhwc')
+    inputs = tuple(t.requires_grad_() for t in (x, cf, sf))
+    assert torch.autograd.gradcheck(lambda *t: ddfnet.ddf(*t, 3, 1, 2, combine), inputs, check_forward_ad=True,
+                                    check_backward_ad=False, check_batched_forward_grad=True)
+    batch = torch.stack([x.detach(), -x.detach()])
+    got = torch.vmap(lambda t: ddfnet.ddf(t, cf, sf, 3, 1, 2, combine))(batch)
+    for i in range(2):
+        torch.testing.assert_close(got[i], ddfnet.ddf(batch[i], cf, sf, 3, 1, 2, combine))
+
+
+@needs_cuda
+def test_gradient_penalty_cpu_and_cuda_agree():
+    require_native()
+    torch.manual_seed(0)
+    layers = {'cpu': ddfnet.DDFPack(10, stride=2, head=2).double()}
+    layers['cuda'] = copy.deepcopy(layers['cpu']).to(DEVICE)
+    x = torch.randn(2, 10, 9, 7, dtype=torch.float64)
+    for device, layer in layers.items():
+        x_ = x.to(device).requires_grad_()
+        grad_x, = torch.autograd.grad(layer(x_).square().sum(), x_, create_graph=True)
+        grad_x.square().sum().backward()
+    for (name, p_cpu), p_cuda in zip(layers['cpu'].named_parameters(), layers['cuda'].parameters()):
+        torch.testing.assert_close(p_cuda.grad.cpu(), p_cpu.grad, rtol=1e-9, atol=1e-9, msg=name)
 
 
 @pytest.mark.parametrize('combine', COMBINES)
