@@ -148,6 +148,12 @@ def test_vmap_of_ddf_on_tensors_that_require_grad():
     torch.testing.assert_close(sf.grad, want[0][2] + want[1][2])
 
 
+def test_vmap_with_a_wrong_per_slice_rank_raises():
+    x, cf, sf = random_inputs(2, 3, 6, 5, 3)
+    with pytest.raises(ValueError, match='under vmap each tensor must be 4-D per vmapped slice, got 3-D'):
+        vmap(_op(3, 1, 1, 'mul'), in_dims=(0, None, None))(x, cf, sf)
+
+
 def test_direct_op_call_under_torch_func_grad_raises():
     x, cf, sf = random_inputs(1, 2, 5, 5, 3)
     with pytest.raises(RuntimeError, match='called directly under a torch.func transform; call ddfnet.ddf'):
