@@ -227,6 +227,10 @@ def main(argv: list[str] | None = None) -> None:
     if checkpoint is not None and not (isinstance(checkpoint, dict)
                                        and all(k in checkpoint for k in ('optimizer', 'state', 'config'))):
         raise UserError(f'{resume_path} is not a training checkpoint of train.py (use --pretrained-file for weights)')
+    if checkpoint is not None and checkpoint['config'].get('opt', args.opt) != args.opt:
+        # another optimizer would load the state dict but read its own keys: training would silently differ
+        raise UserError(f"--opt {args.opt}: {resume_path} was trained with --opt {checkpoint['config']['opt']}; "
+                        'resume with that one (or start from its weights with --pretrained-file)')
     data_root = resolve_data_root(args.dataset, args.data_dir, args.demo_per_class)
 
     device = torch.device(init_distributed_device(args))  # torchrun's env vars: NCCL on GPUs, gloo on CPU
@@ -295,7 +299,8 @@ def main(argv: list[str] | None = None) -> None:
             if args.distributed:
                 dist.destroy_process_group()
             return
-        optimizer.load_state_dict(checkpoint['optimizer'])
+        with rejected_as(f'--resume {resume_path}: its optimizer state does not fit these optimizer settings'):
+            optimizer.load_state_dict(checkpoint['optimizer'])
         # timm's schedules (plateau is rejected) are functions of (epoch, step) and their settings, which
         # is all their state holds: the scheduler built from this config is the resumed one. Say so when
         # the settings differ from the checkpoint's, e.g. a resume with a new --epochs.

@@ -107,6 +107,20 @@ def test_run_header_counter_compile_note_and_a_finished_resume(data_dir, tmp_pat
     assert snapshot(tmp_path) == before
 
 
+def test_resume_with_an_optimizer_that_does_not_fit_is_one_line(data_dir, tmp_path, capsys):
+    train(tiny_args(data_dir, tmp_path, '--opt', 'sgd'))  # weight decay 0.05: two parameter groups
+    last = tmp_path / 'run' / 'last.pth.tar'
+    before = snapshot(tmp_path)
+    resume = ['--epochs', '2', '--resume', 'auto']
+    error = fails('train', tiny_args(data_dir, tmp_path, '--opt', 'lamb', *resume), capsys)
+    assert error == f'train.py: error: --opt lamb: {last} was trained with --opt sgd; resume with that one (or ' \
+                    'start from its weights with --pretrained-file)'
+    error = fails('train', tiny_args(data_dir, tmp_path, '--opt', 'sgd', '--weight-decay', '0', *resume), capsys)
+    assert error.startswith(f'train.py: error: --resume {last}: its optimizer state does not fit these optimizer '
+                            'settings: ValueError: ')
+    assert snapshot(tmp_path) == before
+
+
 def test_readme_training_commands_run_in_the_order_shown():
     """No command of the demo and Training sections starts a fresh run in a folder an earlier one filled."""
     text = (ROOT / 'README.md').read_text().split('## Multi-node training')[0]
