@@ -51,17 +51,23 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError('no model: give --model (or model in the config)')
     if not timm.is_model(args.model):
         raise UserError(f"unknown model '{args.model}' (list them with timm.list_models('ddf*'))")
-    for name in ('batch_size', 'epochs', 'grad_accum_steps', 'log_interval', 'checkpoint_interval', 'demo_per_class',
-                 'validation_batch_size', 'num_classes'):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserError(f'--{name.replace("_", "-")} must be at least 1')
-    for name in ('workers', 'checkpoint_hist', 'warmup_epochs', 'cooldown_epochs', 'lr', 'min_lr', 'warmup_lr',
-                 'weight_decay', 'mixup', 'cutmix', 'drop_rate'):
-        if getattr(args, name) < 0:
-            raise UserError(f'--{name.replace("_", "-")} must not be negative')
-    for name in ('reprob', 'hflip', 'mixup_prob', 'mixup_switch_prob', 'smoothing', 'drop_path'):
-        if getattr(args, name) is not None and not 0 <= getattr(args, name) <= 1:
-            raise UserError(f'--{name.replace("_", "-")} must be between 0 and 1, not {getattr(args, name)}')
+    # (rule, options): a value outside these ranges crashes the run later, or silently trains something else
+    # (a negative --clip-grad flips the gradients, a zero temperature gives NaN attention)
+    ranges = (('must be at least 1', lambda v: v >= 1,
+               ('batch_size', 'epochs', 'grad_accum_steps', 'log_interval', 'checkpoint_interval', 'demo_per_class',
+                'validation_batch_size', 'num_classes', 'recount')),
+              ('must not be negative', lambda v: v >= 0,
+               ('workers', 'checkpoint_hist', 'warmup_epochs', 'cooldown_epochs', 'lr', 'min_lr', 'warmup_lr',
+                'weight_decay', 'momentum', 'mixup', 'cutmix', 'drop_rate', 'color_jitter', 'decay_rate')),
+              ('must be positive', lambda v: v > 0,
+               ('crop_pct', 'opt_eps', 'clip_grad', 'decay_epochs', 'dyconv_temp_start', 'dyconv_temp_end')),
+              ('must be between 0 and 1', lambda v: 0 <= v <= 1,
+               ('reprob', 'hflip', 'mixup_prob', 'mixup_switch_prob', 'smoothing', 'drop_path', 'model_ema_decay')))
+    for rule, ok, names in ranges:
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and not ok(value):
+                raise UserError(f'--{name.replace("_", "-")} {rule}, not {value}')
     args.device = resolve_device(args.device)
     if args.sync_bn and not args.device.startswith('cuda'):
         raise UserError('--sync-bn needs CUDA devices; on CPU use --dist-bn reduce')
@@ -88,6 +94,11 @@ def run_folder(args: argparse.Namespace) -> tuple[str, str | None]:
     ended) is free for a new run, which replaces its files (:func:`start_run_folder`).
     """
     run_dir = os.path.join(args.output, run_name(args))
+    parent = run_dir  # the run folder or its nearest existing ancestor must be a folder we may write to
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent or '.') or not os.access(parent or '.', os.W_OK | os.X_OK):
+        raise UserError(f'cannot write the run folder {run_dir}: {parent} is not a writable folder')
     existing = holds_checkpoint(run_dir)
     last = os.path.join(run_dir, LAST)
     if args.resume == 'auto':
@@ -241,9 +252,12 @@ def main(argv: list[str] | None = None) -> None:
     # batch_size matters to timm's iterable datasets (TFDS, WebDataset) only
     dataset_train = create_split(args.dataset, data_root, args.train_split, True, args.batch_size)
     dataset_eval = create_split(args.dataset, data_root, args.val_split, False, args.batch_size)
-    num_classes = args.num_classes or class_count(dataset_train)
+    found = class_count(dataset_train)
+    num_classes = args.num_classes or found
     if num_classes is None:
         raise UserError('cannot tell the number of classes of this dataset: give --num-classes')
+    if found is not None and num_classes < found:  # the loss would fail on the first label past the classifier
+        raise UserError(f'--num-classes {num_classes} is fewer than the {found} classes of the training split')
     model = build_model(args, num_classes)
     notes = []  # said once the run folder's log.txt exists
     if checkpoint is not None:

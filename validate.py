@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f'--{name.replace("_", "-")} must be at least 1')
     if args.workers < 0:
         raise UserError('--workers must not be negative')
+    if args.crop_pct is not None and args.crop_pct <= 0:
+        raise UserError(f'--crop-pct must be positive, not {args.crop_pct}')
     device = torch.device(resolve_device(args.device))
     state = model_state_dict(load_checkpoint(args.checkpoint), args.checkpoint, use_ema=args.use_ema)
     data_root = resolve_data_root(args.dataset, args.data_dir, args.demo_per_class)

@@ -59,16 +59,24 @@ BAD_OPTIONS = [
     ('train interpolation', ['--train-interpolation', 'cubic'], "--train-interpolation cubic: KeyError: 'cubic'"),
     ('eval interpolation', ['--interpolation', 'cubic'], "--interpolation cubic: KeyError: 'cubic'"),
     ('compile backend', ['--torch-compile', 'inductr'], '--torch-compile inductr: not a torch.compile backend'),
-    ('negative workers', ['--workers', '-1'], '--workers must not be negative'),
-    ('probability', ['--reprob', '1.5'], '--reprob must be between 0 and 1'),
+    ('negative workers', ['--workers', '-1'], '--workers must not be negative, not -1'),
+    ('probability', ['--reprob', '1.5'], '--reprob must be between 0 and 1, not 1.5'),
+    ('step period', ['--sched', 'step', '--decay-epochs', '0'], '--decay-epochs must be positive, not 0.0'),
+    ('negative clipping', ['--clip-grad', '-1'], '--clip-grad must be positive, not -1.0'),
+    ('zero temperature', ['--dyconv-temp-end', '0'], '--dyconv-temp-end must be positive'),
+    ('crop', ['--crop-pct', '0'], '--crop-pct must be positive'),
+    ('too few classes', ['--num-classes', '5'], '--num-classes 5 is fewer than the 8 classes of the training split'),
+    ('output is a file', ['--output', '{tmp}/file'], 'cannot write the run folder {tmp}/file/run: {tmp}/file is not'),
 ]
 
 
 @pytest.mark.parametrize('case, extra, message', BAD_OPTIONS, ids=[c[0] for c in BAD_OPTIONS])
 def test_bad_option_is_one_line_naming_it_and_writes_nothing(data_dir, tmp_path, capsys, case, extra, message):
+    (tmp_path / 'file').write_text('a file, not a folder')
+    extra = [a.replace('{tmp}', str(tmp_path)) for a in extra]
     error = fails('train', tiny_args(data_dir, tmp_path / 'out', *extra), capsys)
-    assert error.startswith('train.py: error: ' + message), error
-    assert not (tmp_path / 'out').exists()
+    assert error.startswith('train.py: error: ' + message.replace('{tmp}', str(tmp_path))), error
+    assert sorted(os.listdir(tmp_path)) == ['file'] and (tmp_path / 'file').read_text() == 'a file, not a folder'
 
 
 @pytest.mark.parametrize('resume', [[], ['--resume', 'auto']], ids=['fresh', 'resume-auto'])
@@ -145,10 +153,12 @@ def test_validate_refuses_to_score_random_weights(data_dir, capsys):
     assert error.startswith('validate.py: error: no --checkpoint: give the weights to evaluate')
 
 
-def test_validate_rejects_an_unusable_device(tmp_path, capsys):
-    error = fails('validate', ['--model', 'resnet18', '--checkpoint', str(tmp_path / 'x.pth'), '--device', 'tpu'],
-                  capsys)
-    assert "--device 'tpu' is not a device" in error
+@pytest.mark.parametrize('extra, message', [(['--device', 'tpu'], "--device 'tpu' is not a device"),
+                                            (['--crop-pct', '0'], '--crop-pct must be positive, not 0.0'),
+                                            (['--workers', '-2'], '--workers must not be negative')])
+def test_validate_rejects_bad_values_before_reading_anything(tmp_path, capsys, extra, message):
+    error = fails('validate', ['--model', 'resnet18', '--checkpoint', str(tmp_path / 'x.pth'), *extra], capsys)
+    assert error.startswith(f'validate.py: error: {message}')
 
 
 def test_missing_split_names_every_folder_it_accepts(tmp_path):
