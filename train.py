@@ -12,6 +12,7 @@ status 128 + signal number; errors in the input are one line and exit status 2.
 from __future__ import annotations
 
 import argparse
+import glob
 import logging
 import math
 import os
@@ -22,7 +23,7 @@ from functools import partial
 import timm
 import torch
 import torch.distributed as dist
-from timm.data import FastCollateMixup, Mixup, create_loader, resolve_data_config
+from timm.data import FastCollateMixup, Mixup, create_loader, create_transform, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -32,9 +33,10 @@ import ddfnet  # noqa: F401  (registers the DDF models with timm)
 from ddfnet.data import class_count, create_split, resolve_data_root
 from ddfnet.training import run_epoch_hooks
 from ddfnet.training.args import train_parser
-from ddfnet.training.checkpoint import (LAST, load_checkpoint, load_weights, model_state_dict, remove_partial_files,
-                                        rng_state, save_checkpoint)
-from ddfnet.training.config import UserError, parse_args, resolved_config, run_main, write_yaml
+from ddfnet.training.checkpoint import (LAST, holds_checkpoint, load_checkpoint, load_weights, model_state_dict,
+                                        remove_partial_files, rng_state, save_checkpoint)
+from ddfnet.training.config import (UserError, parse_args, rejected_as, resolve_device, resolved_config, run_main,
+                                    write_yaml)
 from ddfnet.training.engine import (SignalFlag, StopRequested, TrainingStopped, TrainState, evaluate, seed_epoch,
                                     train_one_epoch)
 
@@ -44,35 +46,64 @@ SCHEDULE_KEYS = ('sched', 'sched_on_updates', 'lr', 'epochs', 'warmup_epochs', '
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Reject bad input before anything is created or written."""
+    """Reject bad values that need no library to tell, before anything is created or written."""
     if not args.model:
         raise UserError('no model: give --model (or model in the config)')
     if not timm.is_model(args.model):
         raise UserError(f"unknown model '{args.model}' (list them with timm.list_models('ddf*'))")
-    for name in ('batch_size', 'epochs', 'grad_accum_steps', 'log_interval', 'checkpoint_interval'):
-        if getattr(args, name) < 1:
-            raise UserError(f'--{name.replace("_", "-")} must be at least 1')
-    if args.device == 'auto':
-        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if args.device.startswith('cuda') and not torch.cuda.is_available():
-        raise UserError(f'--device {args.device} asked for, but no CUDA device is available (use --device cpu)')
+    # (rule, options): a value outside these ranges crashes the run later, or silently trains something else
+    # (a negative --clip-grad flips the gradients, a zero temperature gives NaN attention)
+    ranges = (('must be at least 1', lambda v: v >= 1,
+               ('batch_size', 'epochs', 'grad_accum_steps', 'log_interval', 'checkpoint_interval', 'demo_per_class',
+                'validation_batch_size', 'num_classes', 'recount')),
+              ('must not be negative', lambda v: v >= 0,
+               ('workers', 'checkpoint_hist', 'warmup_epochs', 'cooldown_epochs', 'lr', 'min_lr', 'warmup_lr',
+                'weight_decay', 'momentum', 'mixup', 'cutmix', 'drop_rate', 'color_jitter', 'decay_rate')),
+              ('must be positive', lambda v: v > 0,
+               ('crop_pct', 'opt_eps', 'clip_grad', 'decay_epochs', 'dyconv_temp_start', 'dyconv_temp_end')),
+              ('must be between 0 and 1', lambda v: 0 <= v <= 1,
+               ('reprob', 'hflip', 'mixup_prob', 'mixup_switch_prob', 'smoothing', 'drop_path', 'model_ema_decay')))
+    for rule, ok, names in ranges:
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and not ok(value):
+                raise UserError(f'--{name.replace("_", "-")} {rule}, not {value}')
+    args.device = resolve_device(args.device)
     if args.sync_bn and not args.device.startswith('cuda'):
         raise UserError('--sync-bn needs CUDA devices; on CPU use --dist-bn reduce')
     if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
         raise UserError(f'mixup/cutmix pair up images: --batch-size must be even, not {args.batch_size}')
     if args.sched == 'plateau':  # timm's plateau schedule needs a metric at every step; we step by epoch
         raise UserError('--sched plateau is not supported; use cosine, step, multistep, poly or tanh')
+    if args.torch_compile and args.torch_compile not in torch.compiler.list_backends(exclude_tags=()):
+        raise UserError(f'--torch-compile {args.torch_compile}: not a torch.compile backend (e.g. inductor, '
+                        'aot_eager, eager)')
     if args.pretrained_file and not os.path.isfile(args.pretrained_file):
         raise UserError(f'no pretrained file {args.pretrained_file}')
 
 
+def run_name(args: argparse.Namespace) -> str:
+    """The run folder's name: --experiment, else the config file's name, else the model's."""
+    return args.experiment or (os.path.splitext(os.path.basename(args.config))[0] if args.config else args.model)
+
+
 def run_folder(args: argparse.Namespace) -> tuple[str, str | None]:
-    """The run folder and the checkpoint to resume from (None: a fresh run)."""
-    name = args.experiment or (os.path.splitext(os.path.basename(args.config))[0] if args.config else args.model)
-    run_dir = os.path.join(args.output, name)
-    existing = os.path.isfile(os.path.join(run_dir, 'args.yaml')) or os.path.isfile(os.path.join(run_dir, LAST))
+    """The run folder and the checkpoint to resume from (None: a fresh run).
+
+    A folder holds a run when it holds a checkpoint: one without (a start that failed before its first epoch
+    ended) is free for a new run, which replaces its files (:func:`start_run_folder`).
+    """
+    run_dir = os.path.join(args.output, run_name(args))
+    parent = run_dir  # the run folder or its nearest existing ancestor must be a folder we may write to
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent or '.') or not os.access(parent or '.', os.W_OK | os.X_OK):
+        raise UserError(f'cannot write the run folder {run_dir}: {parent} is not a writable folder')
+    existing = holds_checkpoint(run_dir)
+    last = os.path.join(run_dir, LAST)
     if args.resume == 'auto':
-        last = os.path.join(run_dir, LAST)
+        if existing and not os.path.isfile(last):
+            raise UserError(f'{run_dir} holds checkpoints but no {LAST}: resume one with --resume FILE')
         return run_dir, last if os.path.isfile(last) else None
     if args.resume:
         if not os.path.isfile(args.resume):
@@ -86,6 +117,29 @@ def run_folder(args: argparse.Namespace) -> tuple[str, str | None]:
     return run_dir, None
 
 
+# What a start that failed before its first checkpoint may have left; the run that starts there replaces it.
+FAILED_START_FILES = ('args.yaml', 'args-resume-*.yaml', 'log.txt', 'summary.csv', 'events.out.tfevents.*')
+
+
+def start_run_folder(run_dir: str, config: dict, resumed_at: dict | None) -> list[str]:
+    """Create the run folder and write the run's config; returns the names of a failed start's files that were
+    removed. ``args.yaml`` is the config of the run that trains there: a resumed run keeps its first one and
+    records this launch's as ``args-resume-e<epoch>-s<step>.yaml``."""
+    os.makedirs(run_dir, exist_ok=True)
+    remove_partial_files(run_dir)
+    removed = []
+    if not holds_checkpoint(run_dir):
+        for pattern in FAILED_START_FILES:
+            for path in sorted(glob.glob(os.path.join(run_dir, pattern))):
+                os.remove(path)
+                removed.append(os.path.basename(path))
+    config_file = os.path.join(run_dir, 'args.yaml')
+    if resumed_at is not None and os.path.exists(config_file):
+        config_file = os.path.join(run_dir, f'args-resume-e{resumed_at["epoch"]}-s{resumed_at["step"]}.yaml')
+    write_yaml(config, config_file)
+    return removed
+
+
 def setup_logging(run_dir: str | None, primary: bool) -> None:
     """Log to stdout on rank 0 (warnings only elsewhere), and to RUN_DIR/log.txt."""
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
@@ -95,6 +149,82 @@ def setup_logging(run_dir: str | None, primary: bool) -> None:
                         datefmt='%H:%M:%S', handlers=handlers, force=True)
 
 
+def build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
+    """The timm model; a value timm or the model rejects is one line naming the option."""
+    option = f'--model-kwargs {args.model_kwargs}' if args.model_kwargs else f'--model {args.model}'
+    with rejected_as(f'{option}: cannot build {args.model}'):
+        return timm.create_model(args.model, num_classes=num_classes, drop_rate=args.drop_rate,
+                                 **({'drop_path_rate': args.drop_path} if args.drop_path is not None else {}),
+                                 **args.model_kwargs)
+
+
+def check_forward(model: torch.nn.Module, input_size: tuple, args: argparse.Namespace, device: torch.device,
+                  amp_autocast) -> None:
+    """Run the model once on two black images in eval mode, so that settings it cannot run (kwargs that build
+    but do not fit its forward, an image size too small) fail now, not after the run started. Eval mode and
+    no_grad leave the weights, BatchNorm statistics and random generators as they were."""
+    option = (f'--model-kwargs {args.model_kwargs}' if args.model_kwargs else
+              f'--img-size {args.img_size}' if args.img_size else f'--model {args.model}')
+    images = torch.zeros(2, *input_size, device=device)
+    if args.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    model.eval()
+    with torch.no_grad(), amp_autocast(), rejected_as(f'{option}: {args.model} cannot run a batch of '
+                                                       f'{"x".join(map(str, input_size))} images'):
+        model(images)
+    model.train()
+
+
+def build_loaders(args, dataset_train, dataset_eval, data_config: dict, num_classes: int, device: torch.device):
+    """timm's training and evaluation loaders (and the mixup function when it runs on the host).
+
+    Workers are restarted every epoch (persistent_workers=False) so their seeds come from the epoch's seed;
+    the GPU prefetcher does normalisation, random erasing and mixup on the device. Each transform option is
+    tried on its own first, so a value timm rejects names its option; then one image of each split goes
+    through its transforms, so an image or transform that cannot load fails before the run starts.
+    """
+    input_size = data_config['input_size']
+    for option, value, kwargs in (
+            ('--aa', args.aa, dict(is_training=True, auto_augment=args.aa)),
+            ('--train-interpolation', args.train_interpolation,
+             dict(is_training=True, interpolation=args.train_interpolation)),
+            ('--scale / --ratio', (args.scale, args.ratio), dict(is_training=True, scale=args.scale, ratio=args.ratio)),
+            ('--interpolation', data_config['interpolation'],
+             dict(is_training=False, interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct']))):
+        with rejected_as(f'{option} {value}'):
+            create_transform(input_size, **kwargs)
+    prefetch = device.type == 'cuda'
+    mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
+                      switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=args.smoothing,
+                      num_classes=num_classes)
+    use_mixup = args.mixup > 0 or args.cutmix > 0
+    with rejected_as('--mixup / --cutmix'):
+        mixup_fn = Mixup(**mixup_args) if use_mixup and not prefetch else None
+        collate_fn = FastCollateMixup(**mixup_args) if use_mixup and prefetch else None
+    loader_args = dict(mean=data_config['mean'], std=data_config['std'], num_workers=args.workers,
+                       distributed=args.distributed, pin_memory=args.pin_mem, device=device,
+                       use_prefetcher=prefetch, persistent_workers=False)
+    with rejected_as('training data options'):
+        loader_train = create_loader(
+            dataset_train, input_size=input_size, batch_size=args.batch_size, is_training=True,
+            re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, scale=args.scale, ratio=args.ratio,
+            hflip=args.hflip, color_jitter=args.color_jitter, auto_augment=args.aa,
+            interpolation=args.train_interpolation, collate_fn=collate_fn, **loader_args)
+    with rejected_as('evaluation data options'):
+        loader_eval = create_loader(
+            dataset_eval, input_size=input_size, batch_size=args.validation_batch_size or args.batch_size,
+            is_training=False, interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'],
+            **loader_args)
+    if len(loader_train) == 0:
+        raise UserError(f'{len(dataset_train)} training images per process do not fill one batch of {args.batch_size}')
+    for split, dataset in ((args.train_split, dataset_train), (args.val_split, dataset_eval)):
+        if isinstance(dataset, torch.utils.data.IterableDataset):  # streamed (WebDataset, TFDS): no cheap sample
+            continue
+        with rejected_as(f"cannot read an image of split '{split}' through its transforms"):
+            dataset[0]
+    return loader_train, loader_eval, mixup_fn
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = train_parser()
     args = parse_args(parser, argv)
@@ -102,11 +232,16 @@ def main(argv: list[str] | None = None) -> None:
     # args.yaml is itself a valid --config (so it leaves out 'config')
     config = resolved_config(args, [a.dest for a in parser._actions if a.dest not in ('help', 'config')])
     run_dir, resume_path = run_folder(args)
-    # Checks that read files come before the first write, so bad input changes nothing on disk.
+    # Everything that can fail is built and tried before the first write to the run folder (start_run_folder),
+    # so bad input changes nothing on disk and a failed start leaves no run behind.
     checkpoint = load_checkpoint(resume_path) if resume_path else None
     if checkpoint is not None and not (isinstance(checkpoint, dict)
                                        and all(k in checkpoint for k in ('optimizer', 'state', 'config'))):
         raise UserError(f'{resume_path} is not a training checkpoint of train.py (use --pretrained-file for weights)')
+    if checkpoint is not None and checkpoint['config'].get('opt', args.opt) != args.opt:
+        # another optimizer would load the state dict but read its own keys: training would silently differ
+        raise UserError(f"--opt {args.opt}: {resume_path} was trained with --opt {checkpoint['config']['opt']}; "
+                        'resume with that one (or start from its weights with --pretrained-file)')
     data_root = resolve_data_root(args.dataset, args.data_dir, args.demo_per_class)
 
     device = torch.device(init_distributed_device(args))  # torchrun's env vars: NCCL on GPUs, gloo on CPU
@@ -117,104 +252,96 @@ def main(argv: list[str] | None = None) -> None:
     # batch_size matters to timm's iterable datasets (TFDS, WebDataset) only
     dataset_train = create_split(args.dataset, data_root, args.train_split, True, args.batch_size)
     dataset_eval = create_split(args.dataset, data_root, args.val_split, False, args.batch_size)
-    num_classes = args.num_classes or class_count(dataset_train)
+    found = class_count(dataset_train)
+    num_classes = args.num_classes or found
     if num_classes is None:
         raise UserError('cannot tell the number of classes of this dataset: give --num-classes')
-    try:
-        model = timm.create_model(args.model, num_classes=num_classes, drop_rate=args.drop_rate,
-                                  **({'drop_path_rate': args.drop_path} if args.drop_path is not None else {}),
-                                  **args.model_kwargs)
-    except TypeError as e:
-        raise UserError(f'cannot build {args.model} with model_kwargs {args.model_kwargs}: {e}') from None
+    if found is not None and num_classes < found:  # the loss would fail on the first label past the classifier
+        raise UserError(f'--num-classes {num_classes} is fewer than the {found} classes of the training split')
+    model = build_model(args, num_classes)
+    notes = []  # said once the run folder's log.txt exists
     if checkpoint is not None:
         load_weights(model, model_state_dict(checkpoint, resume_path), resume_path, args.model)
     elif args.pretrained_file:
         weights = model_state_dict(load_checkpoint(args.pretrained_file), args.pretrained_file)
-        load_weights(model, weights, args.pretrained_file, args.model, drop_classifier=True)
-
-    if primary:
-        os.makedirs(run_dir, exist_ok=True)
-        remove_partial_files(run_dir)
-        config_file = os.path.join(run_dir, 'args.yaml')
-        if os.path.exists(config_file):  # a resumed run keeps its first config and records this launch's
-            at = checkpoint['state'] if checkpoint else {'epoch': 0, 'step': 0}
-            config_file = os.path.join(run_dir, f'args-resume-e{at["epoch"]}-s{at["step"]}.yaml')
-        write_yaml(config, config_file)
-        setup_logging(run_dir, primary)
-    _logger.info(f'{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters, '
-                 f'{num_classes} classes, {len(dataset_train)} training images; {args.world_size} process(es) on '
-                 f'{device.type}; run folder {run_dir}')
+        left = load_weights(model, weights, args.pretrained_file, args.model, drop_classifier=True)
+        total = len(model.state_dict())
+        notes.append(f'--pretrained-file {args.pretrained_file}: loaded {total - len(left)} of {total} tensors'
+                     + (f'; dropped the classifier ({", ".join(left)}: kept at its initial values, '
+                        f'{num_classes} classes here)' if left else ' (the classifier too)'))
 
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     if args.distributed and args.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
-                                    momentum=args.momentum,
-                                    **{k: v for k, v in (('eps', args.opt_eps), ('betas', args.opt_betas)) if v})
+    with rejected_as(f'--opt {args.opt}'):
+        optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                                        momentum=args.momentum,
+                                        **{k: v for k, v in (('eps', args.opt_eps), ('betas', args.opt_betas)) if v})
     amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
     amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if args.amp else nullcontext
     loss_scaler = NativeScaler(device=device.type) if args.amp and amp_dtype == torch.float16 else None
-    model_ema = ModelEmaV3(model, decay=args.model_ema_decay, device=device) if args.model_ema else None
 
-    # Data: timm's loaders. Workers are restarted every epoch (persistent_workers=False) so their seeds come
-    # from the epoch's seed; the GPU prefetcher does normalisation, random erasing and mixup on the device.
-    data_config = resolve_data_config(dict(img_size=args.img_size, crop_pct=args.crop_pct,
-                                           interpolation=args.interpolation), model=model)
-    prefetch = device.type == 'cuda'
-    mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
-                      switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=args.smoothing,
-                      num_classes=num_classes)
-    use_mixup = args.mixup > 0 or args.cutmix > 0
-    mixup_fn = Mixup(**mixup_args) if use_mixup and not prefetch else None
-    loader_args = dict(mean=data_config['mean'], std=data_config['std'], num_workers=args.workers,
-                       distributed=args.distributed, pin_memory=args.pin_mem, device=device,
-                       use_prefetcher=prefetch, persistent_workers=False)
-    loader_train = create_loader(
-        dataset_train, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
-        re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, scale=args.scale, ratio=args.ratio,
-        hflip=args.hflip, color_jitter=args.color_jitter, auto_augment=args.aa,
-        interpolation=args.train_interpolation,
-        collate_fn=FastCollateMixup(**mixup_args) if use_mixup and prefetch else None, **loader_args)
-    loader_eval = create_loader(
-        dataset_eval, input_size=data_config['input_size'], batch_size=args.validation_batch_size or args.batch_size,
-        is_training=False, interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'],
-        **loader_args)
-    if len(loader_train) == 0:
-        raise UserError(f'{len(dataset_train)} training images per process do not fill one batch of {args.batch_size}')
-    if use_mixup:
+    with rejected_as('--img-size / --crop-pct / --interpolation'):
+        data_config = resolve_data_config(dict(img_size=args.img_size, crop_pct=args.crop_pct,
+                                               interpolation=args.interpolation), model=model)
+    check_forward(model, data_config['input_size'], args, device, amp_autocast)
+    model_ema = ModelEmaV3(model, decay=args.model_ema_decay, device=device) if args.model_ema else None
+    loader_train, loader_eval, mixup_fn = build_loaders(args, dataset_train, dataset_eval, data_config,
+                                                        num_classes, device)
+    if args.mixup > 0 or args.cutmix > 0:
         train_loss = SoftTargetCrossEntropy()
     else:
         train_loss = LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing else torch.nn.CrossEntropyLoss()
 
     updates_per_epoch = math.ceil(len(loader_train) / args.grad_accum_steps)
-    scheduler, num_epochs = create_scheduler_v2(
-        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
-        decay_milestones=args.decay_milestones, cooldown_epochs=args.cooldown_epochs, decay_rate=args.decay_rate,
-        min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
-        step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates_per_epoch)
+    with rejected_as(f'--sched {args.sched}'):
+        scheduler, num_epochs = create_scheduler_v2(
+            optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+            decay_milestones=args.decay_milestones, cooldown_epochs=args.cooldown_epochs, decay_rate=args.decay_rate,
+            min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
+            step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates_per_epoch)
 
     state = TrainState()
     resume_rng = None
     if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint['optimizer'])
+        state = TrainState(**checkpoint['state'])
+        if state.epoch >= num_epochs:
+            _logger.info(f'{run_dir}: the run is complete ({state.epoch} epochs trained, {num_epochs} asked for); '
+                         'nothing to do (raise --epochs to train on)')
+            if args.distributed:
+                dist.destroy_process_group()
+            return
+        with rejected_as(f'--resume {resume_path}: its optimizer state does not fit these optimizer settings'):
+            optimizer.load_state_dict(checkpoint['optimizer'])
         # timm's schedules (plateau is rejected) are functions of (epoch, step) and their settings, which
         # is all their state holds: the scheduler built from this config is the resumed one. Say so when
         # the settings differ from the checkpoint's, e.g. a resume with a new --epochs.
         changed = [k for k in SCHEDULE_KEYS if checkpoint['config'].get(k) != config[k]]
         if changed:
-            _logger.warning(f'schedule settings changed since the checkpoint ({", ".join(changed)}): '
-                            'the learning rate follows the new ones')
+            notes.append(f'schedule settings changed since the checkpoint ({", ".join(changed)}): '
+                         'the learning rate follows the new ones')
         if loss_scaler is not None and checkpoint.get('scaler'):
             loss_scaler.load_state_dict(checkpoint['scaler'])
         if model_ema is not None and checkpoint.get('model_ema'):
             load_weights(model_ema.module, model_state_dict(checkpoint, resume_path, use_ema=True),
                          resume_path, args.model)
-        state = TrainState(**checkpoint['state'])
         rngs = checkpoint.get('rng') or []
         resume_rng = rngs[args.rank] if len(rngs) == args.world_size else None
-        _logger.info(f'resuming from {resume_path}: epoch {state.epoch}, batch {state.step}')
+        notes.append(f'resuming from {resume_path}: epoch {state.epoch}, batch {state.step}')
+
+    # The run starts: from here on files are written.
+    if primary:
+        removed = start_run_folder(run_dir, config, checkpoint['state'] if checkpoint is not None else None)
+        setup_logging(run_dir, primary)
+        if removed:
+            _logger.info(f'{run_dir} held no checkpoint: replaced the files of a failed start ({", ".join(removed)})')
+    _logger.info(f'{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters, '
+                 f'{num_classes} classes, {len(dataset_train)} training images; {args.world_size} process(es) on '
+                 f'{device.type}; run folder {run_dir}')
+    for note in notes:
+        _logger.info(note)
     del checkpoint
 
     train_model = model
@@ -222,13 +349,15 @@ def main(argv: list[str] | None = None) -> None:
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == 'cuda' else None)
     if args.torch_compile:  # after DDP, so the compiler sees DDP's buckets (PyTorch's recommended order)
+        _logger.info(f'compiling the model with torch.compile (backend {args.torch_compile}): the first training '
+                     'and evaluation steps are slow while it compiles (a minute or more on a CPU)')
         train_model = torch.compile(train_model, backend=args.torch_compile)
     tensorboard = None
     if primary:
         from torch.utils.tensorboard import SummaryWriter
         tensorboard = SummaryWriter(run_dir)
 
-    def save(is_best: bool = False, periodic: bool = False) -> None:
+    def save(is_best: bool = False, periodic_epoch: int | None = None) -> None:
         # Every rank's generator states go into the file, so each rank resumes its own stream.
         rngs = [None] * args.world_size if args.distributed else [rng_state()]
         if args.distributed:
@@ -240,12 +369,15 @@ def main(argv: list[str] | None = None) -> None:
             'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
             'scaler': loss_scaler.state_dict() if loss_scaler else None, 'state': state.as_dict(),
             'config': config, 'rng': rngs, 'model_name': args.model, 'version': 1,
-        }, is_best=is_best, periodic_epoch=state.epoch if periodic else None, keep=args.checkpoint_hist)
+        }, is_best=is_best, periodic_epoch=periodic_epoch, keep=args.checkpoint_hist)
 
     key = f'ema_{args.eval_metric}' if model_ema is not None else args.eval_metric
+    # The progress lines count batches ([batch/batches]); an optimizer step may take several of them.
+    per_step = ('one optimizer step per batch' if args.grad_accum_steps == 1 else
+                f'an optimizer step every {args.grad_accum_steps} batches ({updates_per_epoch} steps)')
     _logger.info(f'training epochs {state.epoch}..{num_epochs - 1} ({args.epochs} + {args.cooldown_epochs} cool-down), '
-                 f'{updates_per_epoch} steps of {args.batch_size} x {args.world_size} x {args.grad_accum_steps} '
-                 'images per epoch')
+                 f'{len(loader_train)} batches of {args.batch_size} images x {args.world_size} process(es) per epoch, '
+                 f'{per_step}')
     with SignalFlag() as stop:
         try:
             while state.epoch < num_epochs:
@@ -272,7 +404,8 @@ def main(argv: list[str] | None = None) -> None:
                 if better:
                     state.best_metric, state.best_epoch = value, epoch
                 state.epoch, state.step = epoch + 1, 0
-                save(is_best=better, periodic=state.epoch % args.checkpoint_interval == 0)
+                # checkpoint-<epoch> is named after the epoch it ends, numbered from 0 as in the log
+                save(is_best=better, periodic_epoch=epoch if state.epoch % args.checkpoint_interval == 0 else None)
                 _logger.info(f'epoch {epoch}: train loss {train_metrics["loss"]:.4f}, '
                              f'val loss {eval_metrics["loss"]:.4f} '
                              f'top-1 {eval_metrics["top1"]:.2f} top-5 {eval_metrics["top5"]:.2f}'

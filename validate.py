@@ -27,8 +27,8 @@ import ddfnet  # noqa: F401  (registers the DDF models with timm)
 from ddfnet.data import class_count, create_split, resolve_data_root
 from ddfnet.training.args import train_parser
 from ddfnet.training.checkpoint import load_checkpoint, load_weights, model_state_dict
-from ddfnet.training.config import (OneLineArgumentParser, UserError, atomic_write_text, parse_args, run_main,
-                                    yaml_mapping)
+from ddfnet.training.config import (OneLineArgumentParser, UserError, atomic_write_text, default_workers, parse_args,
+                                    rejected_as, resolve_device, run_main, yaml_mapping)
 from ddfnet.training.engine import evaluate
 
 
@@ -38,7 +38,8 @@ def validate_parser() -> argparse.ArgumentParser:
     add('--config', '-c', metavar='FILE', help="a training config: its model, data and image settings are used")
     add('--model', help='timm model name, e.g. ddf_resnet50')
     add('--model-kwargs', type=yaml_mapping, default={})
-    add('--checkpoint', metavar='FILE', help="train.py's checkpoint or a state_dict (.pth, .pth.tar, .safetensors)")
+    add('--checkpoint', metavar='FILE', help="the weights to evaluate (required): train.py's checkpoint or a "
+        "state_dict (.pth, .pth.tar, .safetensors)")
     add('--use-ema', action='store_true', help="evaluate the checkpoint's EMA weights")
     add('--data-dir', metavar='DIR')
     add('--dataset', default='', help="timm dataset name ('' = image folder), or 'demo'")
@@ -51,7 +52,8 @@ def validate_parser() -> argparse.ArgumentParser:
     add('--interpolation', default='')
     add('--batch-size', '-b', type=int, default=128)
     add('--validation-batch-size', type=int, help='alias of --batch-size (the training config key)')
-    add('--workers', '-j', type=int, default=4)
+    add('--workers', '-j', type=int, default=default_workers(),
+        help='data loading processes (default: 4, or the cores available if fewer)')
     add('--amp', action=argparse.BooleanOptionalAction, default=False)
     add('--amp-dtype', default='float16', choices=['float16', 'bfloat16'])
     add('--channels-last', action=argparse.BooleanOptionalAction, default=False)
@@ -70,7 +72,7 @@ def write_results(results: dict, path: str) -> None:
                 writer.writeheader()
             writer.writerow(results)
     else:
-        atomic_write_text(json.dumps(results, indent=2), path)
+        atomic_write_text(json.dumps(results, indent=2) + '\n', path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -81,37 +83,42 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError('no model: give --model (or --config)')
     if not timm.is_model(args.model):
         raise UserError(f"unknown model '{args.model}' (list them with timm.list_models('ddf*'))")
-    device = torch.device(args.device if args.device != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu')
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise UserError(f'--device {args.device} asked for, but no CUDA device is available')
-    state = None
-    if args.checkpoint:
-        state = model_state_dict(load_checkpoint(args.checkpoint), args.checkpoint, use_ema=args.use_ema)
+    if not args.checkpoint:  # a model with random weights scores chance, a figure nobody should read
+        raise UserError('no --checkpoint: give the weights to evaluate (a state_dict or a train.py checkpoint)')
+    for name in ('batch_size', 'validation_batch_size', 'num_classes', 'img_size', 'demo_per_class'):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f'--{name.replace("_", "-")} must be at least 1')
+    if args.workers < 0:
+        raise UserError('--workers must not be negative')
+    if args.crop_pct is not None and args.crop_pct <= 0:
+        raise UserError(f'--crop-pct must be positive, not {args.crop_pct}')
+    device = torch.device(resolve_device(args.device))
+    state = model_state_dict(load_checkpoint(args.checkpoint), args.checkpoint, use_ema=args.use_ema)
     data_root = resolve_data_root(args.dataset, args.data_dir, args.demo_per_class)
     dataset = create_split(args.dataset, data_root, args.val_split, is_training=False)
 
     num_classes = args.num_classes
-    if num_classes is None and state is not None:
+    if num_classes is None:
         head = getattr(get_pretrained_cfg(args.model), 'classifier', None)
         num_classes = state[f'{head}.weight'].shape[0] if f'{head}.weight' in state else None
     num_classes = num_classes or class_count(dataset) or 1000
-    try:
+    option = f'--model-kwargs {args.model_kwargs}' if args.model_kwargs else f'--model {args.model}'
+    with rejected_as(f'{option}: cannot build {args.model}'):
         model = timm.create_model(args.model, num_classes=num_classes, **args.model_kwargs)
-    except TypeError as e:
-        raise UserError(f'cannot build {args.model} with model_kwargs {args.model_kwargs}: {e}') from None
-    if state is not None:
-        load_weights(model, state, args.checkpoint, args.model)
+    load_weights(model, state, args.checkpoint, args.model)
     model.to(device).eval()
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
 
-    data_config = resolve_data_config(dict(img_size=args.img_size, crop_pct=args.crop_pct,
-                                           interpolation=args.interpolation), model=model)
-    loader = create_loader(dataset, input_size=data_config['input_size'],
-                           batch_size=args.validation_batch_size or args.batch_size, is_training=False,
-                           interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'],
-                           mean=data_config['mean'], std=data_config['std'], num_workers=args.workers,
-                           device=device, use_prefetcher=device.type == 'cuda', persistent_workers=False)
+    with rejected_as('--img-size / --crop-pct / --interpolation'):
+        data_config = resolve_data_config(dict(img_size=args.img_size, crop_pct=args.crop_pct,
+                                               interpolation=args.interpolation), model=model)
+    with rejected_as(f'--interpolation {data_config["interpolation"]} / --crop-pct {data_config["crop_pct"]}'):
+        loader = create_loader(dataset, input_size=data_config['input_size'],
+                               batch_size=args.validation_batch_size or args.batch_size, is_training=False,
+                               interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'],
+                               mean=data_config['mean'], std=data_config['std'], num_workers=args.workers,
+                               device=device, use_prefetcher=device.type == 'cuda', persistent_workers=False)
     amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
     amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if args.amp else nullcontext
     start = time.perf_counter()

@@ -18,16 +18,21 @@ from contextlib import nullcontext
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Every option shows its default in --help; --device follows benchmark_op.py (cuda when available).
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--models', nargs='+', default=['ddf_resnet50', 'resnet50'])
-    parser.add_argument('--batch-size', type=int, default=8)
-    parser.add_argument('--img-size', type=int, default=224)
-    parser.add_argument('--device', default='cpu')
-    parser.add_argument('--mode', choices=('infer', 'train'), default='infer')
-    parser.add_argument('--amp', choices=('none', 'bf16', 'fp16'), default='none')
-    parser.add_argument('--channels-last', action='store_true')
-    parser.add_argument('--warmup', type=int, default=2)
-    parser.add_argument('--rounds', type=int, default=10)
+    parser.add_argument('--models', nargs='+', default=['ddf_resnet50', 'resnet50'],
+                        help='timm model names; ratios are to the last one (default: ddf_resnet50 resnet50)')
+    parser.add_argument('--batch-size', type=int, default=8, help='images per batch (default: %(default)s)')
+    parser.add_argument('--img-size', type=int, default=224, help='square input size (default: %(default)s)')
+    parser.add_argument('--device', help='device to time on (default: cuda if available, else cpu)')
+    parser.add_argument('--mode', choices=('infer', 'train'), default='infer',
+                        help='infer: a no-grad forward; train: forward, backward and an SGD step (default: %(default)s)')
+    parser.add_argument('--amp', choices=('none', 'bf16', 'fp16'), default='none',
+                        help='autocast dtype (default: %(default)s)')
+    parser.add_argument('--channels-last', action='store_true', help='channels_last model and input (default: off)')
+    parser.add_argument('--warmup', type=int, default=2, help='untimed rounds first (default: %(default)s)')
+    parser.add_argument('--rounds', type=int, default=10,
+                        help='timed rounds; the median is reported (default: %(default)s)')
     parser.add_argument('--json', help='also write the JSON lines to this file')
     args = parser.parse_args(argv)
     if min(args.batch_size, args.img_size, args.rounds) < 1 or args.warmup < 0:
@@ -37,13 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import ddfnet  # noqa: F401  (registers the DDF models)
-    from ddfnet.utils.bench import emit_json_lines, environment, usable_device
+    from ddfnet.utils.bench import default_device, emit_json_lines, environment, usable_device
 
     for name in args.models:
         if not timm.is_model(name):
             parser.error(f'unknown model {name!r}')
     try:
-        device = usable_device(args.device)
+        device = usable_device(args.device or default_device())
     except ValueError as e:
         parser.error(str(e))
     warnings.simplefilter('once')

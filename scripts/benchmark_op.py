@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--stride', type=int, default=1, help='(default: 1)')
     parser.add_argument('--dilation', type=int, default=1, help='(default: 1)')
     parser.add_argument('--combine', choices=('mul', 'add'), default='mul', help="DDF kernel_combine (default: 'mul')")
-    parser.add_argument('--device', default=None, help='default: cuda if available, else cpu')
+    parser.add_argument('--device', help='device to time on (default: cuda if available, else cpu)')
     parser.add_argument('--warmup', type=int, default=5, help='untimed rounds first (default: 5)')
     parser.add_argument('--rounds', type=int, default=20, help='timed rounds; the median is reported (default: 20)')
     parser.add_argument('--no-reference', action='store_true', help='skip the (slow) reference path')
@@ -100,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import ddfnet
     from ddfnet.ops import DDFSlowPathWarning, ddf_backward_reference, ddf_forward_reference
-    from ddfnet.utils.bench import emit_json_lines, environment, usable_device
+    from ddfnet.utils.bench import default_device, emit_json_lines, environment, usable_device
 
     try:
-        device = usable_device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+        device = usable_device(args.device or default_device())
     except ValueError as e:
         parser.error(str(e))
     # The 'implementation' field records a reference fallback; the once-per-process warning adds nothing.

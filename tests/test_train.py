@@ -87,6 +87,7 @@ def test_demo_run_validates_to_the_logged_top1(reference, data_dir, tmp_path):
     result = run('validate.py', '--config', str(run_dir / 'args.yaml'), '--checkpoint', str(run_dir / 'last.pth.tar'),
                  '--results-file', str(results))
     assert result.returncode == 0, result.stderr
+    assert results.read_text().endswith('}\n')
     top1 = json.loads(results.read_text())['top1']
     assert top1 == pytest.approx(float(rows[-1]['eval_top1']), abs=1e-3)
     assert f'top-1 {top1:.2f}' in result.stdout and 'img/s' in result.stdout and 'params' in result.stdout
@@ -131,6 +132,9 @@ def test_sigterm_saves_a_mid_epoch_recovery_point_that_resumes_exactly(reference
     reference_final = checkpoint(reference[0] / 'last.pth.tar')
     assert_same_weights(final['model'], reference_final['model'])
     assert final['state']['num_updates'] == reference_final['state']['num_updates'] == EPOCHS * STEPS
+    # the interrupted epoch's train_loss is the mean over all its batches, as in the uninterrupted run
+    rows = [(r['epoch'], r['train_loss']) for r in csv.DictReader(open(tmp_path / 'run' / 'summary.csv'))]
+    assert rows == [(r['epoch'], r['train_loss']) for r in csv.DictReader(open(reference[0] / 'summary.csv'))]
 
 
 def test_kill_while_writing_a_checkpoint_keeps_the_last_good_one(reference, data_dir, tmp_path):

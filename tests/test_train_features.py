@@ -64,11 +64,18 @@ def test_epoch_hooks_see_every_epoch_also_after_resume(data_dir, tmp_path):
 def test_pretrained_file_fine_tunes_with_a_new_classifier(data_dir, tmp_path):
     train(tiny_args(data_dir, tmp_path / 'a', '--checkpoint-interval', '1', '--checkpoint-hist', '1', '--epochs', '2'))
     source = tmp_path / 'a' / 'run'
-    assert sorted(p.name for p in source.glob('checkpoint-*')) == ['checkpoint-2.pth.tar']  # older ones pruned
+    # named after the epoch it ends, numbered from 0 like the log and summary.csv; older ones pruned
+    assert sorted(p.name for p in source.glob('checkpoint-*')) == ['checkpoint-1.pth.tar']
+    assert load(source / 'checkpoint-1.pth.tar')['state']['epoch'] == 2
+    assert 'epoch 1: train loss' in (source / 'log.txt').read_text()
     # lr 0 and no weight decay: the loaded weights must come through the epoch unchanged
     train(tiny_args(data_dir, tmp_path / 'b', '--pretrained-file', str(source / 'last.pth.tar'), '--num-classes', '10',
                     '--lr', '0', '--min-lr', '0', '--weight-decay', '0', '--opt', 'sgd'))
     before, after = load(source / 'last.pth.tar')['model'], load(tmp_path / 'b' / 'run' / 'last.pth.tar')['model']
+    total = len(after)
+    assert (f'--pretrained-file {source / "last.pth.tar"}: loaded {total - 2} of {total} tensors; dropped the '
+            'classifier (fc.weight, fc.bias: kept at its initial values, 10 classes here)'
+            in (tmp_path / 'b' / 'run' / 'log.txt').read_text())
     assert after['fc.weight'].shape == (10, before['fc.weight'].shape[1])
     assert torch.equal(after['conv1.weight'], before['conv1.weight'])
     ddf_weight = 'layer4.0.conv2.spatial_branch.0.weight'

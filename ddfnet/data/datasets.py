@@ -38,7 +38,9 @@ def class_count(dataset) -> int | None:
 def create_split(dataset: str, root: str, split: str, is_training: bool, batch_size: int = 1):
     """timm's ``create_dataset`` for one split; a missing or empty split raises :class:`UserError`."""
     if not dataset and os.path.isdir(root) and not _has_split_folder(root, split):
-        raise UserError(f"no '{split}' folder in data dir {root} (expected {root}/{split}/<class>/<image>)")
+        names = next((group for group in _SYNONYMS if split in group), (split,))
+        raise UserError(f"no '{split}' folder in data dir {root} (expected {root}/<folder>/<class>/<image> with "
+                        f"<folder> one of {', '.join(names)})")
     try:
         data = create_dataset(dataset, root=root, split=split, is_training=is_training, batch_size=batch_size)
     except (OSError, RuntimeError, AssertionError, ValueError) as e:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .config import OneLineArgumentParser, yaml_mapping
+from .config import OneLineArgumentParser, default_workers, yaml_mapping
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -27,7 +27,8 @@ def train_parser() -> argparse.ArgumentParser:
     add('--interpolation', default='', help="evaluation resize interpolation (default: the model's cfg)")
     add('--batch-size', '-b', type=int, default=128, help='per-process batch size')
     add('--validation-batch-size', type=int, help='default: --batch-size')
-    add('--workers', '-j', type=int, default=4, help='data loading processes per training process')
+    add('--workers', '-j', type=int, default=default_workers(),
+        help='data loading processes per training process (default: 4, or the cores available if fewer)')
     add('--pin-mem', **flag, default=False)
 
     group = parser.add_argument_group('model')

@@ -4,7 +4,8 @@ A file is written to a temporary name in the same folder, flushed to disk, then 
 target (``os.replace`` is atomic), so a reader sees the old complete file or the new complete one.
 Loading uses ``torch.load(weights_only=True)`` (or safetensors), which refuses anything but tensors and
 plain containers. A run folder holds ``last.pth.tar`` (the latest state: an epoch end, or a recovery
-point mid-epoch), ``best.pth.tar`` and ``checkpoint-<epoch>.pth.tar`` every few epochs.
+point mid-epoch), ``best.pth.tar`` and ``checkpoint-<epoch>.pth.tar`` every few epochs, named after the
+epoch it ends, numbered from 0 like the log and ``summary.csv`` (``checkpoint-4`` follows epoch 4, the fifth).
 """
 from __future__ import annotations
 
@@ -45,6 +46,12 @@ def _link_or_copy(src: str, dst: str) -> None:
             os.remove(tmp)
 
 
+def holds_checkpoint(run_dir: str) -> bool:
+    """Whether ``run_dir`` holds a checkpoint of a run (a folder without one holds no training to lose)."""
+    return (any(os.path.isfile(os.path.join(run_dir, name)) for name in (LAST, BEST))
+            or bool(glob.glob(os.path.join(run_dir, 'checkpoint-*.pth.tar'))))
+
+
 def remove_partial_files(run_dir: str) -> None:
     """Delete temporary files left by a save that was killed (they are never read)."""
     for path in glob.glob(os.path.join(run_dir, f'*{_TMP_SUFFIX}')):
@@ -53,8 +60,8 @@ def remove_partial_files(run_dir: str) -> None:
 
 def save_checkpoint(run_dir: str, state: dict[str, Any], *, is_best: bool = False,
                     periodic_epoch: int | None = None, keep: int = 3) -> None:
-    """Write ``state`` as the run's ``last`` checkpoint, and as ``best`` / ``checkpoint-<epoch>`` when
-    asked, keeping the ``keep`` newest periodic ones."""
+    """Write ``state`` as the run's ``last`` checkpoint, and as ``best`` / ``checkpoint-<periodic_epoch>``
+    when asked, keeping the ``keep`` newest periodic ones."""
     last = os.path.join(run_dir, LAST)
     atomic_save(state, last)
     if is_best:
@@ -99,10 +106,11 @@ def model_state_dict(checkpoint: Any, path: str, use_ema: bool = False) -> dict[
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str, model_name: str,
-                 drop_classifier: bool = False) -> None:
+                 drop_classifier: bool = False) -> list[str]:
     """Load ``state`` into ``model`` strictly; a mismatch raises :class:`UserError` in one line.
 
-    ``drop_classifier`` (fine-tuning) skips the classifier's tensors when their shapes differ.
+    ``drop_classifier`` (fine-tuning) skips the classifier's tensors when their shapes differ (or when the
+    file has none); returns the names of the model's tensors that were left at their initial values.
     """
     own = model.state_dict()
     if drop_classifier:
@@ -121,6 +129,7 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str, mo
                  (('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', shapes)) if items]
         raise UserError(f'checkpoint {path} does not fit model {model_name}: ' + ', '.join(parts))
     model.load_state_dict(state, strict=not missing_ok)
+    return [k for k in own if k not in state]
 
 
 def rng_state() -> dict[str, Any]:

@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import IO, Any, Callable, Sequence
+from contextlib import contextmanager
+from typing import IO, Any, Callable, Iterator, Sequence
 
+import torch
 import yaml
 
 
@@ -31,6 +33,56 @@ def run_main(main, prog: str) -> None:
     except UserError as e:
         print(f'{prog}: error: {e}', file=sys.stderr)
         sys.exit(2)
+
+
+# What timm's and torch's factories raise for a value they reject (timm asserts in places, and a model
+# whose kwargs do not fit its forward raises AttributeError on the first batch).
+LIBRARY_ERRORS = (TypeError, ValueError, AttributeError, KeyError, IndexError, AssertionError, RuntimeError,
+                  NotImplementedError)
+
+
+def first_line(error: BaseException) -> str:
+    """An exception as one short line: its class and the first line of its message."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ''
+    return f'{error.__class__.__name__}: {text[:200]}' if text else error.__class__.__name__
+
+
+@contextmanager
+def rejected_as(option: str) -> Iterator[None]:
+    """Turn a library's rejection of a value (see ``LIBRARY_ERRORS``) inside the block into a
+    :class:`UserError` that starts with ``option``, e.g. ``--opt 'adamx': ValueError: ...``."""
+    try:
+        yield
+    except UserError:
+        raise
+    except LIBRARY_ERRORS as e:
+        raise UserError(f'{option}: {first_line(e)}') from None
+
+
+def resolve_device(name: str) -> str:
+    """``--device`` checked: ``'auto'`` becomes cuda when available, else cpu; anything that is not cpu or an
+    available cuda device raises :class:`UserError` (torch would fail later, with a traceback)."""
+    if name == 'auto':
+        return 'cuda' if torch.cuda.is_available() else 'cpu'
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device: use cpu, cuda, cuda:N or auto") from None
+    if device.type not in ('cpu', 'cuda'):
+        raise UserError(f'--device {name}: only cpu and cuda devices are supported')
+    if device.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise UserError(f'--device {name} asked for, but no CUDA device is available (use --device cpu)')
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f'--device {name}: there are only {torch.cuda.device_count()} CUDA device(s)')
+    return name
+
+
+def default_workers() -> int:
+    """Default data loading processes: 4, or fewer on a machine with fewer cores available to this process
+    (more would only compete for them; torch's DataLoader warns about it)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    return max(1, min(4, cores))
 
 
 def yaml_mapping(text: str) -> dict:

@@ -31,12 +31,18 @@ _logger = logging.getLogger('train')
 
 @dataclass
 class TrainState:
-    """Where a run stands: ``step`` batches of ``epoch`` are done (0: the epoch has not started)."""
+    """Where a run stands: ``step`` batches of ``epoch`` are done (0: the epoch has not started).
+
+    ``loss_sum`` / ``loss_images`` are the epoch's training loss x images and images so far (all ranks), so a
+    mid-epoch resume reports the whole epoch's mean loss, not the mean of the batches after the resume.
+    """
     epoch: int = 0
     step: int = 0
     num_updates: int = 0
     best_metric: float | None = None
     best_epoch: int | None = None
+    loss_sum: float = 0.0
+    loss_images: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,7 +100,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
                     args: argparse.Namespace, state: TrainState, *, device: torch.device, scheduler=None,
                     loss_scaler=None, amp_autocast=nullcontext, model_ema=None, mixup_fn=None,
                     stop: SignalFlag | None = None, resume_rng: dict | None = None, tensorboard=None) -> dict:
-    """Train the rest of ``state.epoch`` (from batch ``state.step``); returns the mean training loss.
+    """Train the rest of ``state.epoch`` (from batch ``state.step``); returns the epoch's mean training loss.
 
     Raises :class:`StopRequested` at the first optimizer-step boundary after a signal (``state`` then
     describes that point) and :class:`TrainingStopped` on a non-finite loss, before it reaches the weights.
@@ -113,7 +119,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     # queue their work without waiting for the device.
     window = torch.zeros(3, device=device)
     window_start = state.step
-    loss_sum = loss_count = 0.0
+    if state.step == 0:
+        state.loss_sum = state.loss_images = 0.0
     epoch_start = interval_start = time.perf_counter()
     interval_images, first_batch = 0, state.step
     optimizer.zero_grad(set_to_none=True)
@@ -163,8 +170,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
             continue
         window.zero_()
         window_start = batch_idx + 1
-        loss_sum += window_loss
-        loss_count += window_images
+        state.loss_sum += window_loss
+        state.loss_images += window_images
         optimizer.zero_grad(set_to_none=True)
         state.num_updates += 1
         if model_ema is not None:
@@ -180,7 +187,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
             eta = time.strftime('%H:%M:%S', time.gmtime(per_batch * (num_batches - batch_idx - 1)))
             step_loss = window_loss / max(window_images, 1)  # this step's mean over its images and ranks
             _logger.info(f'epoch {state.epoch} [{batch_idx + 1:>{len(str(num_batches))}}/{num_batches}] '
-                         f'loss {step_loss:.4f} ({loss_sum / loss_count:.4f}) lr {lr:.3e} '
+                         f'loss {step_loss:.4f} ({state.loss_sum / state.loss_images:.4f}) lr {lr:.3e} '
                          f'{rate:.1f} img/s eta {eta}')
             if tensorboard is not None:
                 tensorboard.add_scalar('train/loss', step_loss, state.num_updates)
@@ -189,7 +196,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
             interval_start, interval_images = now, 0
         if stopping:
             raise StopRequested(stop.signum if stop and stop.signum else signal.SIGTERM)
-    return {'loss': loss_sum / max(loss_count, 1)}
+    return {'loss': state.loss_sum / max(state.loss_images, 1)}
 
 
 @torch.no_grad()

@@ -9,7 +9,12 @@ from typing import Any
 
 import torch
 
-__all__ = ['usable_device', 'environment', 'emit_json_lines']
+__all__ = ['default_device', 'usable_device', 'environment', 'emit_json_lines']
+
+
+def default_device() -> str:
+    """The benchmark scripts' one convention for an unset ``--device``: cuda when available, else cpu."""
+    return 'cuda' if torch.cuda.is_available() else 'cpu'
 
 
 def usable_device(name: str) -> torch.device:
