@@ -29,12 +29,12 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, NativeScaler, distribute_bn, init_distributed_device, update_summary
 
 import ddfnet  # noqa: F401  (registers the DDF models with timm)
-from ddfnet.data import class_count, create_split, resolve_data_root
+from ddfnet.data import class_count, class_names, create_split, resolve_data_root
 from ddfnet.training import run_epoch_hooks
 from ddfnet.training.args import train_parser
-from ddfnet.training.checkpoint import (LAST, load_checkpoint, load_weights, model_state_dict, remove_partial_files,
-                                        rng_state, save_checkpoint)
-from ddfnet.training.config import UserError, parse_args, resolved_config, run_main, write_yaml
+from ddfnet.training.checkpoint import (CLASS_NAMES_FILE, LAST, load_checkpoint, load_weights, model_state_dict,
+                                        remove_partial_files, rng_state, save_checkpoint)
+from ddfnet.training.config import UserError, atomic_write_text, parse_args, resolved_config, run_main, write_yaml
 from ddfnet.training.engine import (SignalFlag, StopRequested, TrainingStopped, TrainState, evaluate, seed_epoch,
                                     train_one_epoch)
 
@@ -120,6 +120,10 @@ def main(argv: list[str] | None = None) -> None:
     num_classes = args.num_classes or class_count(dataset_train)
     if num_classes is None:
         raise UserError('cannot tell the number of classes of this dataset: give --num-classes')
+    # Saved with the checkpoints for inference; a --num-classes that differs from the folder's count
+    # means the names would not line up with the outputs.
+    names = class_names(dataset_train)
+    names = names if names is not None and len(names) == num_classes else None
     try:
         model = timm.create_model(args.model, num_classes=num_classes, drop_rate=args.drop_rate,
                                   **({'drop_path_rate': args.drop_path} if args.drop_path is not None else {}),
@@ -140,6 +144,8 @@ def main(argv: list[str] | None = None) -> None:
             at = checkpoint['state'] if checkpoint else {'epoch': 0, 'step': 0}
             config_file = os.path.join(run_dir, f'args-resume-e{at["epoch"]}-s{at["step"]}.yaml')
         write_yaml(config, config_file)
+        if names:  # one name a line, index order: the format of inference.py's --class-map
+            atomic_write_text(''.join(f'{name}\n' for name in names), os.path.join(run_dir, CLASS_NAMES_FILE))
         setup_logging(run_dir, primary)
     _logger.info(f'{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters, '
                  f'{num_classes} classes, {len(dataset_train)} training images; {args.world_size} process(es) on '
@@ -239,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
             'model': model.state_dict(), 'model_ema': model_ema.module.state_dict() if model_ema else None,
             'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
             'scaler': loss_scaler.state_dict() if loss_scaler else None, 'state': state.as_dict(),
-            'config': config, 'rng': rngs, 'model_name': args.model, 'version': 1,
+            'config': config, 'rng': rngs, 'model_name': args.model, 'class_names': names, 'version': 1,
         }, is_best=is_best, periodic_epoch=state.epoch if periodic else None, keep=args.checkpoint_hist)
 
     key = f'ema_{args.eval_metric}' if model_ema is not None else args.eval_metric

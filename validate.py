@@ -21,15 +21,15 @@ from functools import partial
 import timm
 import torch
 from timm.data import create_loader, resolve_data_config
-from timm.models import get_pretrained_cfg
 
 import ddfnet  # noqa: F401  (registers the DDF models with timm)
 from ddfnet.data import class_count, create_split, resolve_data_root
 from ddfnet.training.args import train_parser
-from ddfnet.training.checkpoint import load_checkpoint, load_weights, model_state_dict
+from ddfnet.training.checkpoint import load_checkpoint, model_state_dict
 from ddfnet.training.config import (OneLineArgumentParser, UserError, atomic_write_text, parse_args, run_main,
                                     yaml_mapping)
 from ddfnet.training.engine import evaluate
+from ddfnet.training.loading import classifier_size, create_model_with_weights, resolve_device
 
 
 def validate_parser() -> argparse.ArgumentParser:
@@ -81,9 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError('no model: give --model (or --config)')
     if not timm.is_model(args.model):
         raise UserError(f"unknown model '{args.model}' (list them with timm.list_models('ddf*'))")
-    device = torch.device(args.device if args.device != 'auto' else 'cuda' if torch.cuda.is_available() else 'cpu')
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise UserError(f'--device {args.device} asked for, but no CUDA device is available')
+    device = resolve_device(args.device)
     state = None
     if args.checkpoint:
         state = model_state_dict(load_checkpoint(args.checkpoint), args.checkpoint, use_ema=args.use_ema)
@@ -92,15 +90,9 @@ def main(argv: list[str] | None = None) -> None:
 
     num_classes = args.num_classes
     if num_classes is None and state is not None:
-        head = getattr(get_pretrained_cfg(args.model), 'classifier', None)
-        num_classes = state[f'{head}.weight'].shape[0] if f'{head}.weight' in state else None
+        num_classes = classifier_size(args.model, state)
     num_classes = num_classes or class_count(dataset) or 1000
-    try:
-        model = timm.create_model(args.model, num_classes=num_classes, **args.model_kwargs)
-    except TypeError as e:
-        raise UserError(f'cannot build {args.model} with model_kwargs {args.model_kwargs}: {e}') from None
-    if state is not None:
-        load_weights(model, state, args.checkpoint, args.model)
+    model = create_model_with_weights(args.model, num_classes, args.model_kwargs, state, args.checkpoint)
     model.to(device).eval()
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
