@@ -119,8 +119,8 @@ def test_inference_on_a_list_of_paths_writes_json_lines(run, images, tmp_path, c
     results = tmp_path / 'predictions.jsonl'
     code, out, err = call(script('inference'), 'inference.py', [
         '--model', 'ddf_resnet26', '--model-kwargs', '{layers: [1, 1, 1, 1]}', '--img-size', '32',
-        '--checkpoint', str(run / 'last.pth.tar'), '--data-dir', str(listing), '--workers', '0',
-        '--results-file', str(results)], capsys)
+        '--checkpoint', str(run / 'last.pth.tar'), '--data-dir', str(listing), '--workers', '0', '--channels-last',
+        '--amp', '--amp-dtype', 'bfloat16', '--results-file', str(results)], capsys)
     listing.unlink()
     assert code == 0, err
     assert len(err) == 1 and f'skipped {images}/missing.png: cannot read the image' in err[0]
@@ -315,3 +315,37 @@ def test_train_checkpoint_loads_from_python(run):
     assert torch.equal(model.conv1.weight, _trained(run).conv1.weight)
     with pytest.raises(ValueError, match='no weights file'):
         timm.create_model('ddf_resnet26', pretrained=True, pretrained_cfg_overlay=dict(file=best + '.x'), **TINY)
+
+
+def test_ema_weights_are_averaged_and_released(run, tmp_path, capsys):
+    """--use-ema in both scripts reads model_ema (here: a checkpoint whose EMA is its weights doubled)."""
+    paths = []
+    for epoch in (2, 3):
+        checkpoint = load(run / f'checkpoint-{epoch}.pth.tar')
+        checkpoint['model_ema'] = {k: v * 2 if v.is_floating_point() else v for k, v in checkpoint['model'].items()}
+        paths.append(str(tmp_path / f'ema-{epoch}.pth.tar'))
+        torch.save(checkpoint, paths[-1])
+    code, out, err = call(script('avg_checkpoints'), 'avg_checkpoints.py', [
+        '--checkpoints', *paths, '--use-ema', '--output', str(tmp_path / 'avg-ema.pth')], capsys)
+    assert code == 0, err
+    averaged = load(tmp_path / 'avg-ema.pth')['model']
+    first, second = (load(p)['model'] for p in paths)
+    torch.testing.assert_close(averaged['fc.weight'], first['fc.weight'] + second['fc.weight'])
+    code, out, err = call(script('clean_checkpoint'), 'clean_checkpoint.py', [
+        '--checkpoint', paths[0], '--use-ema', '--safetensors', '--no-hash', '--output', str(tmp_path / 'r26')],
+        capsys)
+    assert code == 0, err
+    from safetensors.torch import load_file
+    released = load_file(str(tmp_path / 'r26.safetensors'))
+    assert torch.equal(released['fc.weight'], 2 * first['fc.weight'])
+
+
+def test_dy_mobilenetv3_takes_its_class_count_from_the_file(tmp_path):
+    source = timm.create_model('dy_mobilenetv3_small_100', num_classes=4).eval()
+    torch.save({'model': source.state_dict(), 'model_ema': None}, tmp_path / 'dy.pth.tar')
+    model = timm.create_model('dy_mobilenetv3_small_100', pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / 'dy.pth.tar'))).eval()
+    assert model.num_classes == 4
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), source(x))
