@@ -68,7 +68,9 @@ def require_local_weights(variant: str, kwargs: dict[str, Any]) -> dict[str, Any
     if not any(getattr(cfg, key, None) for key in ('file', 'url', 'hf_hub_id', 'state_dict')):
         raise ValueError(f'{variant}: no weights can be downloaded for this model; pass a local '
                          "checkpoint with pretrained_cfg_overlay=dict(file='path/to/weights.pth')")
-    return fit_classes_to_file(variant, cfg.file, cfg.classifier, kwargs) if cfg.file else kwargs
+    if cfg.file and isinstance(cfg.classifier, str):
+        return fit_classes_to_file(variant, cfg.file, cfg.classifier, kwargs)
+    return kwargs
 
 
 def _file_classifier_size(path: str, head: str) -> int | None:
