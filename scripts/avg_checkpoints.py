@@ -18,8 +18,6 @@ import glob
 import os
 import re
 
-import torch
-
 from ddfnet.training.checkpoint import (atomic_save, average_state_dicts, load_checkpoint, model_state_dict,
                                         release_bytes)
 from ddfnet.training.config import OneLineArgumentParser, UserError, atomic_write, run_main
@@ -121,5 +119,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == '__main__':
-    torch.set_grad_enabled(False)
     run_main(main, 'avg_checkpoints.py')

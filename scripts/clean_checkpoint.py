@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import os
 
+import ddfnet  # noqa: F401  (registers the DDF models with timm)
 from ddfnet.training.checkpoint import load_checkpoint, model_state_dict, release_bytes, release_name
 from ddfnet.training.config import OneLineArgumentParser, UserError, atomic_write, run_main, yaml_mapping
+from ddfnet.training.loading import classifier_size, create_model_with_weights
 
 
 def clean_parser() -> OneLineArgumentParser:
@@ -45,8 +47,6 @@ def check_loads(state: dict, checkpoint, args) -> str | None:
     name = args.model or (checkpoint.get('model_name') if isinstance(checkpoint, dict) else None) or config.get('model')
     if not name:
         return None
-    import ddfnet  # noqa: F401  (registers the DDF models with timm)
-    from ddfnet.training.loading import classifier_size, create_model_with_weights
     kwargs = args.model_kwargs if args.model_kwargs is not None else config.get('model_kwargs') or {}
     create_model_with_weights(name, classifier_size(name, state) or 1000, kwargs, state, args.checkpoint)
     return name
