@@ -30,13 +30,13 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, NativeScaler, distribute_bn, init_distributed_device, update_summary
 
 import ddfnet  # noqa: F401  (registers the DDF models with timm)
-from ddfnet.data import class_count, create_split, resolve_data_root
+from ddfnet.data import class_count, class_names, create_split, resolve_data_root
 from ddfnet.training import run_epoch_hooks
 from ddfnet.training.args import train_parser
-from ddfnet.training.checkpoint import (LAST, holds_checkpoint, load_checkpoint, load_weights, model_state_dict,
-                                        remove_partial_files, rng_state, save_checkpoint)
-from ddfnet.training.config import (UserError, parse_args, rejected_as, resolve_device, resolved_config, run_main,
-                                    write_yaml)
+from ddfnet.training.checkpoint import (CLASS_NAMES_FILE, LAST, holds_checkpoint, load_checkpoint, load_weights,
+                                        model_state_dict, remove_partial_files, rng_state, save_checkpoint)
+from ddfnet.training.config import (UserError, atomic_write_text, parse_args, rejected_as, resolve_device,
+                                    resolved_config, run_main, write_yaml)
 from ddfnet.training.engine import (SignalFlag, StopRequested, TrainingStopped, TrainState, evaluate, seed_epoch,
                                     train_one_epoch)
 
@@ -258,6 +258,10 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError('cannot tell the number of classes of this dataset: give --num-classes')
     if found is not None and num_classes < found:  # the loss would fail on the first label past the classifier
         raise UserError(f'--num-classes {num_classes} is fewer than the {found} classes of the training split')
+    # Saved with the checkpoints for inference; a --num-classes that differs from the folder's count
+    # means the names would not line up with the outputs.
+    names = class_names(dataset_train)
+    names = names if names is not None and len(names) == num_classes else None
     model = build_model(args, num_classes)
     notes = []  # said once the run folder's log.txt exists
     if checkpoint is not None:
@@ -334,6 +338,8 @@ def main(argv: list[str] | None = None) -> None:
     # The run starts: from here on files are written.
     if primary:
         removed = start_run_folder(run_dir, config, checkpoint['state'] if checkpoint is not None else None)
+        if names:  # one name a line, index order: the format of inference.py's --class-map
+            atomic_write_text(''.join(f'{name}\n' for name in names), os.path.join(run_dir, CLASS_NAMES_FILE))
         setup_logging(run_dir, primary)
         if removed:
             _logger.info(f'{run_dir} held no checkpoint: replaced the files of a failed start ({", ".join(removed)})')
@@ -368,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
             'model': model.state_dict(), 'model_ema': model_ema.module.state_dict() if model_ema else None,
             'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
             'scaler': loss_scaler.state_dict() if loss_scaler else None, 'state': state.as_dict(),
-            'config': config, 'rng': rngs, 'model_name': args.model, 'version': 1,
+            'config': config, 'rng': rngs, 'model_name': args.model, 'class_names': names, 'version': 1,
         }, is_best=is_best, periodic_epoch=periodic_epoch, keep=args.checkpoint_hist)
 
     key = f'ema_{args.eval_metric}' if model_ema is not None else args.eval_metric

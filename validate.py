@@ -21,15 +21,15 @@ from functools import partial
 import timm
 import torch
 from timm.data import create_loader, resolve_data_config
-from timm.models import get_pretrained_cfg
 
 import ddfnet  # noqa: F401  (registers the DDF models with timm)
 from ddfnet.data import class_count, create_split, resolve_data_root
 from ddfnet.training.args import train_parser
-from ddfnet.training.checkpoint import load_checkpoint, load_weights, model_state_dict
+from ddfnet.training.checkpoint import load_checkpoint, model_state_dict
 from ddfnet.training.config import (OneLineArgumentParser, UserError, atomic_write_text, default_workers, parse_args,
                                     rejected_as, resolve_device, run_main, yaml_mapping)
 from ddfnet.training.engine import evaluate
+from ddfnet.training.loading import classifier_size, create_model_with_weights
 
 
 def validate_parser() -> argparse.ArgumentParser:
@@ -99,13 +99,9 @@ def main(argv: list[str] | None = None) -> None:
 
     num_classes = args.num_classes
     if num_classes is None:
-        head = getattr(get_pretrained_cfg(args.model), 'classifier', None)
-        num_classes = state[f'{head}.weight'].shape[0] if f'{head}.weight' in state else None
+        num_classes = classifier_size(args.model, state)
     num_classes = num_classes or class_count(dataset) or 1000
-    option = f'--model-kwargs {args.model_kwargs}' if args.model_kwargs else f'--model {args.model}'
-    with rejected_as(f'{option}: cannot build {args.model}'):
-        model = timm.create_model(args.model, num_classes=num_classes, **args.model_kwargs)
-    load_weights(model, state, args.checkpoint, args.model)
+    model = create_model_with_weights(args.model, num_classes, args.model_kwargs, state, args.checkpoint)
     model.to(device).eval()
     if args.channels_last:
         model.to(memory_format=torch.channels_last)

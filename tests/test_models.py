@@ -105,8 +105,9 @@ def test_load_local_checkpoint_with_new_head(tmp_path):
     source = timm.create_model('ddf_add_resnet50')
     path = tmp_path / 'w.pth'
     torch.save(source.state_dict(), path)
-    model = timm.create_model('ddf_add_resnet50', pretrained=True, num_classes=10,
-                              pretrained_cfg_overlay=dict(file=str(path)))
+    with pytest.warns(UserWarning, match='has a 1000-class classifier and the model 10 classes: fc is re-initialised'):
+        model = timm.create_model('ddf_add_resnet50', pretrained=True, num_classes=10,
+                                  pretrained_cfg_overlay=dict(file=str(path)))
     assert model.fc.out_features == 10
     torch.testing.assert_close(model.layer2[0].conv2.channel_branch[4].std,
                                source.layer2[0].conv2.channel_branch[4].std)

@@ -35,6 +35,18 @@ def class_count(dataset) -> int | None:
     return len(getattr(source, 'class_to_idx', None) or {}) or None
 
 
+def class_names(dataset) -> list[str] | None:
+    """The class names of a timm folder dataset or a torchvision one in label order, if it has them."""
+    source = getattr(dataset, 'reader', dataset)
+    mapping = getattr(source, 'class_to_idx', None) or {}
+    if sorted(mapping.values()) != list(range(len(mapping))):  # not a plain 0..N-1 labelling
+        return None
+    names = [''] * len(mapping)
+    for name, index in mapping.items():
+        names[index] = str(name)
+    return names or None
+
+
 def create_split(dataset: str, root: str, split: str, is_training: bool, batch_size: int = 1):
     """timm's ``create_dataset`` for one split; a missing or empty split raises :class:`UserError`."""
     if not dataset and os.path.isdir(root) and not _has_split_folder(root, split):

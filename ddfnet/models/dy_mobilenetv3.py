@@ -54,7 +54,7 @@ def dy_mobilenetv3_small_100(pretrained: bool = False, num_kernels: int = 4, **k
     """DY-MobileNetV3-Small 1.0: every block conv dynamic, K=4 (paper: 70.3 top-1 vs 67.4 static)."""
     variant = 'dy_mobilenetv3_small_100'
     if pretrained:
-        require_local_weights(variant, kwargs)
+        kwargs = require_local_weights(variant, kwargs)
     # timm picks the Small architecture from 'small' in the variant name; our cfg is resolved by name.
     model = _gen_mobilenet_v3(variant, 1.0, pretrained=False, **kwargs)
     make_block_convs_dynamic(model, num_kernels=num_kernels)
