@@ -5,11 +5,15 @@
 - ``DDFNET_TEST_KILL=RANK:EPOCH:BATCH`` makes that rank SIGKILL itself just before it loads batch BATCH of
   epoch EPOCH, in the first attempt only (torchrun's ``TORCHELASTIC_RESTART_COUNT`` 0): a kill at a
   chosen point in the middle of an epoch, without racing a clock.
+- ``DDFNET_TEST_PAUSE=EPOCH:BATCH`` makes every rank wait before batch BATCH of epoch EPOCH, after
+  creating ``$DDFNET_TEST_DUMP/paused-rank<RANK>``, until a SIGTERM has arrived (train.py's handler then
+  restores the default one): the recovery checkpoint is then written after that very batch.
 """
 import importlib.util
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,11 +34,11 @@ def dumping_evaluate(model, *args, **kwargs):
     return real_evaluate(model, *args, **kwargs)
 
 
-class DyingLoader:
-    """``loader``, but the process kills itself instead of yielding batch ``at``."""
+class HookedLoader:
+    """``loader``, but ``hook()`` runs before batch ``at`` is handed out."""
 
-    def __init__(self, loader, at: int):
-        self.loader, self.at = loader, at
+    def __init__(self, loader, at: int, hook):
+        self.loader, self.at, self.hook = loader, at, hook
 
     def __len__(self):
         return len(self.loader)
@@ -42,20 +46,35 @@ class DyingLoader:
     def __iter__(self):
         for index, batch in enumerate(self.loader):
             if index == self.at:
-                os.kill(os.getpid(), signal.SIGKILL)
+                self.hook()
             yield batch
 
 
-def dying_train_one_epoch(model, loader, *args, **kwargs):
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def pause_until_sigterm():
+    open(os.path.join(os.environ['DDFNET_TEST_DUMP'], f'paused-rank{rank}'), 'w').close()
+    deadline = time.monotonic() + 120
+    while signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def hooked_train_one_epoch(model, loader, *args, **kwargs):
     state = args[3]  # train_one_epoch(model, loader, optimizer, loss_fn, args, state, ...)
-    kill_rank, kill_epoch, kill_batch = os.environ['DDFNET_TEST_KILL'].split(':')
-    if (rank, state.epoch) == (kill_rank, int(kill_epoch)) and os.environ.get('TORCHELASTIC_RESTART_COUNT') == '0':
-        loader = DyingLoader(loader, int(kill_batch))
+    if os.environ.get('DDFNET_TEST_KILL') and os.environ.get('TORCHELASTIC_RESTART_COUNT') == '0':
+        kill_rank, kill_epoch, kill_batch = os.environ['DDFNET_TEST_KILL'].split(':')
+        if (rank, state.epoch) == (kill_rank, int(kill_epoch)):
+            loader = HookedLoader(loader, int(kill_batch), die)
+    if os.environ.get('DDFNET_TEST_PAUSE'):
+        pause_epoch, pause_batch = map(int, os.environ['DDFNET_TEST_PAUSE'].split(':'))
+        if state.epoch == pause_epoch and state.step == 0:
+            loader = HookedLoader(loader, pause_batch, pause_until_sigterm)
     return real_train_one_epoch(model, loader, *args, **kwargs)
 
 
 if os.environ.get('DDFNET_TEST_DUMP'):
     train.evaluate = dumping_evaluate
-if os.environ.get('DDFNET_TEST_KILL'):
-    train.train_one_epoch = dying_train_one_epoch
+train.train_one_epoch = hooked_train_one_epoch
 train.run_main(lambda: train.main(sys.argv[1:]), 'train.py')

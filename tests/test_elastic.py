@@ -7,6 +7,7 @@ DDF-ResNet-26 at 32x32, 64 demo images, batch 4 per rank: 2 epochs of 8 steps ea
 import importlib.util
 import os
 import re
+import signal
 import socket
 import stat
 import subprocess
@@ -220,33 +221,58 @@ def test_slurm_helper_outside_an_allocation_is_one_line(tmp_path):
                              'allocation, one task per node (srun --ntasks-per-node=1)\n')
 
 
-def test_sbatch_script_on_two_simulated_nodes_trains_like_one_node(reference, data_dir, tmp_path):
-    # docs/slurm/train.sbatch as Slurm would run it on 2 nodes (127.0.0.1 and 127.0.0.2), with an srun stand-in
-    # that starts the step's command once per node with that node's SLURM_NODEID, as srun --ntasks-per-node=1 does.
+def test_sbatch_script_on_two_simulated_nodes_requeues_and_resumes_to_the_same_weights(reference, data_dir,
+                                                                                      tmp_path):
+    # docs/slurm/train.sbatch run as Slurm would on 2 nodes (127.0.0.1 and 127.0.0.2), with stand-ins for srun
+    # (the step's command once per node, with that node's SLURM_NODEID, as srun --ntasks-per-node=1 starts it;
+    # it passes SIGTERM on, as srun does) and scontrol (expands the host list, records the rest). Near the "time limit" (USR1,
+    # sent while every worker waits before batch 3 of epoch 1) the script stops the workers with a recovery
+    # checkpoint and requeues the job; the requeued job (the same script again) resumes to the same weights.
     bin_dir = tmp_path / 'bin'
     bin_dir.mkdir()
-    srun = bin_dir / 'srun'
-    srun.write_text(textwrap.dedent('''\
-        #!/bin/bash
-        while [[ $1 == --* ]]; do shift; done
-        pids=()
-        for ((node = 0; node < SLURM_NNODES; node++)); do
-            SLURM_NODEID=$node SLURM_PROCID=$node SLURM_LOCALID=0 "$@" &
-            pids+=($!)
-        done
-        trap 'kill -TERM "${pids[@]}"' TERM
-        status=0
-        for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
-        exit $status
-    '''))
-    srun.chmod(srun.stat().st_mode | stat.S_IEXEC)
+    for name, text in {'srun': '''\
+            #!/bin/bash
+            while [[ $1 == --* ]]; do shift; done
+            pids=()
+            for ((node = 0; node < SLURM_NNODES; node++)); do
+                SLURM_NODEID=$node SLURM_PROCID=$node SLURM_LOCALID=0 "$@" &
+                pids+=($!)
+            done
+            trap 'kill -TERM "${pids[@]}"' TERM
+            status=0
+            for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+            exit $status
+            ''', 'scontrol': f'''\
+            #!/bin/bash
+            if [[ $1 == show && $2 == hostnames ]]; then printf '127.0.0.1\\n127.0.0.2\\n'; exit; fi
+            echo "$@" >> {tmp_path / 'scontrol.log'}
+            '''}.items():
+        path = bin_dir / name
+        path.write_text(textwrap.dedent(text))
+        path.chmod(path.stat().st_mode | stat.S_IEXEC)
     env = {k: v for k, v in ENV.items() if k != 'TORCH_DISABLE_SHARE_RDZV_TCP_STORE'}  # the helper sets it
     env.update(PATH=os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable), env['PATH']]),
                PYTHON=sys.executable, SLURM_SUBMIT_DIR=str(ROOT), SLURM_JOB_NODELIST='127.0.0.[1-2]', SLURM_NNODES='2',
-               SLURM_NTASKS='2', SLURM_JOB_ID='77', SLURM_GPUS_ON_NODE='1', RDZV_PORT=str(free_port()))
-    result = subprocess.run(['bash', str(ROOT / 'docs' / 'slurm' / 'train.sbatch'), *train_args(data_dir, tmp_path)],
-                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=TIMEOUT)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert 'job 77 (restart 0) on 127.0.0.[1-2]' in result.stdout
-    assert '2 process(es) on cpu' in result.stdout
+               SLURM_NTASKS='2', SLURM_JOB_ID='77', SLURM_GPUS_ON_NODE='1', RDZV_PORT=str(free_port()),
+               TRAIN_SCRIPT='tests/elastic_train.py', DDFNET_TEST_DUMP=str(tmp_path))
+    command = ['bash', str(ROOT / 'docs' / 'slurm' / 'train.sbatch'), *train_args(data_dir, tmp_path)]
+
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                           env={**env, 'DDFNET_TEST_PAUSE': '1:3'})
+    deadline = time.monotonic() + TIMEOUT
+    while not all((tmp_path / f'paused-rank{r}').exists() for r in (0, 1)):
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[0] if job.poll() else 'timeout'
+        time.sleep(0.1)
+    job.send_signal(signal.SIGUSR1)
+    first = finish(job)
+    assert 'time limit near' in first and 'recovery checkpoint' in first, first
+    assert (tmp_path / 'scontrol.log').read_text() == 'requeue 77\n'
+    state = torch.load(tmp_path / 'run' / 'last.pth.tar', map_location='cpu', weights_only=True)['state']
+    assert (state['epoch'], state['step']) == (1, 4), state  # right after the batch the workers waited before
+
+    requeued = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=TIMEOUT,
+                              env={**env, 'SLURM_RESTART_COUNT': '1'})
+    assert requeued.returncode == 0, requeued.stdout + requeued.stderr
+    assert 'job 77 (restart 1) on 127.0.0.[1-2]' in requeued.stdout
+    assert '2 process(es) on cpu' in requeued.stdout and 'epoch 1, batch 4' in requeued.stdout
     assert_same_weights(weights(tmp_path / 'run' / 'last.pth.tar'), reference)
