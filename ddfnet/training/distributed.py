@@ -5,20 +5,22 @@ timm's ``init_distributed_device`` takes no timeout, so a set-up that cannot com
 default (30 minutes for gloo). Here every store wait, connection and collective of the process group
 gives up after ``--dist-timeout`` seconds, and a failed set-up is one line (:class:`UserError`).
 
-Restarts: torchrun (torch >= 2.4) hands its workers its own rendezvous TCPStore
+Restarts: torchrun (torch 2.14) hands its workers its own rendezvous TCPStore
 (``TORCHELASTIC_USE_AGENT_STORE=True``) and keeps it across restarts, so the keys where the previous
 attempt's workers published their addresses are still there. A restarted gloo worker may read a dead
 peer's address: "Gloo connectFullMesh failed ... Connection refused", or a wait until the timeout.
-Measured on CPU (docs/benchmarks.md): 4 of 4 restarts failed that way, with ``--standalone`` and with an
-explicit c10d rendezvous alike, and 5 of 5 recovered with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` in
-torchrun's environment (a fresh store per attempt). So a run that allows restarts on a shared store
-is refused at start, with that fix in the message, rather than failing at its first pre-emption.
+Measured on CPU (docs/benchmarks.md): 4 of 4 restarts with an explicit c10d rendezvous failed that way
+(``--standalone`` shares the store too), and 7 of 7 recovered, c10d and ``--standalone``, with
+``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` in torchrun's environment (a fresh store per attempt). So a
+run that allows restarts on a shared store is refused at start, with that fix in the message, rather
+than failing at its first restart.
 """
 from __future__ import annotations
 
 import argparse
 import os
 from datetime import timedelta
+from typing import Mapping
 
 import torch
 import torch.distributed as dist
@@ -29,7 +31,7 @@ from .config import UserError
 SHARED_STORE_FIX = 'TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1'
 
 
-def check_elastic_store(environ: os._Environ | dict[str, str] = os.environ) -> None:
+def check_elastic_store(environ: Mapping[str, str] = os.environ) -> None:
     """Raise :class:`UserError` when torchrun allows restarts (``--max-restarts`` > 0) but shares its
     rendezvous store with the workers, where restarted workers read stale addresses (module docstring)."""
     restarts = int(environ.get('TORCHELASTIC_MAX_RESTARTS', '0') or 0)
@@ -64,7 +66,7 @@ def init_distributed(args: argparse.Namespace) -> torch.device:
         reason = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:200]
         raise UserError(f'rank {rank} of {world_size}: process group set-up failed or took over --dist-timeout '
                         f'{timeout:g} s ({reason})') from None
-    if device_type == 'cuda':
+    if device_type == 'cuda':  # one GPU per process, by local rank (a given index is ignored, as timm does)
         torch.cuda.set_device(local_rank)
-        return torch.device('cuda', local_rank)
+        args.device = f'cuda:{local_rank}'
     return torch.device(args.device)
