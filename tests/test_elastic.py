@@ -3,7 +3,8 @@ rendezvous as two nodes, and the Slurm script on simulated nodes all end with th
 2-rank run, bitwise; a process-group set-up that cannot complete is a one-line error within --dist-timeout.
 
 The runs are train.py through tests/elastic_train.py (kill and weight-dump hooks) with a one-block-per-stage
-DDF-ResNet-26 at 32x32, 64 demo images, batch 4 per rank: 2 epochs of 8 steps each."""
+DDF-ResNet-26 at 32x32, 64 demo images, batch 4 per rank: 2 epochs of 8 steps each. The whole file: ~100-110 CPU
+seconds; 93 s and 125 s wall on the 2-core machine with other jobs running (load average 2.4-3.9)."""
 import importlib.util
 import os
 import re
@@ -26,8 +27,8 @@ STEPS = 8  # 64 images / (2 ranks x 4)
 TIMEOUT = 300  # any torchrun run here takes seconds; a hang fails the test instead of blocking CI
 # One thread per process (bitwise comparisons need equal thread counts); our ddfnet in every worker; a fresh
 # rendezvous store per torchrun attempt (README, "Pre-emptible and elastic runs").
-ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]),
-       'TORCH_DISABLE_SHARE_RDZV_TCP_STORE': '1'}
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'TORCH_DISABLE_SHARE_RDZV_TCP_STORE': '1',
+       'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')])}
 
 
 def free_port() -> int:
@@ -225,9 +226,10 @@ def test_sbatch_script_on_two_simulated_nodes_requeues_and_resumes_to_the_same_w
                                                                                       tmp_path):
     # docs/slurm/train.sbatch run as Slurm would on 2 nodes (127.0.0.1 and 127.0.0.2), with stand-ins for srun
     # (the step's command once per node, with that node's SLURM_NODEID, as srun --ntasks-per-node=1 starts it;
-    # it passes SIGTERM on, as srun does) and scontrol (expands the host list, records the rest). Near the "time limit" (USR1,
-    # sent while every worker waits before batch 3 of epoch 1) the script stops the workers with a recovery
-    # checkpoint and requeues the job; the requeued job (the same script again) resumes to the same weights.
+    # it passes SIGTERM on, as srun does) and scontrol (expands the host list, records the rest). Near the
+    # "time limit" (USR1, sent while every worker waits before batch 3 of epoch 1) the script stops the workers
+    # with a recovery checkpoint and requeues the job; the requeued job (the same script again) resumes to
+    # the same weights.
     bin_dir = tmp_path / 'bin'
     bin_dir.mkdir()
     for name, text in {'srun': '''\
