@@ -27,7 +27,7 @@ from timm.data import FastCollateMixup, Mixup, create_loader, create_transform, 
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import ModelEmaV3, NativeScaler, distribute_bn, init_distributed_device, update_summary
+from timm.utils import ModelEmaV3, NativeScaler, distribute_bn, update_summary
 
 import ddfnet  # noqa: F401  (registers the DDF models with timm)
 from ddfnet.data import class_count, class_names, create_split, resolve_data_root
@@ -37,6 +37,7 @@ from ddfnet.training.checkpoint import (CLASS_NAMES_FILE, LAST, holds_checkpoint
                                         model_state_dict, remove_partial_files, rng_state, save_checkpoint)
 from ddfnet.training.config import (UserError, atomic_write_text, parse_args, rejected_as, resolve_device,
                                     resolved_config, run_main, write_yaml)
+from ddfnet.training.distributed import init_distributed
 from ddfnet.training.engine import (SignalFlag, StopRequested, TrainingStopped, TrainState, evaluate, seed_epoch,
                                     train_one_epoch)
 
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
                         'resume with that one (or start from its weights with --pretrained-file)')
     data_root = resolve_data_root(args.dataset, args.data_dir, args.demo_per_class)
 
-    device = torch.device(init_distributed_device(args))  # torchrun's env vars: NCCL on GPUs, gloo on CPU
+    device = init_distributed(args)  # torchrun's env vars: NCCL on GPUs, gloo on CPU; bounded by --dist-timeout
     primary = args.rank == 0
     setup_logging(None, primary)
     seed_epoch(args.seed, -1, 0)  # identical initial weights everywhere (DDP also broadcasts rank 0's)

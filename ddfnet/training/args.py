@@ -100,6 +100,8 @@ def train_parser() -> argparse.ArgumentParser:
     add = group.add_argument
     add('--device', default='auto', help="'cuda', 'cpu', or 'auto' (cuda when available)")
     add('--seed', type=int, default=42)
+    add('--dist-timeout', type=float, default=600, metavar='SECONDS', help='give up (one-line error) when a '
+        'process-group set-up, store wait or collective takes longer than this')
     add('--output', default='output', metavar='DIR', help='runs are written to OUTPUT/EXPERIMENT')
     add('--experiment', help="run folder name (default: the config file's name, else the model name)")
     add('--resume', metavar='auto|FILE', help="'auto': continue the run folder's latest checkpoint (start fresh if "
