@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     add('--jpeg-draft', action='store_true', help='decode JPEGs at a reduced DCT scale where the crop allows it')
     add('--batch-size', type=int, default=32, help='loader batch size')
     add('--repeats', type=int, default=3)
+    add('--img-size', type=int, help="training/eval image size (default: the config's)")
     add('--model', help="default: the config's")
     add('--model-device', default='cpu')
     add('--model-batch', type=int, default=8, help='batch of the timed training step (0: skip the model)')
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     if not timm.is_model(model_name):
         raise UserError(f"unknown model '{model_name}'")
     model = timm.create_model(model_name, num_classes=config.num_classes or 1000, **config.model_kwargs)
-    data_config = resolve_data_config(dict(img_size=config.img_size, crop_pct=config.crop_pct,
+    data_config = resolve_data_config(dict(img_size=args.img_size or config.img_size, crop_pct=config.crop_pct,
                                            interpolation=config.interpolation), model=model)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one core per loader process, as in training
@@ -188,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
               f'needs --workers {workers} (and {workers} free cores per GPU process; 8 GPUs: {8 * workers} cores)')
         rows.append(dict(stage='suggestion', target_images_per_sec=round(target, 1), workers=workers))
     environment_row = environment(torch.device('cpu'))
-    emit_json_lines([dict(r, config=args.config, prefetcher=args.prefetcher, jpeg_draft=args.jpeg_draft,
+    emit_json_lines([dict(r, config=args.config, img_size=data_config['input_size'][-1], prefetcher=args.prefetcher,
+                          jpeg_draft=args.jpeg_draft, images=count,
                           **environment_row) for r in rows], args.json)
 
 

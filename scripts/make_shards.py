@@ -23,13 +23,17 @@ def main(argv=None) -> None:
     parser.add_argument('--drop-remainder', action='store_true',
                         help='leave out the last N %% shard-size images of each split, so all shards are equal '
                              '(what multi-rank training needs; they are listed in _info.json)')
+    parser.add_argument('--shard-count-multiple', type=int, default=1, metavar='K',
+                        help='with --drop-remainder: also leave out whole shards so their count is a multiple of K '
+                             '(ranks x workers of the training run)')
     parser.add_argument('--seed', type=int, default=0, help='seed of the image order')
     parser.add_argument('--force', action='store_true', help='replace an existing output folder')
     args = parser.parse_args(argv)
     if not os.path.isdir(args.source):
         raise UserError(f'no source folder {args.source}')
     info = write_shards(args.source, args.output, args.splits, args.shard_size, seed=args.seed,
-                        drop_remainder=args.drop_remainder, force=args.force)
+                        drop_remainder=args.drop_remainder,
+                        shard_count_multiple=args.shard_count_multiple, force=args.force)
     for name, split in info['splits'].items():
         dropped = f", {len(split['left_out'])} left out" if split['left_out'] else ''
         print(f"{name}: {split['num_samples']} images in {len(split['filenames'])} shards "

@@ -5,6 +5,7 @@ import csv
 import importlib.util
 import json
 import os
+import sys
 from collections import Counter
 from types import SimpleNamespace
 
@@ -119,7 +120,7 @@ def test_make_shards_cli_refuses_to_overwrite_and_bad_input(numbered, tmp_path, 
         return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
 
     failed = make(source, out, '--shard-size', '10', '--drop-remainder')  # 6 validation images
-    assert failed.stderr == "make_shards.py: error: split 'val' has 6 images, fewer than one shard of 10\n"
+    assert failed.stderr == "make_shards.py: error: split 'val' has 6 images, fewer than 1 shard(s) of 10\n"
     assert not out.exists()
     done = make(source, out, '--shard-size', '10', '--drop-remainder', '--splits', 'train')
     assert done.returncode == 0, done.stderr
@@ -129,12 +130,16 @@ def test_make_shards_cli_refuses_to_overwrite_and_bad_input(numbered, tmp_path, 
     before = {p: p.read_bytes() for p in out.iterdir()}
     for args, message in [((source, out), f'{out} already exists'),
                           ((source, tmp_path / 'x', '--splits', 'test'), f'no split folder {source}/test'),
-                          ((source, tmp_path / 'x', '--shard-size', '0'), '--shard-size must be at least 1'),
+                          ((source, tmp_path / 'x', '--shard-size', '0'), '--shard-size and --shard-count-multiple must'),
+                          ((source, tmp_path / 'x', '--shard-count-multiple', '2'), '--shard-count-multiple leaves'),
                           ((tmp_path / 'nowhere', tmp_path / 'x'), f'no source folder {tmp_path}/nowhere')]:
         failed = make(*args)
         lines = failed.stderr.splitlines()
         assert failed.returncode == 2 and len(lines) == 1 and lines[0].startswith(f'make_shards.py: error: {message}')
     assert {p: p.read_bytes() for p in out.iterdir()} == before and not (tmp_path / 'x').exists()
+    assert make(source, out, '--shard-size', '5', '--drop-remainder', '--shard-count-multiple', '4', '--splits', 'train',
+                '--force').returncode == 0
+    assert json.loads((out / '_info.json').read_text())['splits']['train']['shard_lengths'] == [5] * 8  # 48 -> 40
     assert make(source, out, '--shard-size', '48', '--force').returncode == 0
     assert json.loads((out / '_info.json').read_text())['splits']['train']['shard_lengths'] == [48]
     assert sorted(os.listdir(tmp_path)) == ['out']  # no temporary folders left behind
@@ -175,3 +180,9 @@ def test_missing_info_is_one_line(tmp_path):
     (tmp_path / '_info.json').write_text(json.dumps({'splits': {'train': {}}}))
     with pytest.raises(UserError, match=r"no split 'val' in .*_info.json \(it has: train\)"):
         create_split('wds/x', str(tmp_path), 'val', False)
+
+
+def test_without_webdataset_the_error_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'webdataset', None)  # `import webdataset` now raises ImportError
+    with pytest.raises(UserError, match=r"--dataset wds/x needs the webdataset package: pip install 'ddfnet\[wds\]'"):
+        create_split('wds/x', str(tmp_path), 'train', True)

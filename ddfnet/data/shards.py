@@ -135,18 +135,23 @@ def _write_shard(path: str, samples: Sequence[tuple[str, int]], first_index: int
 
 
 def write_shards(source: str, output: str, splits: Sequence[str], shard_size: int, seed: int = 0,
-                 drop_remainder: bool = False, force: bool = False) -> dict:
+                 drop_remainder: bool = False, shard_count_multiple: int = 1, force: bool = False) -> dict:
     """Write ``splits`` of the ImageFolder ``source`` as WebDataset shards of ``shard_size`` images into
     the folder ``output`` (``SPLIT-000000.tar``, ... and ``_info.json``); returns the info written.
 
     Images are shuffled with ``seed`` (timm's reader shuffles shards and a buffer of samples, which mixes
     classes only if the shards already do). ``drop_remainder`` leaves out the last ``N % shard_size``
-    images of each split so all shards are equal (their names are listed in the info). The folder appears
+    images of each split so all shards are equal (their names are listed in the info), and with
+    ``shard_count_multiple`` K whole shards more, so the shard count is a multiple of K. The folder appears
     whole or not at all: it is built under a temporary name and renamed; an existing ``output`` is replaced
     only with ``force``.
     """
-    if shard_size < 1:
-        raise UserError(f'--shard-size must be at least 1, not {shard_size}')
+    if shard_size < 1 or shard_count_multiple < 1:
+        raise UserError(f'--shard-size and --shard-count-multiple must be at least 1, not {shard_size}, '
+                        f'{shard_count_multiple}')
+    if shard_count_multiple > 1 and not drop_remainder:
+        raise UserError('--shard-count-multiple leaves images out: it needs --drop-remainder')
+    keep_multiple = shard_size * shard_count_multiple if drop_remainder else 1
     if os.path.exists(output) and not force:
         raise UserError(f'{output} already exists: pick another output folder, or replace it with --force')
     if not splits:
@@ -156,8 +161,9 @@ def write_shards(source: str, output: str, splits: Sequence[str], shard_size: in
     for split, (samples, classes) in listed.items():
         if classes != class_to_idx:
             raise UserError(f"split '{split}' has other classes than '{splits[0]}': class indices would disagree")
-        if drop_remainder and len(samples) < shard_size:
-            raise UserError(f"split '{split}' has {len(samples)} images, fewer than one shard of {shard_size}")
+        if len(samples) < keep_multiple:
+            raise UserError(f"split '{split}' has {len(samples)} images, fewer than {keep_multiple // shard_size} "
+                            f'shard(s) of {shard_size}')
     parent = os.path.dirname(os.path.abspath(output))
     os.makedirs(parent, exist_ok=True)
     partial = tempfile.mkdtemp(prefix=f'.{os.path.basename(output)}.partial-', dir=parent)
@@ -169,7 +175,7 @@ def write_shards(source: str, output: str, splits: Sequence[str], shard_size: in
             folder = os.path.join(source, split)
             order = np.random.default_rng(seed).permutation(len(samples))
             samples = [samples[i] for i in order]
-            kept = len(samples) - len(samples) % shard_size if drop_remainder else len(samples)
+            kept = len(samples) - len(samples) % keep_multiple
             filenames, lengths = [], []
             for shard, start in enumerate(range(0, kept, shard_size)):
                 chunk = samples[start:min(start + shard_size, kept)]
