@@ -172,6 +172,13 @@ def test_demo_trains_from_shards_like_from_the_folder(data_dir, tmp_path, capsys
     # Two epochs of a tiny model on 32 validation images: both are near chance (12.5%) and a run's standard
     # error is ~6-8 points, so the runs differ by well under 30 points unless one path is broken.
     assert abs(top1['folder'][-1] - top1['shards'][-1]) <= 30, top1
+    # validate.py reads the shards too, and scores the checkpoint as the run's own evaluation did
+    results = tmp_path / 'results.json'
+    validate = load_script('validate')
+    run_dir = tmp_path / 'shards' / 'run'
+    run_main(lambda: validate.main(['--config', str(run_dir / 'args.yaml'), '--checkpoint', str(run_dir / 'last.pth.tar'),
+                                    '--results-file', str(results)]), 'validate.py')
+    assert json.loads(results.read_text())['top1'] == pytest.approx(top1['shards'][-1], abs=1e-3)
 
 
 def test_missing_info_is_one_line(tmp_path):
