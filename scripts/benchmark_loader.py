@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     add('--workers', type=int, nargs='+', default=[1, 2], help='loader worker counts to measure')
     add('--prefetcher', action=argparse.BooleanOptionalAction, default=True,
         help="workers' share as on GPUs (default) or on CPU (--no-prefetcher: normalise and erase in the workers)")
-    add('--jpeg-draft', action='store_true', help='decode JPEGs at a reduced DCT scale where the crop allows it')
+    add('--jpeg-draft', action='store_true', help='train pipeline with JPEG draft decoding where the crop allows it '
+        '(in-process: side by side with the plain one)')
     add('--batch-size', type=int, default=32, help='loader batch size')
     add('--repeats', type=int, default=3)
     add('--img-size', type=int, help="training/eval image size (default: the config's)")
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(dict(stage=stage, workers=workers, images_per_sec=round(rate, 1),
                          images_per_sec_per_worker=round(rate / max(1, workers), 1), **extra))
 
-    def loader(is_training: bool, workers: int):
+    def loader(is_training: bool, workers: int, draft: bool = False):
         # The arguments train.py passes (train.py builds its loaders the same way).
         dataset = create_split(dataset_name, data_root, args.split, is_training, args.batch_size, workers=workers)
         common = dict(input_size=data_config['input_size'], batch_size=args.batch_size, mean=data_config['mean'],
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.prefetcher:  # timm's GPU layout: the workers stop at uint8 tensors (erasing runs on the GPU)
             made.dataset.transform = create_transform(data_config['input_size'], is_training=is_training,
                                                       use_prefetcher=True, **augment)
-        if args.jpeg_draft and is_training:
+        if draft:
             try:
                 enable_jpeg_draft(made.dataset)
             except ValueError as e:
@@ -140,10 +141,20 @@ def main(argv: list[str] | None = None) -> None:
                                       args.repeats))
     for stage, is_training in (('train', True), ('eval', False)):
         # One worker = the main process doing the work; the DataLoader's own worker start-up is not counted.
+        draft = args.jpeg_draft and is_training
         single = loader(is_training, 0)
-        record(stage, 0, best_rate(lambda: take(single, count), count, args.repeats))
+        if draft:  # side by side: passes with and without draft decoding alternate, so load hits both alike
+            drafted = loader(is_training, 0, draft=True)
+            plain_rate = draft_rate = 0.0
+            for _ in range(args.repeats):
+                plain_rate = max(plain_rate, best_rate(lambda: take(single, count), count, 1))
+                draft_rate = max(draft_rate, best_rate(lambda: take(drafted, count), count, 1))
+            record(stage, 0, plain_rate)
+            record(f'{stage}_jpeg_draft', 0, draft_rate)
+        else:
+            record(stage, 0, best_rate(lambda: take(single, count), count, args.repeats))
         for workers in args.workers:
-            made = loader(is_training, workers)
+            made = loader(is_training, workers, draft=draft)
 
             def one_pass():
                 batches = iter(made)
@@ -179,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
 
     target = args.target or model_rate
     per_worker = max(r['images_per_sec_per_worker'] for r in rows if r['stage'] == 'train' and r['workers'] > 0)
+    # (with --jpeg-draft the worker rows are the draft pipeline's)
     print(f'{"stage":<18}{"workers":>8}{"images/s":>11}{"per worker":>12}   (workers 0: in the main process)')
     for r in rows:
         print(f'{r["stage"]:<18}{r.get("workers", ""):>8}{r["images_per_sec"]:>11.1f}'

@@ -83,13 +83,13 @@ def test_benchmark_loader_measures_and_suggests_workers(tmp_path):
     out = tmp_path / 'rows.jsonl'
     proc = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'benchmark_loader.py'), '--config',
                            str(ROOT / 'configs' / 'ddf_resnet50_in1k.yaml'), '--sample-jpegs', '8', '--images', '8',
-                           '--batch-size', '4', '--workers', '1', '--repeats', '1', '--model', 'resnet18',
+                           '--batch-size', '4', '--workers', '1', '--repeats', '1', '--model', 'resnet18', '--img-size', '64',
                            '--model-batch', '1', '--jpeg-draft', '--json', str(out)],
                           capture_output=True, text=True, cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r['stage'], r['workers']) for r in rows if 'workers' in r and r['stage'] != 'suggestion'] == [
-        ('decode', 1), ('train', 0), ('train', 1), ('eval', 0), ('eval', 1)]
+        ('decode', 1), ('train', 0), ('train_jpeg_draft', 0), ('train', 1), ('eval', 0), ('eval', 1)]
     assert all(r['images_per_sec'] > 0 for r in rows if r['stage'] != 'suggestion')
     model, suggestion = rows[-2], rows[-1]
     assert model['stage'] == 'model_train_step' and suggestion['stage'] == 'suggestion'
