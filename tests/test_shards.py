@@ -181,6 +181,20 @@ def test_demo_trains_from_shards_like_from_the_folder(data_dir, tmp_path, capsys
     assert json.loads(results.read_text())['top1'] == pytest.approx(top1['shards'][-1], abs=1e-3)
 
 
+def test_train_refuses_a_repeating_layout_before_writing(data_dir, tmp_path, capsys):
+    folder = ensure_demo_dataset(data_dir, 8)  # 64 training images
+    write_shards(folder, str(tmp_path / 'wds'), ['train', 'val'], shard_size=24)  # 24 + 24 + 16
+    argv = tiny_args(data_dir, tmp_path / 'out', '--dataset', 'wds/demo', '--data-dir', str(tmp_path / 'wds'),
+                     '--workers', '2')  # 3 shards for 2 readers
+    train = load_script('train')
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(lambda: train.main(argv), 'train.py')
+    error = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(error) == 1, error
+    assert error[0].startswith("train.py: error: split 'train': 3 shards of 64 images for 1 rank(s) x 2 reader(s)")
+    assert not (tmp_path / 'out').exists()
+
+
 def test_missing_info_is_one_line(tmp_path):
     with pytest.raises(UserError, match=f'no _info.json in {tmp_path}: not a shard folder'):
         create_split('wds/x', str(tmp_path), 'train', True)
