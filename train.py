@@ -250,9 +250,10 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(None, primary)
     seed_epoch(args.seed, -1, 0)  # identical initial weights everywhere (DDP also broadcasts rank 0's)
 
-    # batch_size matters to timm's iterable datasets (TFDS, WebDataset) only
-    dataset_train = create_split(args.dataset, data_root, args.train_split, True, args.batch_size)
-    dataset_eval = create_split(args.dataset, data_root, args.val_split, False, args.batch_size)
+    # batch size, ranks and workers matter to timm's iterable datasets (TFDS, WebDataset) only
+    split_layout = dict(batch_size=args.batch_size, world_size=args.world_size, workers=args.workers)
+    dataset_train = create_split(args.dataset, data_root, args.train_split, True, **split_layout)
+    dataset_eval = create_split(args.dataset, data_root, args.val_split, False, **split_layout)
     found = class_count(dataset_train)
     num_classes = args.num_classes or found
     if num_classes is None:
@@ -392,6 +393,8 @@ def main(argv: list[str] | None = None) -> None:
                 seed_epoch(args.seed, epoch, args.rank)
                 if hasattr(loader_train.sampler, 'set_epoch'):
                     loader_train.sampler.set_epoch(epoch)
+                if hasattr(dataset_train, 'set_epoch'):  # WebDataset shards: the epoch's shard order
+                    dataset_train.set_epoch(epoch)
                 for hooked in (model, model_ema.module) if model_ema is not None else (model,):
                     run_epoch_hooks(hooked, epoch, args)  # the EMA copy evaluates with the epoch's settings too
                 scheduler.step(epoch)

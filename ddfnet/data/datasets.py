@@ -7,6 +7,7 @@ from timm.data import create_dataset
 
 from ..training.config import UserError
 from .demo import ensure_demo_dataset
+from .shards import check_layout, is_shards, read_info, resolve_split
 
 
 def resolve_data_root(dataset: str, data_dir: str | None, demo_per_class: int = 256) -> str:
@@ -32,6 +33,9 @@ def _has_split_folder(root: str, split: str) -> bool:
 def class_count(dataset) -> int | None:
     """The number of classes of a timm dataset (folder readers) or a torchvision one, if it says."""
     source = getattr(dataset, 'reader', dataset)  # timm wraps folders in a reader; torch/* datasets are bare
+    shards_info = getattr(source, 'info', None)  # timm's wds reader keeps _info.json, where make_shards says
+    if isinstance(shards_info, dict) and isinstance(shards_info.get('num_classes'), int):
+        return shards_info['num_classes']
     return len(getattr(source, 'class_to_idx', None) or {}) or None
 
 
@@ -47,16 +51,29 @@ def class_names(dataset) -> list[str] | None:
     return names or None
 
 
-def create_split(dataset: str, root: str, split: str, is_training: bool, batch_size: int = 1):
-    """timm's ``create_dataset`` for one split; a missing or empty split raises :class:`UserError`."""
+def create_split(dataset: str, root: str, split: str, is_training: bool, batch_size: int = 1,
+                 world_size: int = 1, workers: int = 0):
+    """timm's ``create_dataset`` for one split; a missing or empty split raises :class:`UserError`.
+
+    For WebDataset shards (``wds/NAME``) ``world_size`` and ``workers`` (per rank) say how the epoch will be
+    split, and a shard layout on which timm's reader would repeat or skip images is a :class:`UserError`.
+    """
     if not dataset and os.path.isdir(root) and not _has_split_folder(root, split):
         names = next((group for group in _SYNONYMS if split in group), (split,))
         raise UserError(f"no '{split}' folder in data dir {root} (expected {root}/<folder>/<class>/<image> with "
                         f"<folder> one of {', '.join(names)})")
+    if is_shards(dataset):
+        try:
+            import webdataset  # noqa: F401  (timm's reader needs it; its own message asks for a git install)
+        except ImportError:
+            raise UserError(f"--dataset {dataset} needs the webdataset package: pip install 'ddfnet[wds]'") from None
+        split = resolve_split(read_info(root), split, root)
     try:
         data = create_dataset(dataset, root=root, split=split, is_training=is_training, batch_size=batch_size)
     except (OSError, RuntimeError, AssertionError, ValueError) as e:
         raise UserError(f"cannot open split '{split}' of {root}: {str(e).strip() or e.__class__.__name__}") from None
     if len(data) == 0:
         raise UserError(f"split '{split}' of {root} holds no images")
+    if is_shards(dataset):
+        check_layout(data, world_size, workers, batch_size, is_training)
     return data
