@@ -163,11 +163,12 @@ def test_demo_trains_from_shards_like_from_the_folder(data_dir, tmp_path, capsys
         argv = tiny_args(data_dir, tmp_path / name, *common, *extra, per_class=16)
         run_main(lambda: train.main(argv), 'train.py')
         log = capsys.readouterr().out
-        steps[name] = [line.split('), ')[1] for line in log.splitlines() if 'images per epoch' in line]
+        steps[name] = [line.split('), ')[1] for line in log.splitlines() if 'batches of' in line]
         assert '128 training images' in log
         with open(tmp_path / name / 'run' / 'summary.csv') as f:
             top1[name] = [float(row['eval_top1']) for row in csv.DictReader(f)]
-    assert steps['folder'] == steps['shards'] == ['8 steps of 16 x 1 x 1 images per epoch']
+    assert steps['folder'] == steps['shards'] == [
+        '8 batches of 16 images x 1 process(es) per epoch, one optimizer step per batch']
     # 32 validation images: a binomial standard error of ~8 points per run at these accuracies
     # Two epochs of a tiny model on 32 validation images: both are near chance (12.5%) and a run's standard
     # error is ~6-8 points, so the runs differ by well under 30 points unless one path is broken.
