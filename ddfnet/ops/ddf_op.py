@@ -258,3 +258,31 @@ def ddf(input: Tensor, channel_filter: Tensor, spatial_filter: Tensor, kernel_si
             for t in (input, channel_filter, spatial_filter))
     return torch.ops.ddfnet.ddf(input, channel_filter, spatial_filter, kernel_size, dilation, stride,
                                 kernel_combine)
+
+
+# The autocast rule at the dispatcher, for callers that reach the op without the wrapper: TorchScript,
+# FX graphs and exported programs call ``torch.ops.ddfnet.ddf`` directly, and the layers do too (so they
+# trace). Without this, such a call under autocast would get mixed dtypes (a conv's float16 output, a
+# float32 parameter's product) and raise, or run in float32 where eager runs in the autocast dtype. The
+# kernel casts like the wrapper, then redispatches below autocast. torch.library.register_autocast does
+# the same but only to a dtype fixed at registration; ours follows the autocast dtype of the moment.
+def _register_autocast(device_type: str) -> None:
+    key_name = 'Autocast' + torch._C._dispatch_key_for_device(device_type)
+    key = getattr(torch._C.DispatchKey, key_name)
+
+    def autocast_ddf(input, channel_filter, spatial_filter, kernel_size, dilation, stride, kernel_combine):
+        dtype = torch.get_autocast_dtype(device_type)
+        input, channel_filter, spatial_filter = (
+            t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+            for t in (input, channel_filter, spatial_filter))
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+            return torch.ops.ddfnet.ddf.default(input, channel_filter, spatial_filter, kernel_size, dilation,
+                                                stride, kernel_combine)
+
+    _impl_lib.impl('ddf', lambda _keyset, *args: autocast_ddf(*args), key_name, with_keyset=True)
+    # Tracing (torch.compile, torch.export) runs the Python dispatcher, which looks here instead.
+    torch.ops.ddfnet.ddf.default.py_impl(key)(autocast_ddf)
+
+
+for _device_type in ('cpu', 'cuda'):
+    _register_autocast(_device_type)
