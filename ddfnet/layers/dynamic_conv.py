@@ -57,7 +57,7 @@ def aggregate_outputs(x: Tensor, weight: Tensor, bias: Tensor | None, attention:
                       stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
                       groups: int) -> Tensor:
     """One conv with the K kernels as K * Cout output channels, then the attention-weighted sum over K."""
-    batch, num_kernels, out_channels = x.shape[0], weight.shape[0], weight.shape[1]
+    num_kernels, out_channels = weight.shape[0], weight.shape[1]
     per_group = out_channels // groups
     # A grouped conv gives group g the output channels [g * n, (g + 1) * n): order the stacked kernels
     # (group, kernel, channel) so each group's K kernels see that group's input channels.
@@ -70,8 +70,9 @@ def aggregate_outputs(x: Tensor, weight: Tensor, bias: Tensor | None, attention:
     return out
 
 
-# An FX leaf (timm's tracers, create_feature_extractor): the evaluation order depends on the batch and
-# spatial sizes, which FX only knows symbolically, and checkpointing does not trace.
+# An FX leaf in timm's tracers (timm's FX feature extraction): the evaluation order depends on the batch
+# and spatial sizes, which FX only knows symbolically, and checkpointing does not trace. Plain torch.fx
+# (torchvision's create_feature_extractor) traces the size-independent order instead (forward).
 @register_notrace_module
 class DynamicConv2d(nn.Module):
     """Drop-in for ``nn.Conv2d`` with ``num_kernels`` kernels mixed per sample (Chen et al., CVPR 2020).
@@ -183,6 +184,12 @@ class DynamicConv2d(nn.Module):
         return 'kernels' if kernel_elements <= output_elements else 'outputs'
 
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():  # (nested: TorchScript must not compile the isinstance)
+            if isinstance(x, torch.fx.Proxy):
+                # Plain symbolic tracing (timm's tracers keep this module a leaf): a graph serves every
+                # size, so no size checks and the order valid for any size, the same function.
+                return aggregate_outputs(x, self.weight, self.bias, self.attention_weights(x), self.stride,
+                                         self.padding, self.dilation, self.groups)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             got = '(' + ', '.join([str(n) for n in x.shape]) + ')'  # tuple(Size) does not script
             raise ValueError(f'DynamicConv2d: expected input (B, {self.in_channels}, H, W), got {got}')
