@@ -23,7 +23,9 @@ device type of ``input`` (CUDA or CPU), the three tensors are cast to the autoca
 excepted, as autocast does) and the op runs in that dtype, accumulating in float32; the output has the
 autocast dtype. Outside autocast the three
 tensors must share one dtype. (The original release silently cast float16 to float32; we do not.)
-Calling ``torch.ops.ddfnet.ddf`` directly bypasses the autocast rule.
+The same rule is registered on the op itself (its AutocastCPU/AutocastCUDA kernels, at the end of this
+module), so direct ``torch.ops.ddfnet.ddf`` calls (the layers, TorchScript, FX graphs, exported programs)
+follow it too.
 """
 
 import warnings
