@@ -44,8 +44,8 @@ class DDFBranchPack(DDFPack):
             channel_filter = spatial_filter.new_ones(x.shape[0], self.in_channels, k, k)
         else:
             channel_filter = self.channel_branch(x)
-            spatial_filter = channel_filter.new_ones(x.shape[0], k * k,
-                                                     *(output_size(n, self.stride) for n in x.shape[2:]))
+            spatial_filter = channel_filter.new_ones(x.shape[0], k * k, output_size(x.shape[2], self.stride),
+                                                     output_size(x.shape[3], self.stride))
         return _ddf_heads(x, channel_filter, spatial_filter, k, self.dilation, self.stride, self.head, 'mul')
 
     def extra_repr(self) -> str:

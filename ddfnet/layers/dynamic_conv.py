@@ -23,10 +23,10 @@ CPU, docs/benchmarks.md).
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 from torch.utils.checkpoint import checkpoint
@@ -45,36 +45,29 @@ def aggregate_kernels(x: Tensor, weight: Tensor, bias: Tensor | None, attention:
                       stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
                       groups: int) -> Tensor:
     """Per-sample kernels ``attention @ weight``, applied by one grouped conv over the whole batch."""
-    batch, in_channels = x.shape[:2]
-    num_kernels, out_channels = weight.shape[:2]
-    kernels = (attention @ weight.reshape(num_kernels, -1)).reshape(batch * out_channels, *weight.shape[2:])
+    # Sizes by index, not unpacked from shape slices: TorchScript must know a list's length to unpack it.
+    batch, out_channels = x.shape[0], weight.shape[1]
+    kernels = (attention @ weight.flatten(1)).unflatten(1, weight.shape[1:]).flatten(0, 1)
     biases = None if bias is None else (attention @ bias).reshape(-1)
-    out = F.conv2d(x.reshape(1, batch * in_channels, *x.shape[2:]), kernels, biases, stride, padding,
-                   dilation, groups * batch)
-    return out.reshape(batch, out_channels, *out.shape[2:])
+    out = F.conv2d(x.flatten(0, 1).unsqueeze(0), kernels, biases, stride, padding, dilation, groups * batch)
+    return out.reshape(batch, out_channels, out.shape[2], out.shape[3])
 
 
 def aggregate_outputs(x: Tensor, weight: Tensor, bias: Tensor | None, attention: Tensor,
                       stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
                       groups: int) -> Tensor:
     """One conv with the K kernels as K * Cout output channels, then the attention-weighted sum over K."""
-    batch = x.shape[0]
-    num_kernels, out_channels = weight.shape[:2]
+    num_kernels, out_channels = weight.shape[0], weight.shape[1]
     per_group = out_channels // groups
     # A grouped conv gives group g the output channels [g * n, (g + 1) * n): order the stacked kernels
     # (group, kernel, channel) so each group's K kernels see that group's input channels.
-    stacked = weight.reshape(num_kernels, groups, per_group, *weight.shape[2:]).transpose(0, 1)
-    out = F.conv2d(x, stacked.reshape(num_kernels * out_channels, *weight.shape[2:]), None, stride, padding,
-                   dilation, groups)
-    out = out.reshape(batch, groups, num_kernels, per_group, *out.shape[2:])
-    out = torch.einsum('bgkchw,bk->bgchw', out, attention.to(out.dtype)).reshape(batch, out_channels,
-                                                                                 *out.shape[-2:])
+    stacked = weight.unflatten(1, (groups, per_group)).transpose(0, 1)
+    out = F.conv2d(x, stacked.flatten(0, 2), None, stride, padding, dilation, groups)
+    out = out.unflatten(1, (groups, num_kernels, per_group))
+    out = torch.einsum('bgkchw,bk->bgchw', out, attention.to(out.dtype)).flatten(1, 2)
     if bias is not None:
         out = out + (attention @ bias).to(out.dtype)[:, :, None, None]
     return out
-
-
-_AGGREGATE: dict[str, Callable[..., Tensor]] = {'kernels': aggregate_kernels, 'outputs': aggregate_outputs}
 
 
 def _under_torch_func() -> bool:
@@ -83,6 +76,10 @@ def _under_torch_func() -> bool:
     return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
 
+# An FX leaf in timm's tracers (timm's FX feature extraction): the evaluation order depends on the batch
+# and spatial sizes, which FX only knows symbolically, and checkpointing does not trace. Plain torch.fx
+# (torchvision's create_feature_extractor) traces the size-independent order instead (forward).
+@register_notrace_module
 class DynamicConv2d(nn.Module):
     """Drop-in for ``nn.Conv2d`` with ``num_kernels`` kernels mixed per sample (Chen et al., CVPR 2020).
 
@@ -171,9 +168,13 @@ class DynamicConv2d(nn.Module):
         dtype = torch.promote_types(logits.dtype, torch.float32)
         return torch.softmax(logits.to(dtype) / self.temperature.to(dtype), dim=1).to(logits.dtype)
 
-    def _output_size(self, size: tuple[int, int]) -> tuple[int, int]:
-        return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in zip(
-            size, self.padding, self.dilation, self.kernel_size, self.stride))  # type: ignore[return-value]
+    def _output_elements(self, height: int, width: int) -> int:
+        size = [height, width]
+        elements = 1
+        for i in range(2):  # an indexed loop: TorchScript has neither zip over tuples nor math.prod
+            elements *= (size[i] + 2 * self.padding[i] - self.dilation[i] * (self.kernel_size[i] - 1) - 1) \
+                // self.stride[i] + 1
+        return elements
 
     def resolved_aggregation(self, x: Tensor) -> str:
         """'kernels' or 'outputs': the order used for input ``x`` (the smaller per-sample intermediate;
@@ -184,15 +185,29 @@ class DynamicConv2d(nn.Module):
             return 'outputs'
         if x.shape[0] == 1:  # one sample: the mixed kernel (one static weight's size) feeds a plain conv
             return 'kernels'
-        kernel_elements = self.in_channels // self.groups * math.prod(self.kernel_size)
-        output_elements = self.num_kernels * math.prod(self._output_size(tuple(x.shape[-2:])))
+        kernel_elements = self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
+        output_elements = self.num_kernels * self._output_elements(x.shape[-2], x.shape[-1])
         return 'kernels' if kernel_elements <= output_elements else 'outputs'
 
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():  # (nested: TorchScript must not compile the isinstance)
+            if isinstance(x, torch.fx.Proxy):
+                # Plain symbolic tracing (timm's tracers keep this module a leaf): a graph serves every
+                # size, so no size checks and the order valid for any size, the same function.
+                return aggregate_outputs(x, self.weight, self.bias, self.attention_weights(x), self.stride,
+                                         self.padding, self.dilation, self.groups)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f'DynamicConv2d: expected input (B, {self.in_channels}, H, W), got {tuple(x.shape)}')
+            got = '(' + ', '.join([str(n) for n in x.shape]) + ')'  # tuple(Size) does not script
+            raise ValueError(f'DynamicConv2d: expected input (B, {self.in_channels}, H, W), got {got}')
         attention = self.attention_weights(x)
-        aggregate = _AGGREGATE[self.resolved_aggregation(x)]
+        kernels = self.resolved_aggregation(x) == 'kernels'
+        if torch.jit.is_scripting():  # TorchScript cannot checkpoint: autograd keeps the intermediate
+            if kernels:
+                return aggregate_kernels(x, self.weight, self.bias, attention, self.stride, self.padding,
+                                         self.dilation, self.groups)
+            return aggregate_outputs(x, self.weight, self.bias, attention, self.stride, self.padding,
+                                     self.dilation, self.groups)
+        aggregate = aggregate_kernels if kernels else aggregate_outputs
         args = (x, self.weight, self.bias, attention, self.stride, self.padding, self.dilation, self.groups)
         if self.recompute and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad) \
                 and not _under_torch_func():

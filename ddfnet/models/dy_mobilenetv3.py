@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from timm.models import generate_default_cfgs, load_pretrained, mobilenetv3, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, load_pretrained, mobilenetv3, register_model
 from timm.models._efficientnet_blocks import ConvBnAct, DepthwiseSeparableConv, InvertedResidual
 from timm.models.mobilenetv3 import MobileNetV3, _gen_mobilenet_v3
 from torch import nn
@@ -53,11 +53,20 @@ default_cfgs = generate_default_cfgs({'dy_mobilenetv3_small_100.untrained': _cfg
 def dy_mobilenetv3_small_100(pretrained: bool = False, num_kernels: int = 4, **kwargs) -> MobileNetV3:
     """DY-MobileNetV3-Small 1.0: every block conv dynamic, K=4 (paper: 70.3 top-1 vs 67.4 static)."""
     variant = 'dy_mobilenetv3_small_100'
+    if kwargs.get('features_only') and ('feature_cls' in kwargs or 'feature_cfg' in kwargs):
+        # timm would wrap the network before the swap below, and feature_cls='fx' traces it into a new
+        # graph that keeps the static convs (silently a plain MobileNetV3): build and swap the network
+        # first, then let timm's builder wrap that one.
+        feature_args = {k: kwargs.pop(k) for k in ('features_only', 'feature_cls', 'feature_cfg', 'out_indices')
+                        if k in kwargs}
+        network = dy_mobilenetv3_small_100(pretrained, num_kernels, **kwargs)
+        return build_model_with_cfg(lambda **_: network, variant, False, **feature_args)
     if pretrained:
         kwargs = require_local_weights(variant, kwargs)
     # timm picks the Small architecture from 'small' in the variant name; our cfg is resolved by name.
     model = _gen_mobilenet_v3(variant, 1.0, pretrained=False, **kwargs)
-    make_block_convs_dynamic(model, num_kernels=num_kernels)
+    if not make_block_convs_dynamic(model, num_kernels=num_kernels):
+        raise RuntimeError(f'{variant}: found no block convs to make dynamic in {type(model).__name__}')
     if pretrained:
         # A features_only model has no head, so its checkpoint keys are a strict subset.
         load_pretrained(model, model.pretrained_cfg, num_classes=getattr(model, 'num_classes', 0),

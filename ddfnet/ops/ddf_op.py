@@ -23,7 +23,9 @@ device type of ``input`` (CUDA or CPU), the three tensors are cast to the autoca
 excepted, as autocast does) and the op runs in that dtype, accumulating in float32; the output has the
 autocast dtype. Outside autocast the three
 tensors must share one dtype. (The original release silently cast float16 to float32; we do not.)
-Calling ``torch.ops.ddfnet.ddf`` directly bypasses the autocast rule.
+The same rule is registered on the op itself (its AutocastCPU/AutocastCUDA kernels, at the end of this
+module), so direct ``torch.ops.ddfnet.ddf`` calls (the layers, TorchScript, FX graphs, exported programs)
+follow it too.
 """
 
 import warnings
@@ -486,3 +488,43 @@ def ddf(input: Tensor, channel_filter: Tensor, spatial_filter: Tensor, kernel_si
             for t in (input, channel_filter, spatial_filter))
         _check_autocast_dtypes(input, channel_filter, spatial_filter, dtype)
     return _call_ddf(input, channel_filter, spatial_filter, kernel_size, dilation, stride, kernel_combine)
+
+
+def call_ddf_op(input: Tensor, channel_filter: Tensor, spatial_filter: Tensor, kernel_size: int, dilation: int,
+                stride: int, kernel_combine: str) -> Tensor:
+    """The op for the layers: ``torch.ops.ddfnet.ddf`` without :func:`ddf`'s Python type checks (the layers
+    pass ints they checked at construction; the op checks the tensors), so it scripts and traces, and
+    differentiable under torch.func transforms like :func:`ddf` (``_call_ddf``). The autocast rule is the
+    op's own (below), so scripted, traced and exported models follow it too."""
+    if not torch.jit.is_scripting():  # TorchScript compiles only the direct call
+        return _call_ddf(input, channel_filter, spatial_filter, kernel_size, dilation, stride, kernel_combine)
+    return torch.ops.ddfnet.ddf(input, channel_filter, spatial_filter, kernel_size, dilation, stride, kernel_combine)
+
+
+# The autocast rule at the dispatcher, for callers that reach the op without the wrapper: TorchScript,
+# FX graphs and exported programs call ``torch.ops.ddfnet.ddf`` directly, and the layers do too (so they
+# trace). Without this, such a call under autocast would get mixed dtypes (a conv's float16 output, a
+# float32 parameter's product) and raise, or run in float32 where eager runs in the autocast dtype. The
+# kernel casts like the wrapper, then redispatches below autocast. torch.library.register_autocast does
+# the same but only to a dtype fixed at registration; ours follows the autocast dtype of the moment.
+def _register_autocast(device_type: str) -> None:
+    key_name = 'Autocast' + torch._C._dispatch_key_for_device(device_type)
+    key = getattr(torch._C.DispatchKey, key_name)
+
+    def autocast_ddf(input, channel_filter, spatial_filter, kernel_size, dilation, stride, kernel_combine):
+        dtype = torch.get_autocast_dtype(device_type)
+        input, channel_filter, spatial_filter = (
+            t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+            for t in (input, channel_filter, spatial_filter))
+        _check_autocast_dtypes(input, channel_filter, spatial_filter, dtype)
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+            return torch.ops.ddfnet.ddf.default(input, channel_filter, spatial_filter, kernel_size, dilation,
+                                                stride, kernel_combine)
+
+    _impl_lib.impl('ddf', lambda _keyset, *args: autocast_ddf(*args), key_name, with_keyset=True)
+    # Tracing (torch.compile, torch.export) runs the Python dispatcher, which looks here instead.
+    torch.ops.ddfnet.ddf.default.py_impl(key)(autocast_ddf)
+
+
+for _device_type in ('cpu', 'cuda'):
+    _register_autocast(_device_type)
