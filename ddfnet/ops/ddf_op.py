@@ -256,5 +256,12 @@ def ddf(input: Tensor, channel_filter: Tensor, spatial_filter: Tensor, kernel_si
         input, channel_filter, spatial_filter = (
             t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
             for t in (input, channel_filter, spatial_filter))
+    if torch.onnx.is_in_onnx_export():
+        # Under torch.onnx.export (either exporter) trace standard operators, not the custom op, so a plain
+        # export call gives a graph that any ONNX runtime runs (ddfnet/export/onnx.py). torch.compile
+        # folds this check to False.
+        from ..export.onnx import ddf_standard_ops
+        return ddf_standard_ops(input, channel_filter, spatial_filter, kernel_size, dilation, stride,
+                                kernel_combine)
     return torch.ops.ddfnet.ddf(input, channel_filter, spatial_filter, kernel_size, dilation, stride,
                                 kernel_combine)
