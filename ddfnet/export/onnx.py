@@ -1,8 +1,9 @@
 """ONNX export of models with DDF / DynamicConv2d layers, using standard ONNX operators only.
 
-The DDF op (SPEC §1) is written as a sum over the k*k taps of strided slices of the zero-padded input,
-each multiplied by that tap's combined filter: ONNX ``Pad``, ``Slice``, ``Mul`` and ``Add``, which every
-ONNX runtime has (no custom domain, nothing to build). One builder, :func:`_build_ddf`, emits that graph
+The DDF op (SPEC §1) is written as the k*k taps' strided slices of the zero-padded input, multiplied by
+the combined filter and summed over the taps: ONNX ``Pad``, ``Unsqueeze``, ``Slice``, ``Concat``,
+``Reshape``, ``Mul``/``Add`` and ``ReduceSum``, which every ONNX runtime has (no custom domain, nothing to
+build; the k*k-fold tensor it holds is an inference-time cost only). One builder, :func:`_build_ddf`, emits that graph
 through one of three small backends, so the three export routes cannot drift apart:
 
 * eager torch ops (:func:`ddf_standard_ops`): while ``torch.onnx.export`` traces a model,
@@ -52,21 +53,22 @@ def _build_ddf(ops, input, channel_filter, spatial_filter, kernel_size: int, dil
                kernel_combine: str):
     """The DDF op as standard ONNX nodes, emitted through ``ops`` (one of the backends below).
 
-    The k*k taps' strided slices of the padded input are stacked into (B, C, k*k, Ho, Wo), multiplied by
-    the combined filter (B, C, k*k, Ho, Wo) and summed over the taps: 2*k*k + 6 nodes per layer (a node
-    per tap and filter costs the exporters' symbolic-shape tracing seconds per DDF layer).
+    The k*k taps' strided slices of the padded input are concatenated into (B, C, k*k, Ho, Wo), multiplied
+    by the combined filter (B, C, k*k, Ho, Wo) and summed over the taps: k*k + 8 nodes per layer. (Few
+    nodes matter: torch.export's symbolic shapes and the onnxscript optimizer cost time per node, and a
+    node per tap for each filter and product made a DDF layer cost seconds to export.)
     """
     pad = (kernel_size - 1) // 2 * dilation
-    padded = ops.pad(input, pad) if pad else input
+    padded = ops.unsqueeze(ops.pad(input, pad) if pad else input, 2)     # (B, C, 1, H + 2p, W + 2p)
     taps = []
     for i in range(kernel_size):
         row_start, row_end = _tap_slices(kernel_size, dilation, i)
         for j in range(kernel_size):
             col_start, col_end = _tap_slices(kernel_size, dilation, j)
-            taps.append(ops.slice(padded, (row_start, col_start), (row_end, col_end), (2, 3), (stride, stride)))
-    pixels = ops.stack(taps, 2)                                    # (B, C, k*k, Ho, Wo)
+            taps.append(ops.slice(padded, (row_start, col_start), (row_end, col_end), (3, 4), (stride, stride)))
+    pixels = ops.concat(taps, 2) if len(taps) > 1 else taps[0]      # (B, C, k*k, Ho, Wo)
     channel = ops.channel_taps(channel_filter)                     # (B, C, k*k, 1, 1)
-    spatial = ops.stack([spatial_filter], 1)                       # (B, 1, k*k, Ho, Wo)
+    spatial = ops.unsqueeze(spatial_filter, 1)                     # (B, 1, k*k, Ho, Wo)
     combined = ops.mul(channel, spatial) if kernel_combine == 'mul' else ops.add(channel, spatial)
     return ops.sum(ops.mul(pixels, combined), 2)
 
@@ -86,8 +88,12 @@ class _TorchOps:
         return x[tuple(index)]
 
     @staticmethod
-    def stack(tensors: list[Tensor], axis: int) -> Tensor:
-        return torch.stack(tensors, axis)
+    def unsqueeze(x: Tensor, axis: int) -> Tensor:
+        return x.unsqueeze(axis)
+
+    @staticmethod
+    def concat(tensors: list[Tensor], axis: int) -> Tensor:
+        return torch.cat(tensors, axis)
 
     @staticmethod
     def channel_taps(channel_filter: Tensor) -> Tensor:
@@ -104,11 +110,22 @@ class _TorchOps:
 class _GraphOps:
     """The ONNX backends' shared part; subclasses say how a node and an int64 constant are made."""
 
+    def __init__(self):
+        self._constants: dict[tuple[int, ...], Any] = {}
+
     def node(self, op_type: str, *inputs, **attributes):
         raise NotImplementedError
 
-    def ints(self, values: Sequence[int]):
+    def constant(self, values: list[int]):
         raise NotImplementedError
+
+    def ints(self, values: Sequence[int]):
+        # One node per distinct list: the taps share most of theirs, and every extra node costs the
+        # onnxscript optimizer time (hundreds of seconds for a few thousand of them).
+        key = tuple(values)
+        if key not in self._constants:
+            self._constants[key] = self.constant(list(key))
+        return self._constants[key]
 
     def pad(self, x, pad: int):
         return self.node('Pad', x, self.ints([0, 0, pad, pad, 0, 0, pad, pad]))
@@ -116,9 +133,11 @@ class _GraphOps:
     def slice(self, x, starts, ends, axes, steps):
         return self.node('Slice', x, self.ints(starts), self.ints(ends), self.ints(axes), self.ints(steps))
 
-    def stack(self, values: list, axis: int):
-        unsqueezed = [self.node('Unsqueeze', v, self.ints([axis])) for v in values]
-        return unsqueezed[0] if len(unsqueezed) == 1 else self.node('Concat', *unsqueezed, axis=axis)
+    def unsqueeze(self, x, axis: int):
+        return self.node('Unsqueeze', x, self.ints([axis]))
+
+    def concat(self, values: list, axis: int):
+        return self.node('Concat', *values, axis=axis)
 
     def channel_taps(self, channel_filter):
         return self.node('Reshape', channel_filter, self.ints([0, 0, -1, 1, 1]))  # 0: keep B and C
@@ -137,19 +156,21 @@ class _OnnxScriptOps(_GraphOps):
     """Backend: onnxscript ops, for the dynamo exporter's custom translation."""
 
     def __init__(self, opset):
+        super().__init__()
         self.opset = opset
 
     def node(self, op_type: str, *inputs, **attributes):
         return getattr(self.opset, op_type)(*inputs, **attributes)
 
-    def ints(self, values: Sequence[int]):
-        return self.opset.Constant(value_ints=list(values))
+    def constant(self, values: list[int]):
+        return self.opset.Constant(value_ints=values)
 
 
 class _TorchScriptOps(_GraphOps):
     """Backend: TorchScript-exporter graph nodes (``g.op``), for the registered symbolic."""
 
     def __init__(self, graph):
+        super().__init__()
         self.graph = graph
 
     def node(self, op_type: str, *inputs, **attributes):
@@ -157,8 +178,8 @@ class _TorchScriptOps(_GraphOps):
         suffixed = {f'{k}_{"s" if isinstance(v, str) else "i"}': v for k, v in attributes.items()}
         return self.graph.op(op_type, *inputs, **suffixed)
 
-    def ints(self, values: Sequence[int]):
-        return self.graph.op('Constant', value_t=torch.tensor(list(values), dtype=torch.int64))
+    def constant(self, values: list[int]):
+        return self.graph.op('Constant', value_t=torch.tensor(values, dtype=torch.int64))
 
 
 def ddf_standard_ops(input: Tensor, channel_filter: Tensor, spatial_filter: Tensor, kernel_size: int = 3,
