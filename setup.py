@@ -68,7 +68,7 @@ setup(
     python_requires='>=3.10',
     packages=find_packages(include=['ddfnet', 'ddfnet.*']),
     install_requires=['torch>=2.4', 'torchvision', 'timm>=1.0', 'pyyaml', 'tensorboard', 'ninja'],
-    extras_require={'test': ['pytest>=7']},
+    extras_require={'test': ['pytest>=7'], 'onnx': ['onnx>=1.16', 'onnxscript>=0.2', 'onnxruntime>=1.18']},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

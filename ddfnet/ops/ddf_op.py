@@ -257,11 +257,12 @@ def ddf(input: Tensor, channel_filter: Tensor, spatial_filter: Tensor, kernel_si
             t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
             for t in (input, channel_filter, spatial_filter))
     if torch.onnx.is_in_onnx_export():
-        # Under torch.onnx.export (either exporter) trace standard operators, not the custom op, so a plain
-        # export call gives a graph that any ONNX runtime runs (ddfnet/export/onnx.py). torch.compile
-        # folds this check to False.
-        from ..export.onnx import ddf_standard_ops
-        return ddf_standard_ops(input, channel_filter, spatial_filter, kernel_size, dilation, stride,
-                                kernel_combine)
+        # Under a plain torch.onnx.export (either exporter) trace standard operators, not the custom op, so
+        # the graph runs in any ONNX runtime; ddfnet.export_onnx keeps the op and translates it itself
+        # (fewer nodes, faster). See ddfnet/export/onnx.py. torch.compile folds this check to False.
+        from ..export import onnx as onnx_export
+        if not onnx_export.translating_the_op():
+            return onnx_export.ddf_standard_ops(input, channel_filter, spatial_filter, kernel_size, dilation,
+                                                stride, kernel_combine)
     return torch.ops.ddfnet.ddf(input, channel_filter, spatial_filter, kernel_size, dilation, stride,
                                 kernel_combine)
