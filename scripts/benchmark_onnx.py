@@ -3,8 +3,8 @@
 
     python scripts/benchmark_onnx.py --model ddf_resnet50 --batch-size 8 --img-size 224 --threads 2
 
-The model is exported with ``ddfnet.export_onnx`` to a temporary file; both runtimes are timed
-interleaved, round by round, so machine noise hits them alike. Min and median ms per batch are reported
+The model is exported with ``ddfnet.export_onnx`` to a temporary file; each runtime is timed in blocks of
+``--rounds`` calls, alternating, twice over (2 x rounds samples each). Min and median ms per batch are reported
 with the onnxruntime/PyTorch ratio, and the relative error of the outputs. One JSON line per runtime
 (``--json PATH`` also writes them to a file).
 """
@@ -56,20 +56,24 @@ def main(argv: list[str] | None = None) -> int:
         runners = {'pytorch': run_torch, 'onnxruntime': lambda: session(x)}
         reference, onnx_out = run_torch(), session(x)
         rel_error = ((onnx_out - reference).abs().max() / reference.abs().max()).item()
+        # Blocks of rounds, one runtime at a time, twice over: interleaving single calls makes each runtime's
+        # idle worker threads (onnxruntime's spin-wait) compete with the other's on a small CPU (PyTorch
+        # measured 10x slower that way on 2 cores).
         times: dict[str, list[float]] = {name: [] for name in runners}
-        for round_index in range(args.warmup + args.rounds):
+        for _ in range(2):
             for name, run in runners.items():
-                start = time.perf_counter()
-                run()
-                if round_index >= args.warmup:
-                    times[name].append((time.perf_counter() - start) * 1000)
+                for round_index in range(args.warmup + args.rounds):
+                    start = time.perf_counter()
+                    run()
+                    if round_index >= args.warmup:
+                        times[name].append((time.perf_counter() - start) * 1000)
     env = environment(torch.device('cpu'))
     rows = []
     for name, samples in times.items():
         rows.append(dict(model=args.model, runtime=name, batch_size=args.batch_size, img_size=args.img_size,
-                         threads=args.threads, min_ms=round(min(samples), 2),
+                         min_ms=round(min(samples), 2),
                          median_ms=round(statistics.median(samples), 2),
-                         images_per_sec=round(args.batch_size * 1000 / min(samples), 1), rounds=args.rounds, **env))
+                         images_per_sec=round(args.batch_size * 1000 / min(samples), 1), rounds=len(samples), **env))
     ratio = rows[1]['min_ms'] / rows[0]['min_ms']
     print(f"{args.model} batch {args.batch_size} {args.img_size}x{args.img_size}, {args.threads} threads "
           f"(export {export_s:.0f} s, relative error {rel_error:.1e}):")
