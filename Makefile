@@ -21,7 +21,7 @@ $(INSTALLED): setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install setuptools wheel ninja
-	$(BIN)/pip install --no-build-isolation -e ".[test]"
+	$(BIN)/pip install --no-build-isolation -e ".[test,onnx,wds]"
 	touch $@
 
 demo: setup

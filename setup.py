@@ -68,7 +68,9 @@ setup(
     python_requires='>=3.10',
     packages=find_packages(include=['ddfnet', 'ddfnet.*']),
     install_requires=['torch>=2.4', 'torchvision', 'timm>=1.0', 'pyyaml', 'tensorboard', 'ninja'],
-    extras_require={'test': ['pytest>=7'], 'wds': ['webdataset>=1.0']},  # wds: --dataset wds/NAME shards
+    extras_require={'test': ['pytest>=7'],
+                    'onnx': ['onnx>=1.16', 'onnxscript>=0.2', 'onnxruntime>=1.18'],  # ddfnet.export_onnx
+                    'wds': ['webdataset>=1.0']},  # --dataset wds/NAME shards
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

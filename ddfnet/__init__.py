@@ -6,7 +6,8 @@
 from . import models  # noqa: F401  (registers the timm entrypoints)
 from .layers import DDFPack, DDFUpPack, DynamicConv2d, FilterNorm
 from .ops import ddf
+from .export import export_onnx
 
 __version__ = '0.1.0'
 
-__all__ = ['ddf', 'FilterNorm', 'DDFPack', 'DDFUpPack', 'DynamicConv2d', '__version__']
+__all__ = ['ddf', 'export_onnx', 'FilterNorm', 'DDFPack', 'DDFUpPack', 'DynamicConv2d', '__version__']

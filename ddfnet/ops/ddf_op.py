@@ -487,6 +487,20 @@ def ddf(input: Tensor, channel_filter: Tensor, spatial_filter: Tensor, kernel_si
             t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
             for t in (input, channel_filter, spatial_filter))
         _check_autocast_dtypes(input, channel_filter, spatial_filter, dtype)
+    return _run_ddf(input, channel_filter, spatial_filter, kernel_size, dilation, stride, kernel_combine)
+
+
+def _run_ddf(input: Tensor, channel_filter: Tensor, spatial_filter: Tensor, kernel_size: int, dilation: int,
+             stride: int, kernel_combine: str) -> Tensor:
+    """The op, differentiable under torch.func (``_call_ddf``), or its standard-operator form under ONNX export."""
+    if torch.onnx.is_in_onnx_export():
+        # Under a plain torch.onnx.export (either exporter) trace standard operators, not the custom op, so
+        # the graph runs in any ONNX runtime; ddfnet.export_onnx keeps the op and translates it itself
+        # (fewer nodes, faster). See ddfnet/export/onnx.py. torch.compile folds this check to False.
+        from ..export import onnx as onnx_export
+        if not onnx_export.translating_the_op():
+            return onnx_export.ddf_standard_ops(input, channel_filter, spatial_filter, kernel_size, dilation,
+                                                stride, kernel_combine)
     return _call_ddf(input, channel_filter, spatial_filter, kernel_size, dilation, stride, kernel_combine)
 
 
@@ -494,10 +508,10 @@ def call_ddf_op(input: Tensor, channel_filter: Tensor, spatial_filter: Tensor, k
                 stride: int, kernel_combine: str) -> Tensor:
     """The op for the layers: ``torch.ops.ddfnet.ddf`` without :func:`ddf`'s Python type checks (the layers
     pass ints they checked at construction; the op checks the tensors), so it scripts and traces, and
-    differentiable under torch.func transforms like :func:`ddf` (``_call_ddf``). The autocast rule is the
-    op's own (below), so scripted, traced and exported models follow it too."""
+    differentiable under torch.func transforms and exportable to ONNX like :func:`ddf`. The autocast rule is
+    the op's own (below), so scripted, traced and exported models follow it too."""
     if not torch.jit.is_scripting():  # TorchScript compiles only the direct call
-        return _call_ddf(input, channel_filter, spatial_filter, kernel_size, dilation, stride, kernel_combine)
+        return _run_ddf(input, channel_filter, spatial_filter, kernel_size, dilation, stride, kernel_combine)
     return torch.ops.ddfnet.ddf(input, channel_filter, spatial_filter, kernel_size, dilation, stride, kernel_combine)
 
 
