@@ -63,8 +63,9 @@ class FilterNorm(nn.Module):
         if self.std is None:  # the fixed gain folds into the per-group factor: one full-size multiply
             return (centered * (self.gain / (std + self.eps))).flatten(1, 2).to(x.dtype)
         out = (centered / (std + self.eps)).flatten(1, 2).to(x.dtype)
-        # std scales dim 1 whatever the rank: broadcast it over the last dim (a view and back).
-        return (out.movedim(1, -1) * self.std).movedim(-1, 1)
+        # std scales dim 1 whatever the rank (a list, not *-unpacking, so it scripts; a view, so ONNX
+        # gets a Reshape rather than the negative Transpose permutation a movedim would export).
+        return out * self.std.view([-1] + [1] * (x.dim() - 2))
 
     def extra_repr(self) -> str:
         return f'{self.in_channels}, kernel_size={self.kernel_size}, filter_type={self.filter_type!r}'

@@ -179,11 +179,12 @@ class DynamicConv2d(nn.Module):
     def resolved_aggregation(self, x: Tensor) -> str:
         """'kernels' or 'outputs': the order used for input ``x`` (the smaller per-sample intermediate;
         'kernels' for a single sample; always 'outputs' under ONNX export)."""
-        if torch.onnx.is_in_onnx_export():
-            # ONNX export (ddfnet/export/onnx.py): 'kernels' runs a conv with groups = batch, and an ONNX
-            # Conv's group count is fixed in the graph, so the batch could not be dynamic. 'outputs'
-            # computes the same result with static groups (tests/test_onnx.py checks the parity).
-            return 'outputs'
+        if not torch.jit.is_scripting():  # (nested: TorchScript cannot compile is_in_onnx_export)
+            if torch.onnx.is_in_onnx_export():
+                # ONNX export (ddfnet/export/onnx.py): 'kernels' runs a conv with groups = batch, and an ONNX
+                # Conv's group count is fixed in the graph, so the batch could not be dynamic. 'outputs'
+                # computes the same result with static groups (tests/test_onnx.py checks the parity).
+                return 'outputs'
         if self.aggregation != 'auto':
             return self.aggregation
         if x.shape[0] == 0:  # groups = 0 is not a conv
