@@ -119,7 +119,8 @@ def run_folder(args: argparse.Namespace) -> tuple[str, str | None]:
 
 
 # What a start that failed before its first checkpoint may have left; the run that starts there replaces it.
-FAILED_START_FILES = ('args.yaml', 'args-resume-*.yaml', 'log.txt', 'summary.csv', 'events.out.tfevents.*')
+FAILED_START_FILES = ('args.yaml', 'args-resume-*.yaml', 'log.txt', 'summary.csv', 'events.out.tfevents.*',
+                      CLASS_NAMES_FILE)
 
 
 def start_run_folder(run_dir: str, config: dict, resumed_at: dict | None) -> list[str]:

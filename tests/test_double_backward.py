@@ -174,6 +174,23 @@ def _layers():
             'dyconv': ddfnet.DynamicConv2d(8, 4, 3, padding=1)}
 
 
+@pytest.mark.parametrize('name', ('ddf_mul', 'spatial', 'channel'))
+def test_layers_under_torch_func_grad_and_autocast_match_autograd(name):
+    """torch.func.grad applies the op's Function above the dispatcher's autocast kernel: the layers' tensors
+    (float32 input, bfloat16 filters from the convs) must be cast before it, as plain autograd sees them."""
+    layer = _layers()[name]
+    x = torch.randn(2, 8, 7, 5)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+
+    def loss(p):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            return functional_call(layer, p, (x,)).float().square().sum()
+    got = grad(loss)(params)
+    loss(dict(layer.named_parameters())).backward()
+    for key, param in layer.named_parameters():
+        torch.testing.assert_close(got[key], param.grad, msg=key)
+
+
 @pytest.mark.parametrize('name', ('ddf_mul', 'ddf_add', 'spatial', 'channel', 'dyconv'))
 def test_layers_under_torch_func(name):
     layer = _layers()[name].double()

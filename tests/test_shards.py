@@ -167,6 +167,9 @@ def test_demo_trains_from_shards_like_from_the_folder(data_dir, tmp_path, capsys
         assert '128 training images' in log
         with open(tmp_path / name / 'run' / 'summary.csv') as f:
             top1[name] = [float(row['eval_top1']) for row in csv.DictReader(f)]
+    # the class names travel with the run from shards too (_info.json), for inference.py
+    names = [(tmp_path / name / 'run' / 'classes.txt').read_text() for name in ('folder', 'shards')]
+    assert names[0] == names[1] and len(names[0].split()) == 8
     assert steps['folder'] == steps['shards'] == [
         '8 batches of 16 images x 1 process(es) per epoch, one optimizer step per batch']
     # 32 validation images: a binomial standard error of ~8 points per run at these accuracies

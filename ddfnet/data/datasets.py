@@ -42,6 +42,9 @@ def class_count(dataset) -> int | None:
 def class_names(dataset) -> list[str] | None:
     """The class names of a timm folder dataset or a torchvision one in label order, if it has them."""
     source = getattr(dataset, 'reader', dataset)
+    shards_info = getattr(source, 'info', None)  # timm's wds reader: make_shards lists the names in _info.json
+    if isinstance(shards_info, dict) and isinstance(shards_info.get('classes'), list):
+        return [str(name) for name in shards_info['classes']] or None
     mapping = getattr(source, 'class_to_idx', None) or {}
     if sorted(mapping.values()) != list(range(len(mapping))):  # not a plain 0..N-1 labelling
         return None

@@ -206,8 +206,24 @@ def _functorch_active() -> bool:
 def _call_ddf(*args) -> Tensor:
     """``torch.ops.ddfnet.ddf(*args)``, differentiable in every autograd mode and torch.func transform."""
     if _functorch_active():
-        return _DDFFunction.apply(*args)
+        # The Function is applied above the dispatcher, where the op's autocast kernel would cast only the
+        # inner call: cast here, so that it saves (and differentiates) the tensors the op computes with.
+        return _DDFFunction.apply(*_autocast_inputs(*args[:3]), *args[3:])
     return torch.ops.ddfnet.ddf(*args)
+
+
+def _autocast_inputs(input: Tensor, channel_filter: Tensor, spatial_filter: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The autocast rule: under autocast for ``input``'s device type (CUDA or CPU) the floating tensors except
+    float64 ones are cast to the autocast dtype, as autocast itself does; otherwise unchanged."""
+    device_type = input.device.type
+    if device_type not in ('cuda', 'cpu') or not torch.is_autocast_enabled(device_type):
+        return input, channel_filter, spatial_filter
+    dtype = torch.get_autocast_dtype(device_type)
+    input, channel_filter, spatial_filter = (
+        t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+        for t in (input, channel_filter, spatial_filter))
+    _check_autocast_dtypes(input, channel_filter, spatial_filter, dtype)
+    return input, channel_filter, spatial_filter
 
 
 def _call_ddf_backward(*args) -> tuple[Tensor, Tensor, Tensor]:
