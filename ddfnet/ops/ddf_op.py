@@ -495,14 +495,7 @@ def ddf(input: Tensor, channel_filter: Tensor, spatial_filter: Tensor, kernel_si
             devices.
     """
     _check_arg_types(input, channel_filter, spatial_filter, kernel_size, dilation, stride, kernel_combine)
-    device_type = input.device.type
-    if device_type in ('cuda', 'cpu') and torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        # Like autocast's own casts: floating tensors except float64 ones.
-        input, channel_filter, spatial_filter = (
-            t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
-            for t in (input, channel_filter, spatial_filter))
-        _check_autocast_dtypes(input, channel_filter, spatial_filter, dtype)
+    # The autocast rule is applied once, below: by the op's autocast kernel, or by _call_ddf under torch.func.
     return _run_ddf(input, channel_filter, spatial_filter, kernel_size, dilation, stride, kernel_combine)
 
 
@@ -542,11 +535,7 @@ def _register_autocast(device_type: str) -> None:
     key = getattr(torch._C.DispatchKey, key_name)
 
     def autocast_ddf(input, channel_filter, spatial_filter, kernel_size, dilation, stride, kernel_combine):
-        dtype = torch.get_autocast_dtype(device_type)
-        input, channel_filter, spatial_filter = (
-            t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
-            for t in (input, channel_filter, spatial_filter))
-        _check_autocast_dtypes(input, channel_filter, spatial_filter, dtype)
+        input, channel_filter, spatial_filter = _autocast_inputs(input, channel_filter, spatial_filter)
         with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
             return torch.ops.ddfnet.ddf.default(input, channel_filter, spatial_filter, kernel_size, dilation,
                                                 stride, kernel_combine)
