@@ -1,4 +1,6 @@
-"""Naive loop implementation of the DDF op (SPEC §1), the oracle for the tests. Differentiable."""
+"""Naive loop implementation of the DDF op (docs/design.md, "The DDF operation"), the oracle for the tests.
+
+Differentiable."""
 import torch
 
 

@@ -36,7 +36,7 @@ def test_config_resolves(path):
                                                     ('resnet50_in1k', 1024, 0.4), ('ddf_resnet50_in1k_b256', 256, 0.1),
                                                     ('resnet101_in1k_b256', 256, 0.1)])
 def test_imagenet_recipe(name, global_batch, lr):
-    """SPEC §4, point by point; the global batch is 8 GPUs x the per-GPU batch."""
+    """The release's recipe (docs/design.md), point by point; the global batch is 8 GPUs x the per-GPU batch."""
     args = parse_args(train_parser(), ['--config', str(ROOT / 'configs' / f'{name}.yaml')])
     assert args.batch_size * 8 == global_batch and args.lr == pytest.approx(lr)
     assert lr / global_batch == pytest.approx(0.1 / 256)  # linear scaling rule

@@ -1,4 +1,7 @@
-"""DDF-ResNets (SPEC §3): timm ResNets whose Bottleneck 3x3 conv is a DDFPack in every block.
+"""DDF-ResNets: timm ResNets whose Bottleneck 3x3 conv is a DDFPack in every block.
+
+The architecture of the DDF paper (Zhou et al., CVPR 2021, Tables 4-5) and of the original release's
+``models/ddf_resnet.py`` (github.com/theFoxofSky/ddfnet).
 
 Stem, 1x1 convs, downsampling and head are timm's ResNet unchanged, so module names match the original
 release (a timm 0.4.5 fork) and its checkpoints load strictly, e.g.::

@@ -1,4 +1,4 @@
-"""DY-MobileNetV3-Small (SPEC §6): timm's MobileNetV3-Small with dynamic convs in every block.
+"""DY-MobileNetV3-Small (Chen et al., CVPR 2020): timm's MobileNetV3-Small with dynamic convs in every block.
 
 timm's EfficientNet builder creates each block's convs as plain ``nn.Conv2d`` attributes (``conv_pw``,
 ``conv_dw``, ``conv_pwl``, ``conv``) whose hyperparameters are all readable, so the swap is clean: build

@@ -1,8 +1,8 @@
-"""DY-ResNets (SPEC §6): timm ResNets whose 3x3 convs are :class:`~ddfnet.layers.DynamicConv2d`.
+"""DY-ResNets (Chen et al., CVPR 2020): timm ResNets whose 3x3 convs are :class:`~ddfnet.layers.DynamicConv2d`.
 
 ``dy_resnet18``: both 3x3 convs of every BasicBlock dynamic; ``dy_resnet50``: the Bottleneck's 3x3 conv
 dynamic. Stem, 1x1 convs, downsampling and head stay static. Train with the temperature schedule
-(``train.py`` applies it through its epoch hook; SPEC §6: 30 -> 1 over the first 10 epochs).
+(``train.py`` applies it through its epoch hook; the paper's schedule: 30 -> 1 over the first 10 epochs).
 """
 from __future__ import annotations
 

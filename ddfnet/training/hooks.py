@@ -34,7 +34,7 @@ def run_epoch_hooks(model: nn.Module, epoch: int, args: argparse.Namespace) -> N
 def scheduled_temperature(epoch: int, start: float, end: float, epochs: int) -> float:
     """Temperature for ``epoch``: linear from ``start`` (epoch 0) to ``end`` (epoch ``epochs``), then ``end``.
 
-    DyConv's schedule (SPEC §6) is ``start=30, end=1, epochs=10``.
+    DyConv's schedule (Chen et al., CVPR 2020) is ``start=30, end=1, epochs=10``.
     """
     if epochs <= 0 or epoch >= epochs:
         return float(end)
