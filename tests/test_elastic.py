@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 STEPS = 8  # 64 images / (2 ranks x 4)
 TIMEOUT = 300  # any torchrun run here takes seconds; a hang fails the test instead of blocking CI
 # One thread per process (bitwise comparisons need equal thread counts); our ddfnet in every worker; a fresh
-# rendezvous store per torchrun attempt (README, "Pre-emptible and elastic runs").
+# rendezvous store per torchrun attempt (docs/distributed.md, "Pre-emptible and elastic runs").
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'TORCH_DISABLE_SHARE_RDZV_TCP_STORE': '1',
        'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')])}
 
@@ -101,7 +101,7 @@ def test_worker_killed_mid_epoch_recovers_under_max_restarts_to_the_same_weights
 
 
 def test_two_agents_at_a_c10d_rendezvous_train_like_one_node(reference, data_dir, tmp_path):
-    # The README's multi-node command on one machine: two torchrun agents (two "nodes", one worker each).
+    # docs/distributed.md's multi-node command on one machine: two torchrun agents (two "nodes", one worker each).
     port = free_port()
     env = {**ENV, 'DDFNET_TEST_DUMP': str(tmp_path)}
     agents = [torchrun('--nnodes=2', '--nproc-per-node=1', '--rdzv-backend=c10d', f'--rdzv-endpoint=127.0.0.1:{port}',

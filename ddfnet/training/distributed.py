@@ -38,7 +38,7 @@ def check_elastic_store(environ: Mapping[str, str] = os.environ) -> None:
     if restarts > 0 and environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True':
         raise UserError(f'torchrun --max-restarts={restarts} shares its store with the workers, and restarted '
                         f'workers then fail to connect: start torchrun with {SHARED_STORE_FIX} in its '
-                        'environment (README, "Pre-emptible and elastic runs")')
+                        'environment (docs/distributed.md, "Pre-emptible and elastic runs")')
 
 
 def init_distributed(args: argparse.Namespace) -> torch.device:

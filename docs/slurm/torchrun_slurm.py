@@ -7,8 +7,8 @@ Slurm describes the job in SLURM_JOB_NODELIST (``gpu[01-04],big7``), SLURM_NNODE
 SLURM_JOB_ID; this turns them into torchrun's c10d rendezvous: the endpoint is the allocation's first
 node (Slurm's node 0, which also hosts the rendezvous store), the rendezvous id is the job id (the same
 after a requeue), and ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` gives each restart a fresh store (without
-it restarted workers fail to connect; README, "Pre-emptible and elastic runs"). ``--dry-run`` prints the
-command instead of running it.
+it restarted workers fail to connect; docs/distributed.md, "Pre-emptible and elastic runs"). ``--dry-run``
+prints the command instead of running it.
 """
 from __future__ import annotations
 
