@@ -20,8 +20,10 @@ def _python_blocks(path: Path) -> list[str]:
     return re.findall(r'```python\n(.*?)```', path.read_text(), re.S)
 
 
-DOC_BLOCKS = [pytest.param(path, i, id=f'{path.relative_to(ROOT)}[{i}]')
-              for path in DOCS for i, _ in enumerate(_python_blocks(path))]
+# Blocks that compile or export take 10-20 s on two cores: the slow tier (make test-all) runs them.
+DOC_BLOCKS = [pytest.param(path, i, id=f'{path.relative_to(ROOT)}[{i}]',
+                           marks=[pytest.mark.slow] if re.search(r'torch\.(compile|export)', block) else [])
+              for path in DOCS for i, block in enumerate(_python_blocks(path))]
 
 # Weights files the examples name: a release-style bare state_dict and a train.py-style checkpoint dict.
 RELEASE_FILE = 'ddf_mul_resnet50.pth'
