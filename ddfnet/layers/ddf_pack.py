@@ -11,8 +11,7 @@ from timm.layers import register_notrace_module
 from torch import Tensor, nn
 from torch.nn.init import calculate_gain
 
-from ..ops import KERNEL_COMBINES
-from ..ops.ddf_op import call_ddf_op
+from ..ops import KERNEL_COMBINES, ddf
 
 __all__ = ['FilterNorm', 'DDFPack', 'DDFUpPack']
 
@@ -114,11 +113,10 @@ def _ddf_heads(x: Tensor, channel_filter: Tensor, spatial_filter: Tensor, kernel
     k = kernel_size
     # Reshapes that read no sizes (unflatten/flatten with -1): FX traces them with a symbolic batch,
     # torch.export keeps the batch dynamic, and they are views, not copies, where a view exists.
-    # call_ddf_op, not the ddf() wrapper, so TorchScript and FX see a plain operator (see its docstring).
-    out = call_ddf_op(x.unflatten(1, (head, -1)).flatten(0, 1),
-                      channel_filter.flatten(1).unflatten(1, (head, -1, k, k)).flatten(0, 1),
-                      spatial_filter.unflatten(1, (head, k * k)).flatten(0, 1),
-                      k, dilation, stride, kernel_combine)
+    out = ddf(x.unflatten(1, (head, -1)).flatten(0, 1),
+              channel_filter.flatten(1).unflatten(1, (head, -1, k, k)).flatten(0, 1),
+              spatial_filter.unflatten(1, (head, k * k)).flatten(0, 1),
+              k, dilation, stride, kernel_combine)
     return out.unflatten(0, (-1, head)).flatten(1, 2)
 
 
