@@ -1,4 +1,5 @@
-"""DDF modules (SPEC §2): FilterNorm, DDFPack and the upsampling DDFUpPack.
+"""DDF modules as the original release defines them (``ddf/ddf.py`` of github.com/theFoxofSky/ddfnet):
+FilterNorm, DDFPack and the upsampling DDFUpPack.
 
 Module and parameter names match the original release (``spatial_branch.0``, ``channel_branch.1``,
 ``channel_branch.3``, ``channel_branch.4.std``) so its checkpoints load with ``strict=True``.
@@ -181,8 +182,8 @@ class DDFUpPack(nn.Module):
     which defaults to the input) and runs the op at stride 1; the ``scale_factor**2`` outputs are
     interleaved by pixel shuffle into (B, C, H*s, W*s). Without separate guidance
     (``joint_channels <= 0``) each spatial branch is a ``dw_kernel_size`` depth-wise conv, a 1x1 conv and
-    FilterNorm (SPEC §2); with guidance of ``joint_channels`` channels it is the 1x1 conv and FilterNorm.
-    The guidance passed to :meth:`forward` must have the input's spatial size.
+    FilterNorm, as in the original release; with guidance of ``joint_channels`` channels it is the 1x1 conv
+    and FilterNorm. The guidance passed to :meth:`forward` must have the input's spatial size.
     """
 
     def __init__(self, in_channels: int, kernel_size: int = 3, scale_factor: int = 2, dilation: int = 1,

@@ -1,4 +1,5 @@
-"""Dynamic convolution (DyConv, SPEC §6): K kernels aggregated per sample by a softmax attention.
+"""Dynamic convolution (DyConv; Chen et al., "Dynamic Convolution: Attention over Convolution Kernels",
+CVPR 2020): K kernels aggregated per sample by a softmax attention.
 
 ``y = conv(x, sum_k pi_k W_k) + sum_k pi_k b_k`` with ``pi = softmax(z / T)`` and ``z`` from
 GAP -> 1x1 conv -> ReLU -> 1x1 conv. The sum can be formed on either side of the convolution, and which
