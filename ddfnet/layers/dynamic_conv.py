@@ -32,6 +32,8 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 from torch.utils.checkpoint import checkpoint
 
+from ..ops._torch_internals import under_torch_func
+
 __all__ = ['DynamicConv2d', 'AGGREGATIONS']
 
 AGGREGATIONS = ('auto', 'kernels', 'outputs')
@@ -69,12 +71,6 @@ def aggregate_outputs(x: Tensor, weight: Tensor, bias: Tensor | None, attention:
     if bias is not None:
         out = out + (attention @ bias).to(out.dtype)[:, :, None, None]
     return out
-
-
-def _under_torch_func() -> bool:
-    # torch.func.grad/vjp/jacrev/hessian reject the saved-tensor hooks that checkpointing uses: under
-    # them the layer keeps its intermediate instead (more memory, same result).
-    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
 
 # An FX leaf in timm's tracers (timm's FX feature extraction): the evaluation order depends on the batch
@@ -217,7 +213,7 @@ class DynamicConv2d(nn.Module):
         aggregate = aggregate_kernels if kernels else aggregate_outputs
         args = (x, self.weight, self.bias, attention, self.stride, self.padding, self.dilation, self.groups)
         if self.recompute and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad) \
-                and not _under_torch_func():
+                and not under_torch_func():  # torch.func rejects checkpointing's saved-tensor hooks
             # Recompute the per-sample kernels / stacked outputs in backward instead of keeping them. The
             # aggregation draws no random numbers, so the RNG state need not be saved and restored.
             return checkpoint(aggregate, *args, use_reentrant=False, preserve_rng_state=False)

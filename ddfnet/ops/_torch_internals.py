@@ -14,10 +14,14 @@ import torch
 from torch.autograd import forward_ad
 
 
-def functorch_transforms_active() -> bool:
-    # No public query tells whether torch.func.grad/jvp/vmap is running, and an autograd.Function must be
-    # applied above the dispatcher under them (functorch handles it level by level).
-    return torch._C._are_functorch_transforms_active()
+def under_torch_func() -> bool:
+    """Whether a torch.func transform (grad, jvp, vmap, ...) is running.
+
+    No public query tells, and code must know: an autograd.Function must be applied above the dispatcher
+    under them (functorch handles it level by level), and they reject checkpointing's saved-tensor hooks.
+    Under torch.compile the op stays one opaque node, so dynamo need not see the private call.
+    """
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
 
 def below_autograd():

@@ -26,14 +26,9 @@ from .autocast import autocast_inputs
 __all__ = ['call_ddf', 'call_ddf_backward', 'autograd_kernels', 'operator_vmap_rules']
 
 
-def _functorch_active() -> bool:
-    # Under torch.compile the op stays one opaque node; dynamo need not see this check.
-    return not torch.compiler.is_compiling() and _torch_internals.functorch_transforms_active()
-
-
 def call_ddf(*args) -> Tensor:
     """``torch.ops.ddfnet.ddf(*args)``, differentiable in every autograd mode and torch.func transform."""
-    if _functorch_active():
+    if _torch_internals.under_torch_func():
         # The Function is applied above the dispatcher, where the op's autocast kernel would cast only the
         # inner call: cast here, so that it saves (and differentiates) the tensors the op computes with.
         return _DDFFunction.apply(*autocast_inputs(*args[:3]), *args[3:])
@@ -42,7 +37,7 @@ def call_ddf(*args) -> Tensor:
 
 def call_ddf_backward(*args) -> tuple[Tensor, Tensor, Tensor]:
     """``torch.ops.ddfnet.ddf_backward(*args)``, differentiable like :func:`call_ddf`."""
-    if _functorch_active():
+    if _torch_internals.under_torch_func():
         return _DDFBackwardFunction.apply(*args)
     return torch.ops.ddfnet.ddf_backward(*args)
 
@@ -51,7 +46,7 @@ def _forward_call(op, call, args):
     # The Functions' forward. Plain autograd runs it with gradients of both modes disabled: straight to
     # the backend kernel (what the Autograd kernel would do, minus a dispatcher round trip, ~20 us). A
     # torch.func transform runs it one level down, where the next transform must see the call.
-    if _functorch_active():
+    if _torch_internals.under_torch_func():
         return call(*args)
     with _torch_internals.below_autograd():
         return op(*args)
@@ -186,7 +181,7 @@ def _autograd_kernel(op, function):
     def kernel(keyset, *args):
         if ((torch.is_grad_enabled() and _torch_internals.any_requires_grad(*args))
                 or _torch_internals.forward_ad_enabled()):
-            if _functorch_active():  # an autograd.Function cannot start inside the dispatcher under functorch
+            if _torch_internals.under_torch_func():  # a Function cannot start inside the dispatcher under torch.func
                 raise RuntimeError(f'{op} was called directly under a torch.func transform; call ddfnet.ddf '
                                    '(or ddfnet.ops.ddf) instead, which supports torch.func.grad/jvp/vmap')
             return function.apply(*args)
