@@ -14,7 +14,7 @@ from naive import random_inputs
 
 import ddfnet
 from ddfnet.ops import ddf_backward_reference, ddf_forward_reference
-from ddfnet.ops.ddf_op import SCHEMAS
+from ddfnet.ops.registrations import SCHEMAS
 
 pytestmark = pytest.mark.skipif(os.environ.get('DDFNET_FORCE_REFERENCE', '') not in ('', '0'),
                                 reason='the reference path is forced')
@@ -26,7 +26,7 @@ TOLERANCES = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-4), torch.
 
 def test_native_cpu_kernel_is_active():
     # CI builds the extension ahead of time; a user install JIT-compiles it. Either way CPU must be native.
-    assert ddfnet.ops.implementation('cpu') == 'native', ddfnet.ops.ddf_op._NO_EXTENSION_REASON
+    assert ddfnet.ops.implementation('cpu') == 'native', ddfnet.ops.registrations.native_unavailable_reason()
 
 
 def test_python_fallback_schemas_match_the_cpp_ones():

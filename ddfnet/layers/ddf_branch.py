@@ -1,9 +1,10 @@
-"""Single-branch DDF layers for the paper's ablation (SPEC §3, Table 3) on the same op and names.
+"""Single-branch DDF layers for the DDF paper's ablation (Table 3: spatial or channel branch alone) on the
+same op and names.
 
 With ``kernel_combine='mul'`` a filter of ones leaves the other filter unchanged, so one branch alone is
 the DDF op with the absent filter fixed to ones: the spatial branch alone is an involution-like per-pixel
 filter shared across the channels of a head, the channel branch alone a WeightNet-like per-sample
-depth-wise conv (SPEC §1). No new kernel is needed.
+depth-wise conv. No new kernel is needed.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""DDF modules (SPEC §2): FilterNorm, DDFPack and the upsampling DDFUpPack.
+"""DDF modules as the original release defines them (``ddf/ddf.py`` of github.com/theFoxofSky/ddfnet):
+FilterNorm, DDFPack and the upsampling DDFUpPack.
 
 Module and parameter names match the original release (``spatial_branch.0``, ``channel_branch.1``,
 ``channel_branch.3``, ``channel_branch.4.std``) so its checkpoints load with ``strict=True``.
@@ -11,8 +12,7 @@ from timm.layers import register_notrace_module
 from torch import Tensor, nn
 from torch.nn.init import calculate_gain
 
-from ..ops import KERNEL_COMBINES
-from ..ops.ddf_op import call_ddf_op
+from ..ops import KERNEL_COMBINES, ddf
 
 __all__ = ['FilterNorm', 'DDFPack', 'DDFUpPack']
 
@@ -114,11 +114,10 @@ def _ddf_heads(x: Tensor, channel_filter: Tensor, spatial_filter: Tensor, kernel
     k = kernel_size
     # Reshapes that read no sizes (unflatten/flatten with -1): FX traces them with a symbolic batch,
     # torch.export keeps the batch dynamic, and they are views, not copies, where a view exists.
-    # call_ddf_op, not the ddf() wrapper, so TorchScript and FX see a plain operator (see its docstring).
-    out = call_ddf_op(x.unflatten(1, (head, -1)).flatten(0, 1),
-                      channel_filter.flatten(1).unflatten(1, (head, -1, k, k)).flatten(0, 1),
-                      spatial_filter.unflatten(1, (head, k * k)).flatten(0, 1),
-                      k, dilation, stride, kernel_combine)
+    out = ddf(x.unflatten(1, (head, -1)).flatten(0, 1),
+              channel_filter.flatten(1).unflatten(1, (head, -1, k, k)).flatten(0, 1),
+              spatial_filter.unflatten(1, (head, k * k)).flatten(0, 1),
+              k, dilation, stride, kernel_combine)
     return out.unflatten(0, (-1, head)).flatten(1, 2)
 
 
@@ -183,8 +182,8 @@ class DDFUpPack(nn.Module):
     which defaults to the input) and runs the op at stride 1; the ``scale_factor**2`` outputs are
     interleaved by pixel shuffle into (B, C, H*s, W*s). Without separate guidance
     (``joint_channels <= 0``) each spatial branch is a ``dw_kernel_size`` depth-wise conv, a 1x1 conv and
-    FilterNorm (SPEC §2); with guidance of ``joint_channels`` channels it is the 1x1 conv and FilterNorm.
-    The guidance passed to :meth:`forward` must have the input's spatial size.
+    FilterNorm, as in the original release; with guidance of ``joint_channels`` channels it is the 1x1 conv
+    and FilterNorm. The guidance passed to :meth:`forward` must have the input's spatial size.
     """
 
     def __init__(self, in_channels: int, kernel_size: int = 3, scale_factor: int = 2, dilation: int = 1,

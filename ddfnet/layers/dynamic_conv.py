@@ -1,4 +1,5 @@
-"""Dynamic convolution (DyConv, SPEC §6): K kernels aggregated per sample by a softmax attention.
+"""Dynamic convolution (DyConv; Chen et al., "Dynamic Convolution: Attention over Convolution Kernels",
+CVPR 2020): K kernels aggregated per sample by a softmax attention.
 
 ``y = conv(x, sum_k pi_k W_k) + sum_k pi_k b_k`` with ``pi = softmax(z / T)`` and ``z`` from
 GAP -> 1x1 conv -> ReLU -> 1x1 conv. The sum can be formed on either side of the convolution, and which
@@ -30,6 +31,8 @@ from timm.layers import register_notrace_module
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 from torch.utils.checkpoint import checkpoint
+
+from ..ops._torch_internals import under_torch_func
 
 __all__ = ['DynamicConv2d', 'AGGREGATIONS']
 
@@ -68,12 +71,6 @@ def aggregate_outputs(x: Tensor, weight: Tensor, bias: Tensor | None, attention:
     if bias is not None:
         out = out + (attention @ bias).to(out.dtype)[:, :, None, None]
     return out
-
-
-def _under_torch_func() -> bool:
-    # torch.func.grad/vjp/jacrev/hessian reject the saved-tensor hooks that checkpointing uses: under
-    # them the layer keeps its intermediate instead (more memory, same result).
-    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
 
 # An FX leaf in timm's tracers (timm's FX feature extraction): the evaluation order depends on the batch
@@ -216,7 +213,7 @@ class DynamicConv2d(nn.Module):
         aggregate = aggregate_kernels if kernels else aggregate_outputs
         args = (x, self.weight, self.bias, attention, self.stride, self.padding, self.dilation, self.groups)
         if self.recompute and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad) \
-                and not _under_torch_func():
+                and not under_torch_func():  # torch.func rejects checkpointing's saved-tensor hooks
             # Recompute the per-sample kernels / stacked outputs in backward instead of keeping them. The
             # aggregation draws no random numbers, so the RNG state need not be saved and restored.
             return checkpoint(aggregate, *args, use_reentrant=False, preserve_rng_state=False)

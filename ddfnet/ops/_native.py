@@ -2,7 +2,7 @@
 
 In order of preference: the extension built ahead of time by ``pip install --no-build-isolation -e .``
 (``ddfnet._C``); a just-in-time build of ``csrc/`` with ninja (cached, so only the first use compiles);
-nothing, in which case the pure-PyTorch reference runs everywhere and :mod:`ddfnet.ops.ddf_op` warns
+nothing, in which case the pure-PyTorch reference runs everywhere and :mod:`ddfnet.ops.registrations` warns
 once. Setting ``DDFNET_FORCE_REFERENCE=1`` skips the native kernels altogether (debugging, and the
 tests' oracle runs).
 """

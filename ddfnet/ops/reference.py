@@ -63,7 +63,8 @@ def _taps(kernel_size: int, dilation: int, stride: int, in_hw: tuple[int, int], 
 
 def ddf_forward_reference(input: Tensor, channel_filter: Tensor, spatial_filter: Tensor,
                           kernel_size: int, dilation: int, stride: int, kernel_combine: str) -> Tensor:
-    """DDF forward (SPEC §1) by an explicit loop over the k*k taps; arguments are assumed valid."""
+    """DDF forward (the formula of :func:`ddfnet.ddf`) by an explicit loop over the k*k taps; arguments are
+    assumed valid."""
     height, width = input.shape[-2:]
     out_h, out_w = output_size(height, stride), output_size(width, stride)
     acc = accumulation_dtype(input.dtype)

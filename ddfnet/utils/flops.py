@@ -1,6 +1,6 @@
 """FLOP/MAC accounting with PyTorch's own ``FlopCounterMode``.
 
-The DDF op has a registered FLOP formula (:mod:`ddfnet.ops.ddf_op`), so it is counted like any aten op.
+The DDF op has a registered FLOP formula (:mod:`ddfnet.ops.registrations`), so it is counted like any aten op.
 FlopCounterMode reports FLOPs (a multiply-add is 2); we report MACs = FLOPs / 2, like timm's tables.
 A :class:`~ddfnet.layers.DynamicConv2d` is counted as it runs: its attention (two 1x1 convs on pooled
 features), the aggregation (kernel mixing matmul or weighted sum of outputs) and its conv(s), which a

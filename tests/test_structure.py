@@ -1,0 +1,90 @@
+"""The package's layering, read from its source: the op registers itself in one place, imports of ddfnet's
+own modules form no cycle, and no lower layer imports a higher one. Reads files only (no import), fast."""
+import ast
+from pathlib import Path
+
+import torch
+
+import ddfnet
+
+PACKAGE = Path(ddfnet.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix('').parts
+    return '.'.join(parts[:-1] if parts[-1] == '__init__' else parts)
+
+
+def _imports() -> dict[str, set[str]]:
+    """ddfnet module -> the ddfnet modules it imports, at module level or inside functions."""
+    paths = {_module_name(p): p for p in PACKAGE.rglob('*.py')}
+    graph = {}
+    for name, path in paths.items():
+        package = name if path.name == '__init__.py' else name.rpartition('.')[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ''
+                if node.level:
+                    anchor = package.split('.')[:len(package.split('.')) - node.level + 1]
+                    base = '.'.join(anchor + ([base] if base else []))
+                # 'from . import x' names a submodule when there is one.
+                targets |= {f'{base}.{a.name}' if f'{base}.{a.name}' in paths else base for a in node.names}
+        graph[name] = {t for t in targets if t in paths and t != name}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str]:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node, path):
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt, path + [nxt])):
+                return found
+        state[node] = 2
+        return []
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start, [start])):
+            return found
+    return []
+
+
+def test_ddfnet_imports_have_no_cycle():
+    assert _cycle(_imports()) == []
+
+
+def test_cycle_finder_sees_a_cycle():
+    assert _cycle({'a': {'b'}, 'b': {'c'}, 'c': {'a'}}) == ['a', 'b', 'c', 'a']
+
+
+def test_no_layer_imports_a_higher_one():
+    # The op knows nothing of layers, models, training or export; layers nothing of models and above.
+    forbidden = {'ddfnet.ops': ('layers', 'models', 'training', 'export', 'data'),
+                 'ddfnet.layers': ('models', 'training', 'export', 'data'),
+                 'ddfnet.models': ('training', 'export', 'data')}
+    wrong = [f'{module} -> {target}' for module, targets in _imports().items() for target in targets
+             for layer, above in forbidden.items()
+             if (module == layer or module.startswith(layer + '.'))
+             and any(target == f'ddfnet.{a}' or target.startswith(f'ddfnet.{a}.') for a in above)]
+    assert wrong == []
+
+
+def test_register_all_registers_every_kernel_once():
+    from torch.onnx._internal.torchscript_exporter import registration
+
+    for key in ('CompositeExplicitAutograd', 'Autograd', 'AutocastCPU', 'AutocastCUDA'):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key('ddfnet::ddf', key), key
+    assert torch._C._dispatch_has_kernel_for_dispatch_key('ddfnet::ddf_backward', 'Autograd')
+    assert registration.registry.is_registered_op('ddfnet::ddf', 13)  # the TorchScript exporter's symbolic
+    ddfnet.ops.register_all()  # a second call changes nothing (a second registration would raise)
+
+
+def test_ddf_scripts_to_the_bare_operator():
+    calls = [node.kind() for node in torch.jit.script(ddfnet.ops.ddf).graph.nodes()]
+    assert calls == ['ddfnet::ddf']
