@@ -35,8 +35,8 @@ from ddfnet.training import run_epoch_hooks
 from ddfnet.training.args import train_parser
 from ddfnet.training.checkpoint import (CLASS_NAMES_FILE, LAST, holds_checkpoint, load_checkpoint, load_weights,
                                         model_state_dict, remove_partial_files, rng_state, save_checkpoint)
-from ddfnet.training.config import (UserError, atomic_write_text, parse_args, rejected_as, resolve_device,
-                                    resolved_config, run_main, write_yaml)
+from ddfnet.cli import UserError, parse_args, rejected_as, resolve_device, resolved_config, run_main
+from ddfnet.utils.io import atomic_write_text, write_yaml
 from ddfnet.training.distributed import init_distributed
 from ddfnet.training.engine import (SignalFlag, StopRequested, TrainingStopped, TrainState, evaluate, seed_epoch,
                                     train_one_epoch)

@@ -20,7 +20,8 @@ import re
 
 from ddfnet.training.checkpoint import (atomic_save, average_state_dicts, load_checkpoint, model_state_dict,
                                         release_bytes)
-from ddfnet.training.config import OneLineArgumentParser, UserError, atomic_write, run_main
+from ddfnet.cli import OneLineArgumentParser, UserError, run_main
+from ddfnet.utils.io import atomic_write
 
 
 def avg_parser() -> OneLineArgumentParser:

@@ -36,7 +36,7 @@ def best_rate(run, count: int, repeats: int, warmup: bool = True) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ddfnet.training.config import OneLineArgumentParser, UserError
+    from ddfnet.cli import OneLineArgumentParser, UserError
 
     parser = OneLineArgumentParser(prog='benchmark_loader.py', description=__doc__.split('\n\n')[0])
     add = parser.add_argument
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     from ddfnet.data.jpeg_draft import enable_jpeg_draft
     from ddfnet.data.sample_jpegs import write_sample_jpegs
     from ddfnet.training.args import train_parser
-    from ddfnet.training.config import parse_args
+    from ddfnet.cli import parse_args
     from ddfnet.utils.bench import emit_json_lines, environment, usable_device
 
     config = parse_args(train_parser(), ['--config', args.config])
@@ -210,5 +210,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == '__main__':
-    from ddfnet.training.config import run_main
+    from ddfnet.cli import run_main
     run_main(main, 'benchmark_loader.py')

@@ -35,8 +35,9 @@ import ddfnet  # noqa: F401  (registers the DDF models with timm)
 from ddfnet.data import create_split
 from ddfnet.training.args import train_parser
 from ddfnet.training.checkpoint import load_checkpoint, model_state_dict
-from ddfnet.training.config import (OneLineArgumentParser, UserError, atomic_write_text, parse_args,
-                                    resolve_device, run_main, yaml_mapping)
+from ddfnet.cli import (OneLineArgumentParser, UserError, parse_args, resolve_device, run_main,
+                        yaml_mapping)
+from ddfnet.utils.io import atomic_write_text
 from ddfnet.training.loading import classifier_size, create_model_with_weights
 
 FORMATS = ('csv', 'json', 'jsonl')

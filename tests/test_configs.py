@@ -11,7 +11,7 @@ import timm
 
 import ddfnet  # noqa: F401
 from ddfnet.training.args import train_parser
-from ddfnet.training.config import UserError, parse_args
+from ddfnet.cli import UserError, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(glob.glob(str(ROOT / 'configs' / '*.yaml')))

@@ -21,7 +21,7 @@ from ddfnet.export import (STANDARD_DOMAINS, OnnxRuntimeModel, ddf_standard_ops,
                            onnxruntime_relative_error)
 from ddfnet.layers import DDFBranchPack
 from ddfnet.ops import ddf_forward_reference, output_size
-from ddfnet.training.config import run_main
+from ddfnet.cli import run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4

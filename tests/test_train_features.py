@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ddfnet.training import hooks
-from ddfnet.training.config import run_main
+from ddfnet.cli import run_main
 
 import training
 from training import load_script

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import TMP_SUFFIX as _TMP_SUFFIX
-from .config import UserError, atomic_write
+from ..cli import UserError
+from ..utils.io import TMP_SUFFIX as _TMP_SUFFIX
+from ..utils.io import atomic_write
 
 LAST, BEST = 'last.pth.tar', 'best.pth.tar'
 CLASS_NAMES_FILE = 'classes.txt'  # a run folder's class names, one a line in label order

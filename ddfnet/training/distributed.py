@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from timm.utils import is_distributed_env, world_info_from_env
 
-from .config import UserError
+from ..cli import UserError
 
 SHARED_STORE_FIX = 'TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1'
 

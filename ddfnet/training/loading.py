@@ -7,7 +7,7 @@ from timm.models import get_pretrained_cfg
 from torch import nn
 
 from .checkpoint import load_weights
-from .config import UserError, rejected_as
+from ..cli import UserError, rejected_as
 
 
 def classifier_size(model_name: str, state: dict[str, torch.Tensor]) -> int | None:

@@ -1,7 +1,10 @@
-"""Config files for ``train.py`` / ``validate.py``: YAML whose keys are the scripts' argument names.
+"""Command-line pieces shared by every script: one-line errors, argument and config-file parsing, devices.
 
-Precedence is script default < config file < command line. A config file is checked like a command line:
-an unknown key, a value of the wrong type or outside an argument's choices is an error naming the key.
+A script's ``main`` raises :class:`UserError` for bad input and runs under :func:`run_main`, which prints
+it as one line and exits with status 2. Config files (``--config``) are YAML whose keys are the scripts'
+argument names; precedence is script default < config file < command line. A config file is checked
+like a command line: an unknown key, a value of the wrong type or outside an argument's choices is an
+error naming the key.
 """
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import argparse
 import os
 import sys
 from contextlib import contextmanager
-from typing import IO, Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import yaml
@@ -182,31 +185,3 @@ def resolved_config(args: argparse.Namespace, keys: Sequence[str]) -> dict[str, 
     def plain(value):
         return list(value) if isinstance(value, tuple) else value
     return {key: plain(getattr(args, key)) for key in keys}
-
-
-TMP_SUFFIX = '.partial'  # of the temporary files atomic writes rename into place
-
-
-def atomic_write(path: str, write: Callable[[IO], Any], binary: bool = False) -> None:
-    """``write(file)`` to a temporary file next to ``path``, flushed to disk, then renamed over ``path``:
-    ``path`` is never a truncated file, and the temporary file is removed whatever happens."""
-    tmp = f'{path}.{os.getpid()}{TMP_SUFFIX}'
-    try:
-        with open(tmp, 'wb') if binary else open(tmp, 'w', encoding='utf-8') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_write_text(text: str, path: str) -> None:
-    """Write ``text`` to ``path`` atomically (:func:`atomic_write`)."""
-    atomic_write(path, lambda f: f.write(text))
-
-
-def write_yaml(config: dict[str, Any], path: str) -> None:
-    """Write ``config`` to ``path`` atomically."""
-    atomic_write_text(yaml.safe_dump(config, sort_keys=False), path)
