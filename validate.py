@@ -15,22 +15,20 @@ import csv
 import json
 import os
 import time
-from contextlib import nullcontext
-from functools import partial
 
 import timm
 import torch
 from timm.data import create_loader, resolve_data_config
 
 import ddfnet  # noqa: F401  (registers the DDF models with timm)
+from ddfnet.cli import (OneLineArgumentParser, UserError, default_workers, parse_args, rejected_as, resolve_device,
+                        run_main, yaml_mapping)
 from ddfnet.data import class_count, create_split, resolve_data_root
 from ddfnet.training.args import train_parser
 from ddfnet.training.checkpoint import load_checkpoint, model_state_dict
-from ddfnet.cli import (OneLineArgumentParser, UserError, default_workers, parse_args, rejected_as, resolve_device,
-                        run_main, yaml_mapping)
-from ddfnet.utils.io import atomic_write_text
-from ddfnet.training.engine import evaluate
+from ddfnet.training.engine import autocast_context, evaluate
 from ddfnet.training.loading import classifier_size, create_model_with_weights
+from ddfnet.utils.io import atomic_write_text
 
 
 def validate_parser() -> argparse.ArgumentParser:
@@ -116,8 +114,7 @@ def main(argv: list[str] | None = None) -> None:
                                interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'],
                                mean=data_config['mean'], std=data_config['std'], num_workers=args.workers,
                                device=device, use_prefetcher=device.type == 'cuda', persistent_workers=False)
-    amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
-    amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if args.amp else nullcontext
+    amp_autocast = autocast_context(args.amp, args.amp_dtype, device)
     start = time.perf_counter()
     metrics = evaluate(model, loader, device, amp_autocast, args.channels_last)
     seconds = time.perf_counter() - start

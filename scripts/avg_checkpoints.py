@@ -18,9 +18,9 @@ import glob
 import os
 import re
 
+from ddfnet.cli import OneLineArgumentParser, UserError, run_main
 from ddfnet.training.checkpoint import (atomic_save, average_state_dicts, load_checkpoint, model_state_dict,
                                         release_bytes)
-from ddfnet.cli import OneLineArgumentParser, UserError, run_main
 from ddfnet.utils.io import atomic_write
 
 

@@ -74,11 +74,11 @@ def main(argv: list[str] | None = None) -> None:
     from timm.data import create_loader, create_transform, resolve_data_config
 
     import ddfnet  # noqa: F401  (registers the DDF models)
+    from ddfnet.cli import parse_args
     from ddfnet.data import class_count, create_split, resolve_data_root
     from ddfnet.data.jpeg_draft import enable_jpeg_draft
     from ddfnet.data.sample_jpegs import write_sample_jpegs
     from ddfnet.training.args import train_parser
-    from ddfnet.cli import parse_args
     from ddfnet.utils.bench import emit_json_lines, environment, usable_device
 
     config = parse_args(train_parser(), ['--config', args.config])

@@ -23,8 +23,6 @@ import json
 import os
 import sys
 import time
-from contextlib import nullcontext
-from functools import partial
 
 import torch
 from PIL import Image
@@ -32,13 +30,14 @@ from timm.data import create_transform, resolve_data_config
 from timm.data.readers.img_extensions import get_img_extensions
 
 import ddfnet  # noqa: F401  (registers the DDF models with timm)
+from ddfnet.cli import (OneLineArgumentParser, UserError, parse_args, resolve_device, run_main,
+                        yaml_mapping)
 from ddfnet.data import create_split
 from ddfnet.training.args import train_parser
 from ddfnet.training.checkpoint import load_checkpoint, model_state_dict
-from ddfnet.cli import (OneLineArgumentParser, UserError, parse_args, resolve_device, run_main,
-                        yaml_mapping)
-from ddfnet.utils.io import atomic_write_text
+from ddfnet.training.engine import autocast_context
 from ddfnet.training.loading import classifier_size, create_model_with_weights
+from ddfnet.utils.io import atomic_write_text
 
 FORMATS = ('csv', 'json', 'jsonl')
 TABLE_ROWS = 20  # rows of the stdout table when the results also go to a file
@@ -217,8 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     loader = torch.utils.data.DataLoader(ImageFiles(paths, transform), batch_size=args.batch_size,
                                          num_workers=args.workers, collate_fn=collate_readable,
                                          pin_memory=device.type == 'cuda')
-    amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
-    amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if args.amp else nullcontext
+    amp_autocast = autocast_context(args.amp, args.amp_dtype, device)
 
     for path, reason in skipped:
         print(f'inference.py: skipped {path}: {reason}', file=sys.stderr)

@@ -22,9 +22,9 @@ from timm.data import resolve_data_config
 from timm.models import get_pretrained_cfg
 
 import ddfnet
+from ddfnet.cli import OneLineArgumentParser, UserError, run_main, yaml_mapping
 from ddfnet.export import check_output_path, onnxruntime_relative_error
 from ddfnet.training.checkpoint import load_checkpoint, load_weights, model_state_dict
-from ddfnet.cli import OneLineArgumentParser, UserError, run_main, yaml_mapping
 
 TOLERANCE = 1e-4  # relative error of onnxruntime vs PyTorch eval output accepted by --check-forward
 METADATA_KEY = 'ddfnet.data_config'  # onnx_validate.py reads its defaults from here

@@ -18,9 +18,9 @@ import time
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_loader
 
+from ddfnet.cli import OneLineArgumentParser, UserError, run_main
 from ddfnet.data import class_count, create_split, resolve_data_root
 from ddfnet.export import OnnxRuntimeModel
-from ddfnet.cli import OneLineArgumentParser, UserError, run_main
 from ddfnet.training.engine import evaluate
 
 METADATA_KEY = 'ddfnet.data_config'  # written by onnx_export.py

@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 import ddfnet
+from ddfnet.cli import run_main
 from ddfnet.export import (STANDARD_DOMAINS, OnnxRuntimeModel, ddf_standard_ops, export_onnx, onnx_translation_table,
                            onnxruntime_relative_error)
 from ddfnet.layers import DDFBranchPack
 from ddfnet.ops import ddf_forward_reference, output_size
-from ddfnet.cli import run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4

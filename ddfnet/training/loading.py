@@ -6,8 +6,8 @@ import torch
 from timm.models import get_pretrained_cfg
 from torch import nn
 
-from .checkpoint import load_weights
 from ..cli import UserError, rejected_as
+from .checkpoint import load_weights
 
 
 def classifier_size(model_name: str, state: dict[str, torch.Tensor]) -> int | None:
