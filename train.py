@@ -33,12 +33,13 @@ from ddfnet.cli import UserError, parse_args, rejected_as, resolve_device, resol
 from ddfnet.data import class_count, class_names, create_split, resolve_data_root
 from ddfnet.training import run_epoch_hooks
 from ddfnet.training.args import train_parser
-from ddfnet.training.checkpoint import (CLASS_NAMES_FILE, LAST, holds_checkpoint, load_checkpoint, load_weights,
-                                        model_state_dict, remove_partial_files, rng_state, save_checkpoint)
+from ddfnet.training.checkpoint import (CLASS_NAMES_FILE, LAST, holds_checkpoint, load_weights, remove_partial_files,
+                                        rng_state, save_checkpoint)
 from ddfnet.training.distributed import init_distributed
 from ddfnet.training.engine import (SignalFlag, StopRequested, TrainingStopped, TrainState, autocast_context, evaluate,
                                     seed_epoch, train_one_epoch)
 from ddfnet.utils.io import atomic_write_text, write_yaml
+from ddfnet.utils.weights import load_checkpoint, model_state_dict
 
 _logger = logging.getLogger('train')
 SCHEDULE_KEYS = ('sched', 'sched_on_updates', 'lr', 'epochs', 'warmup_epochs', 'warmup_lr', 'min_lr',

@@ -25,10 +25,10 @@ from ddfnet.cli import (OneLineArgumentParser, UserError, default_workers, parse
                         run_main, yaml_mapping)
 from ddfnet.data import class_count, create_split, resolve_data_root
 from ddfnet.training.args import train_parser
-from ddfnet.training.checkpoint import load_checkpoint, model_state_dict
 from ddfnet.training.engine import autocast_context, evaluate
 from ddfnet.training.loading import classifier_size, create_model_with_weights
 from ddfnet.utils.io import atomic_write_text
+from ddfnet.utils.weights import load_checkpoint, model_state_dict
 
 
 def validate_parser() -> argparse.ArgumentParser:

@@ -19,9 +19,9 @@ import os
 import re
 
 from ddfnet.cli import OneLineArgumentParser, UserError, run_main
-from ddfnet.training.checkpoint import (atomic_save, average_state_dicts, load_checkpoint, model_state_dict,
-                                        release_bytes)
+from ddfnet.training.checkpoint import atomic_save, average_state_dicts, release_bytes
 from ddfnet.utils.io import atomic_write
+from ddfnet.utils.weights import load_checkpoint, model_state_dict
 
 
 def avg_parser() -> OneLineArgumentParser:

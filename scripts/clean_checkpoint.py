@@ -18,9 +18,10 @@ import os
 
 import ddfnet  # noqa: F401  (registers the DDF models with timm)
 from ddfnet.cli import OneLineArgumentParser, UserError, run_main, yaml_mapping
-from ddfnet.training.checkpoint import load_checkpoint, model_state_dict, release_bytes, release_name
+from ddfnet.training.checkpoint import release_bytes, release_name
 from ddfnet.training.loading import classifier_size, create_model_with_weights
 from ddfnet.utils.io import atomic_write
+from ddfnet.utils.weights import load_checkpoint, model_state_dict
 
 
 def clean_parser() -> OneLineArgumentParser:

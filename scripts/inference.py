@@ -34,10 +34,10 @@ from ddfnet.cli import (OneLineArgumentParser, UserError, parse_args, resolve_de
                         yaml_mapping)
 from ddfnet.data import create_split
 from ddfnet.training.args import train_parser
-from ddfnet.training.checkpoint import load_checkpoint, model_state_dict
 from ddfnet.training.engine import autocast_context
 from ddfnet.training.loading import classifier_size, create_model_with_weights
 from ddfnet.utils.io import atomic_write_text
+from ddfnet.utils.weights import load_checkpoint, model_state_dict
 
 FORMATS = ('csv', 'json', 'jsonl')
 TABLE_ROWS = 20  # rows of the stdout table when the results also go to a file

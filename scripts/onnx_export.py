@@ -19,12 +19,12 @@ import sys
 import timm
 import torch
 from timm.data import resolve_data_config
-from timm.models import get_pretrained_cfg
 
 import ddfnet
 from ddfnet.cli import OneLineArgumentParser, UserError, run_main, yaml_mapping
 from ddfnet.export import check_output_path, onnxruntime_relative_error
-from ddfnet.training.checkpoint import load_checkpoint, load_weights, model_state_dict
+from ddfnet.training.loading import classifier_size, create_model_with_weights
+from ddfnet.utils.weights import load_checkpoint, model_state_dict
 
 TOLERANCE = 1e-4  # relative error of onnxruntime vs PyTorch eval output accepted by --check-forward
 METADATA_KEY = 'ddfnet.data_config'  # onnx_validate.py reads its defaults from here
@@ -63,17 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     state = None
     if args.checkpoint:
         state = model_state_dict(load_checkpoint(args.checkpoint), args.checkpoint, use_ema=args.use_ema)
-    num_classes = args.num_classes
-    if num_classes is None and state is not None:
-        head = getattr(get_pretrained_cfg(args.model), 'classifier', None)
-        num_classes = state[f'{head}.weight'].shape[0] if f'{head}.weight' in state else None
-    kwargs = dict(args.model_kwargs, **({'num_classes': num_classes} if num_classes else {}))
-    try:
-        model = timm.create_model(args.model, **kwargs)
-    except TypeError as e:
-        raise UserError(f'cannot build {args.model} with {kwargs}: {e}') from None
-    if state is not None:
-        load_weights(model, state, args.checkpoint, args.model)
+    num_classes = args.num_classes or (classifier_size(args.model, state) if state is not None else None)
+    model = create_model_with_weights(args.model, num_classes, args.model_kwargs, state, args.checkpoint)
     model.eval()
 
     data_config = resolve_data_config(dict(img_size=args.img_size), model=model)
