@@ -29,17 +29,18 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, NativeScaler, distribute_bn, update_summary
 
 import ddfnet  # noqa: F401  (registers the DDF models with timm)
-from ddfnet.cli import UserError, parse_args, rejected_as, resolve_device, resolved_config, run_main
+from ddfnet.cli import (UserError, check_image_options, parse_args, rejected_as, resolve_device, resolved_config,
+                        run_main)
 from ddfnet.data import class_count, class_names, create_split, resolve_data_root
 from ddfnet.training import run_epoch_hooks
 from ddfnet.training.args import train_parser
-from ddfnet.training.checkpoint import (CLASS_NAMES_FILE, LAST, holds_checkpoint, load_weights, remove_partial_files,
-                                        rng_state, save_checkpoint)
+from ddfnet.training.checkpoint import (CLASS_NAMES_FILE, LAST, holds_checkpoint, load_weights,
+                                        newest_readable_checkpoint, remove_partial_files, rng_state, save_checkpoint)
 from ddfnet.training.distributed import init_distributed
 from ddfnet.training.engine import (SignalFlag, StopRequested, TrainingStopped, TrainState, autocast_context, evaluate,
                                     seed_epoch, train_one_epoch)
 from ddfnet.utils.io import atomic_write_text, write_yaml
-from ddfnet.utils.weights import load_checkpoint, model_state_dict
+from ddfnet.utils.weights import WeightsFileError, load_checkpoint, model_state_dict
 
 _logger = logging.getLogger('train')
 SCHEDULE_KEYS = ('sched', 'sched_on_updates', 'lr', 'epochs', 'warmup_epochs', 'warmup_lr', 'min_lr',
@@ -69,6 +70,12 @@ def check_args(args: argparse.Namespace) -> None:
             value = getattr(args, name)
             if value is not None and not ok(value):
                 raise UserError(f'--{name.replace("_", "-")} {rule}, not {value}')
+    # the image options, before the trial forward builds its batch from them
+    check_image_options(args.img_size, args.crop_pct)  # --interpolation: timm's own error names it (build_loaders)
+    if not 0 < args.scale[0] <= args.scale[1] <= 1:
+        raise UserError(f'--scale takes two area fractions 0 < MIN <= MAX <= 1, not {args.scale[0]} {args.scale[1]}')
+    if not 0 < args.ratio[0] <= args.ratio[1]:
+        raise UserError(f'--ratio takes two aspect ratios 0 < MIN <= MAX, not {args.ratio[0]} {args.ratio[1]}')
     args.device = resolve_device(args.device)
     if args.sync_bn and not args.device.startswith('cuda'):
         raise UserError('--sync-bn needs CUDA devices; on CPU use --dist-bn reduce')
@@ -229,7 +236,15 @@ def build_loaders(args, dataset_train, dataset_eval, data_config: dict, num_clas
 
 def read_resume_checkpoint(args: argparse.Namespace, resume_path: str | None) -> dict | None:
     """The training checkpoint to resume from (None: a fresh run), checked to be one this run can continue."""
-    checkpoint = load_checkpoint(resume_path) if resume_path else None
+    try:
+        checkpoint = load_checkpoint(resume_path) if resume_path else None
+    except WeightsFileError as e:
+        if args.resume != 'auto':
+            raise
+        intact = newest_readable_checkpoint(os.path.dirname(resume_path))
+        raise UserError(f'--resume auto: {e}; ' + (f'the newest readable checkpoint is {intact}: continue from it with '
+                                                   f'--resume {intact}' if intact else
+                                                   'no other checkpoint of the run folder is readable')) from None
     if checkpoint is not None and not (isinstance(checkpoint, dict)
                                        and all(k in checkpoint for k in ('optimizer', 'state', 'config'))):
         raise UserError(f'{resume_path} is not a training checkpoint of train.py (use --pretrained-file for weights)')
@@ -409,9 +424,10 @@ def train_epochs(run: Run) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = train_parser()
     args = parse_args(parser, argv)
-    check_args(args)
-    # args.yaml is itself a valid --config (so it leaves out 'config')
+    # args.yaml is itself a valid --config (so it leaves out 'config'); taken before check_args resolves
+    # --device, so that it holds the device asked for ('auto' runs anywhere, the 'cuda' it became does not)
     config = resolved_config(args, [a.dest for a in parser._actions if a.dest not in ('help', 'config')])
+    check_args(args)
     run_dir, resume_path = run_folder(args)
     # Everything that can fail is built and tried before the first write to the run folder (open_run),
     # so bad input changes nothing on disk and a failed start leaves no run behind.

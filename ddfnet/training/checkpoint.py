@@ -25,6 +25,7 @@ from torch import nn
 from ..cli import UserError
 from ..utils.io import TMP_SUFFIX as _TMP_SUFFIX
 from ..utils.io import atomic_write
+from ..utils.weights import WeightsFileError, load_checkpoint
 
 LAST, BEST = 'last.pth.tar', 'best.pth.tar'
 CLASS_NAMES_FILE = 'classes.txt'  # a run folder's class names, one a line in label order
@@ -56,6 +57,23 @@ def holds_checkpoint(run_dir: str) -> bool:
             or bool(glob.glob(os.path.join(run_dir, 'checkpoint-*.pth.tar'))))
 
 
+def periodic_checkpoints(run_dir: str) -> list[str]:
+    """The run folder's ``checkpoint-<epoch>.pth.tar`` files, oldest epoch first."""
+    return sorted(glob.glob(os.path.join(run_dir, 'checkpoint-*.pth.tar')),
+                  key=lambda p: int(re.findall(r'checkpoint-(\d+)\.pth\.tar$', p)[0]))
+
+
+def newest_readable_checkpoint(run_dir: str) -> str | None:
+    """The newest periodic checkpoint of ``run_dir`` that loads (a resume point when ``last`` is damaged)."""
+    for path in reversed(periodic_checkpoints(run_dir)):
+        try:
+            load_checkpoint(path, mmap=True)
+        except WeightsFileError:
+            continue
+        return path
+    return None
+
+
 def remove_partial_files(run_dir: str) -> None:
     """Delete temporary files left by a save that was killed (they are never read)."""
     for path in glob.glob(os.path.join(run_dir, f'*{_TMP_SUFFIX}')):
@@ -72,8 +90,7 @@ def save_checkpoint(run_dir: str, state: dict[str, Any], *, is_best: bool = Fals
         _link_or_copy(last, os.path.join(run_dir, BEST))
     if periodic_epoch is not None:
         _link_or_copy(last, os.path.join(run_dir, f'checkpoint-{periodic_epoch}.pth.tar'))
-        periodic = sorted(glob.glob(os.path.join(run_dir, 'checkpoint-*.pth.tar')),
-                          key=lambda p: int(re.findall(r'checkpoint-(\d+)\.pth\.tar$', p)[0]))
+        periodic = periodic_checkpoints(run_dir)
         for path in periodic[:-keep] if keep > 0 else periodic:
             os.remove(path)
 

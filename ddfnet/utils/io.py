@@ -1,6 +1,9 @@
-"""File helpers: writes that never leave a truncated file behind."""
+"""File helpers: writes that never leave a truncated file behind, and the scripts' results files."""
 from __future__ import annotations
 
+import csv
+import io
+import json
 import os
 from typing import IO, Any, Callable
 
@@ -32,3 +35,25 @@ def atomic_write_text(text: str, path: str) -> None:
 def write_yaml(config: dict[str, Any], path: str) -> None:
     """Write ``config`` to ``path`` atomically."""
     atomic_write_text(yaml.safe_dump(config, sort_keys=False), path)
+
+
+def write_results(results: dict[str, Any], path: str) -> None:
+    """A results record (validate.py, onnx_validate.py) as JSON (``.json``, replacing the file), or as a row
+    added to a CSV table (``.csv``: several checkpoints into one table). A CSV whose header lacks some of
+    the record's columns is rewritten with the union of both (old rows blank in the new ones), so no value
+    of either is dropped. Written atomically in both cases."""
+    if not path.endswith('.csv'):
+        atomic_write_text(json.dumps(results, indent=2) + '\n', path)
+        return
+    rows: list[dict[str, Any]] = []
+    columns = list(results)
+    if os.path.exists(path):
+        with open(path, newline='', encoding='utf-8') as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            columns = list(reader.fieldnames or []) + [c for c in results if c not in (reader.fieldnames or [])]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator='\n')
+    writer.writeheader()
+    writer.writerows([*rows, results])
+    atomic_write_text(buffer.getvalue(), path)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..cli import UserError
+from ..cli import UserError, short_reason
 
 _PREFIXES = re.compile(r'^(module\.|_orig_mod\.)+')
 
@@ -41,9 +41,8 @@ def load_checkpoint(path: str, mmap: bool = False) -> Any:
             # files in torch's legacy (pre-zip) format cannot be memory-mapped
             return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, KeyError... depending on the damage
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         raise WeightsFileError(f'cannot load checkpoint {path}: truncated, corrupt or not a weights-only checkpoint '
-                               f'({reason[:160]})') from None
+                               f'({short_reason(e, 160)})') from None
 
 
 def model_state_dict(checkpoint: Any, path: str, use_ema: bool | None = False) -> dict[str, torch.Tensor]:
