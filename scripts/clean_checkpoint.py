@@ -82,8 +82,9 @@ def check_hf_dir(path: str, force: bool) -> None:
         raise UserError(f'--hf-dir {path} is a file, not a folder')
     if os.path.isdir(path) and os.listdir(path) and not force:
         raise UserError(f'{path} is not empty: pass --force to replace it')
-    check_output_file(os.path.join(os.path.dirname(os.path.abspath(path)), os.path.basename(path) + TMP_SUFFIX),
-                      force=True)
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f'cannot write --hf-dir {path}: {parent} is not a writable folder')
 
 
 def write_hf_dir(path: str, model: nn.Module, kwargs: dict, checkpoint, force: bool) -> list[str]:
