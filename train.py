@@ -36,7 +36,7 @@ from ddfnet.training import run_epoch_hooks
 from ddfnet.training.args import train_parser
 from ddfnet.training.checkpoint import (CLASS_NAMES_FILE, LAST, holds_checkpoint, load_weights,
                                         newest_readable_checkpoint, remove_partial_files, rng_state, save_checkpoint)
-from ddfnet.training.distributed import init_distributed
+from ddfnet.training.distributed import init_distributed, start_together
 from ddfnet.training.engine import (SignalFlag, StopRequested, TrainingStopped, TrainState, autocast_context, evaluate,
                                     seed_epoch, train_one_epoch)
 from ddfnet.utils.io import atomic_write_text, write_yaml
@@ -300,9 +300,12 @@ def open_run(run_dir: str, config: dict, checkpoint: dict | None, names: list[st
     """The run starts: on rank 0, create the run folder, its config and class names, and log into it."""
     if not primary:
         return
-    removed = start_run_folder(run_dir, config, checkpoint['state'] if checkpoint is not None else None)
-    if names:  # one name a line, index order: the format of inference.py's --class-map
-        atomic_write_text(''.join(f'{name}\n' for name in names), os.path.join(run_dir, CLASS_NAMES_FILE))
+    try:
+        removed = start_run_folder(run_dir, config, checkpoint['state'] if checkpoint is not None else None)
+        if names:  # one name a line, index order: the format of inference.py's --class-map
+            atomic_write_text(''.join(f'{name}\n' for name in names), os.path.join(run_dir, CLASS_NAMES_FILE))
+    except OSError as e:
+        raise UserError(f'cannot write the run folder {run_dir}: {e}') from None
     setup_logging(run_dir, primary)
     if removed:
         _logger.info(f'{run_dir} held no checkpoint: replaced the files of a failed start ({", ".join(removed)})')
@@ -499,7 +502,8 @@ def main(argv: list[str] | None = None) -> None:
     if checkpoint is not None:
         resume_rng = restore_training(checkpoint, resume_path, args, config, optimizer, loss_scaler, model_ema, notes)
 
-    open_run(run_dir, config, checkpoint, names, primary)  # from here on files are written
+    # from here on files are written; a rank 0 that cannot write them stops every rank
+    start_together(args, lambda: open_run(run_dir, config, checkpoint, names, primary))
     _logger.info(f'{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters, '
                  f'{num_classes} classes, {len(dataset_train)} training images; {args.world_size} process(es) on '
                  f'{device.type}; run folder {run_dir}')
