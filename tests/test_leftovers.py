@@ -121,10 +121,11 @@ def test_onnx_export_removes_a_file_that_failed_the_forward_check(tmp_path, monk
     assert not list(tmp_path.iterdir())
 
 
-def test_a_start_error_on_rank_0_stops_the_other_node_at_once(data_dir, tmp_path):
-    """Two torchrun agents (two "nodes", one worker each): rank 0 cannot write the run folder (a folder
-    where its args.yaml goes), and rank 1, whose own torchrun does not stop it, stops too instead of
-    waiting in DDP's first broadcast until --dist-timeout (300 s here; the test allows 240)."""
+def test_a_start_error_on_rank_0_stops_the_other_rank_at_once(data_dir, tmp_path):
+    """Two ranks started without torchrun (as a cluster's launcher starts them: RANK, WORLD_SIZE,
+    MASTER_ADDR in the environment, so no agent stops the others): rank 0 cannot write the run folder (a
+    folder where its args.yaml goes), and rank 1 stops too instead of waiting in DDP's first broadcast
+    until --dist-timeout (300 s here; the test allows 150)."""
     import os
     import socket
     import subprocess
@@ -133,23 +134,23 @@ def test_a_start_error_on_rank_0_stops_the_other_node_at_once(data_dir, tmp_path
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
-    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'TORCH_DISABLE_SHARE_RDZV_TCP_STORE': '1',
-           'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')])}
     argv = tiny_args(data_dir, tmp_path, '--epochs', '1', '--batch-size', '4', '--dist-timeout', '300')
-    agents = [subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', '--nproc-per-node=1',
-                                '--rdzv-backend=c10d', f'--rdzv-endpoint=127.0.0.1:{port}', '--rdzv-id=start',
-                                str(ROOT / 'train.py'), *argv],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
-              for _ in range(2)]
+    ranks = []
+    for rank in range(2):
+        env = {**os.environ, 'OMP_NUM_THREADS': '1', 'RANK': str(rank), 'LOCAL_RANK': str(rank), 'WORLD_SIZE': '2',
+               'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(port),
+               'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')])}
+        ranks.append(subprocess.Popen([sys.executable, str(ROOT / 'train.py'), *argv], stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env))
     logs = []
     try:
-        for agent in agents:
-            logs.append(agent.communicate(timeout=240)[0])
+        for process in ranks:
+            logs.append(process.communicate(timeout=150)[0])
     finally:
-        for agent in agents:
-            agent.kill()
-    log = '\n'.join(logs)
-    assert all(agent.returncode != 0 for agent in agents), log
-    assert f'train.py: error: cannot write the run folder {tmp_path / "run"}: ' in log
-    assert 'train.py: error: rank 0 could not start (cannot write the run folder' in log
-    assert 'stopping rank 1 too' in log
+        for process in ranks:
+            process.kill()
+    assert [process.returncode for process in ranks] == [2, 2], logs
+    assert logs[0].strip().splitlines()[-1].startswith(f'train.py: error: cannot write the run folder {tmp_path / "run"}: ')
+    assert logs[1].strip().splitlines()[-1].startswith('train.py: error: rank 0 could not start (cannot write the run '
+                                                       'folder')
+    assert logs[1].strip().endswith('stopping rank 1 too')
