@@ -24,6 +24,7 @@ from ddfnet.export.metadata import read_data_config
 from ddfnet.training.engine import evaluate
 from ddfnet.utils.io import write_results
 
+
 def onnx_validate_parser() -> OneLineArgumentParser:
     parser = OneLineArgumentParser(prog='onnx_validate.py', description='Evaluate an ONNX classifier with onnxruntime.')
     add = parser.add_argument
