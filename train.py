@@ -17,8 +17,7 @@ import logging
 import math
 import os
 import sys
-from contextlib import nullcontext
-from functools import partial
+from typing import Any, Callable, NamedTuple
 
 import timm
 import torch
@@ -30,16 +29,18 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, NativeScaler, distribute_bn, update_summary
 
 import ddfnet  # noqa: F401  (registers the DDF models with timm)
+from ddfnet.cli import (UserError, check_image_options, parse_args, rejected_as, resolve_device, resolved_config,
+                        run_main)
 from ddfnet.data import class_count, class_names, create_split, resolve_data_root
 from ddfnet.training import run_epoch_hooks
 from ddfnet.training.args import train_parser
-from ddfnet.training.checkpoint import (CLASS_NAMES_FILE, LAST, holds_checkpoint, load_checkpoint, load_weights,
-                                        model_state_dict, remove_partial_files, rng_state, save_checkpoint)
-from ddfnet.training.config import (UserError, atomic_write_text, parse_args, rejected_as, resolve_device,
-                                    resolved_config, run_main, write_yaml)
-from ddfnet.training.distributed import init_distributed
-from ddfnet.training.engine import (SignalFlag, StopRequested, TrainingStopped, TrainState, evaluate, seed_epoch,
-                                    train_one_epoch)
+from ddfnet.training.checkpoint import (CLASS_NAMES_FILE, LAST, holds_checkpoint, load_weights,
+                                        newest_readable_checkpoint, remove_partial_files, rng_state, save_checkpoint)
+from ddfnet.training.distributed import init_distributed, start_together
+from ddfnet.training.engine import (SignalFlag, StopRequested, TrainingStopped, TrainState, autocast_context, evaluate,
+                                    seed_epoch, train_one_epoch)
+from ddfnet.utils.io import atomic_write_text, write_yaml
+from ddfnet.utils.weights import WeightsFileError, load_checkpoint, model_state_dict
 
 _logger = logging.getLogger('train')
 SCHEDULE_KEYS = ('sched', 'sched_on_updates', 'lr', 'epochs', 'warmup_epochs', 'warmup_lr', 'min_lr',
@@ -69,6 +70,12 @@ def check_args(args: argparse.Namespace) -> None:
             value = getattr(args, name)
             if value is not None and not ok(value):
                 raise UserError(f'--{name.replace("_", "-")} {rule}, not {value}')
+    # the image options, before the trial forward builds its batch from them
+    check_image_options(args.img_size, args.crop_pct)  # --interpolation: timm's own error names it (build_loaders)
+    if not 0 < args.scale[0] <= args.scale[1] <= 1:
+        raise UserError(f'--scale takes two area fractions 0 < MIN <= MAX <= 1, not {args.scale[0]} {args.scale[1]}')
+    if not 0 < args.ratio[0] <= args.ratio[1]:
+        raise UserError(f'--ratio takes two aspect ratios 0 < MIN <= MAX, not {args.ratio[0]} {args.ratio[1]}')
     args.device = resolve_device(args.device)
     if args.sync_bn and not args.device.startswith('cuda'):
         raise UserError('--sync-bn needs CUDA devices; on CPU use --dist-bn reduce')
@@ -227,16 +234,17 @@ def build_loaders(args, dataset_train, dataset_eval, data_config: dict, num_clas
     return loader_train, loader_eval, mixup_fn
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = train_parser()
-    args = parse_args(parser, argv)
-    check_args(args)
-    # args.yaml is itself a valid --config (so it leaves out 'config')
-    config = resolved_config(args, [a.dest for a in parser._actions if a.dest not in ('help', 'config')])
-    run_dir, resume_path = run_folder(args)
-    # Everything that can fail is built and tried before the first write to the run folder (start_run_folder),
-    # so bad input changes nothing on disk and a failed start leaves no run behind.
-    checkpoint = load_checkpoint(resume_path) if resume_path else None
+def read_resume_checkpoint(args: argparse.Namespace, resume_path: str | None) -> dict | None:
+    """The training checkpoint to resume from (None: a fresh run), checked to be one this run can continue."""
+    try:
+        checkpoint = load_checkpoint(resume_path) if resume_path else None
+    except WeightsFileError as e:
+        if args.resume != 'auto':
+            raise
+        intact = newest_readable_checkpoint(os.path.dirname(resume_path))
+        raise UserError(f'--resume auto: {e}; ' + (f'the newest readable checkpoint is {intact}: continue from it with '
+                                                   f'--resume {intact}' if intact else
+                                                   'no other checkpoint of the run folder is readable')) from None
     if checkpoint is not None and not (isinstance(checkpoint, dict)
                                        and all(k in checkpoint for k in ('optimizer', 'state', 'config'))):
         raise UserError(f'{resume_path} is not a training checkpoint of train.py (use --pretrained-file for weights)')
@@ -244,6 +252,189 @@ def main(argv: list[str] | None = None) -> None:
         # another optimizer would load the state dict but read its own keys: training would silently differ
         raise UserError(f"--opt {args.opt}: {resume_path} was trained with --opt {checkpoint['config']['opt']}; "
                         'resume with that one (or start from its weights with --pretrained-file)')
+    return checkpoint
+
+
+def load_initial_weights(model: torch.nn.Module, args: argparse.Namespace, checkpoint: dict | None,
+                         resume_path: str | None, num_classes: int) -> list[str]:
+    """The resumed checkpoint's weights, or --pretrained-file's (classifier dropped when it does not fit);
+    returns the notes to log."""
+    notes = []
+    if checkpoint is not None:
+        load_weights(model, model_state_dict(checkpoint, resume_path), resume_path, args.model)
+    elif args.pretrained_file:
+        weights = model_state_dict(load_checkpoint(args.pretrained_file), args.pretrained_file)
+        left = load_weights(model, weights, args.pretrained_file, args.model, drop_classifier=True)
+        total = len(model.state_dict())
+        notes.append(f'--pretrained-file {args.pretrained_file}: loaded {total - len(left)} of {total} tensors'
+                     + (f'; dropped the classifier ({", ".join(left)}: kept at its initial values, '
+                        f'{num_classes} classes here)' if left else ' (the classifier too)'))
+    return notes
+
+
+def restore_training(checkpoint: dict, resume_path: str, args: argparse.Namespace, config: dict, optimizer,
+                     loss_scaler, model_ema, notes: list[str]):
+    """Load the optimizer, loss scaler and EMA states of ``checkpoint``; returns this rank's saved random
+    generator states (None when the world size changed) and appends what to log to ``notes``."""
+    with rejected_as(f'--resume {resume_path}: its optimizer state does not fit these optimizer settings'):
+        optimizer.load_state_dict(checkpoint['optimizer'])
+    # timm's schedules (plateau is rejected) are functions of (epoch, step) and their settings, which
+    # is all their state holds: the scheduler built from this config is the resumed one. Say so when
+    # the settings differ from the checkpoint's, e.g. a resume with a new --epochs.
+    changed = [k for k in SCHEDULE_KEYS if checkpoint['config'].get(k) != config[k]]
+    if changed:
+        notes.append(f'schedule settings changed since the checkpoint ({", ".join(changed)}): '
+                     'the learning rate follows the new ones')
+    if loss_scaler is not None and checkpoint.get('scaler'):
+        loss_scaler.load_state_dict(checkpoint['scaler'])
+    if model_ema is not None and checkpoint.get('model_ema'):
+        load_weights(model_ema.module, model_state_dict(checkpoint, resume_path, use_ema=True),
+                     resume_path, args.model)
+    rngs = checkpoint.get('rng') or []
+    notes.append(f'resuming from {resume_path}: epoch {checkpoint["state"]["epoch"]}, '
+                 f'batch {checkpoint["state"]["step"]}')
+    return rngs[args.rank] if len(rngs) == args.world_size else None
+
+
+def open_run(run_dir: str, config: dict, checkpoint: dict | None, names: list[str] | None, primary: bool) -> None:
+    """The run starts: on rank 0, create the run folder, its config and class names, and log into it."""
+    if not primary:
+        return
+    try:
+        removed = start_run_folder(run_dir, config, checkpoint['state'] if checkpoint is not None else None)
+        if names:  # one name a line, index order: the format of inference.py's --class-map
+            atomic_write_text(''.join(f'{name}\n' for name in names), os.path.join(run_dir, CLASS_NAMES_FILE))
+    except OSError as e:
+        raise UserError(f'cannot write the run folder {run_dir}: {e}') from None
+    setup_logging(run_dir, primary)
+    if removed:
+        _logger.info(f'{run_dir} held no checkpoint: replaced the files of a failed start ({", ".join(removed)})')
+
+
+class Run(NamedTuple):
+    """Everything the epoch loop works on, built by :func:`main`. (A NamedTuple, not a dataclass: the tests
+    load this script by path, without the ``sys.modules`` entry a dataclass's annotations are resolved in.)"""
+    args: argparse.Namespace
+    run_dir: str
+    primary: bool
+    config: dict
+    names: list[str] | None
+    device: torch.device
+    model: torch.nn.Module
+    train_model: torch.nn.Module  # the model as trained: DDP-wrapped and/or compiled
+    model_ema: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loss_scaler: Any
+    amp_autocast: Callable
+    train_loss: torch.nn.Module
+    mixup_fn: Any
+    loader_train: Any
+    loader_eval: Any
+    dataset_train: Any
+    state: TrainState
+    num_epochs: int
+    updates_per_epoch: int
+    resume_rng: Any
+    tensorboard: Any = None
+
+    def save(self, is_best: bool = False, periodic_epoch: int | None = None) -> None:
+        """Checkpoint the run (rank 0 writes; every rank's generator states go into the file, so each rank
+        resumes its own stream)."""
+        args, model_ema, loss_scaler = self.args, self.model_ema, self.loss_scaler
+        rngs = [None] * args.world_size if args.distributed else [rng_state()]
+        if args.distributed:
+            dist.all_gather_object(rngs, rng_state())
+        if not self.primary:
+            return
+        save_checkpoint(self.run_dir, {
+            'model': self.model.state_dict(), 'model_ema': model_ema.module.state_dict() if model_ema else None,
+            'optimizer': self.optimizer.state_dict(), 'scheduler': self.scheduler.state_dict(),
+            'scaler': loss_scaler.state_dict() if loss_scaler else None, 'state': self.state.as_dict(),
+            'config': self.config, 'rng': rngs, 'model_name': args.model, 'class_names': self.names, 'version': 1,
+        }, is_best=is_best, periodic_epoch=periodic_epoch, keep=args.checkpoint_hist)
+
+
+def train_epochs(run: Run) -> None:
+    """The epoch loop: train, evaluate, checkpoint and log each epoch until ``run.num_epochs``; a signal
+    writes a recovery checkpoint and exits with status 128 + signal number."""
+    args, state, model, model_ema, device = run.args, run.state, run.model, run.model_ema, run.device
+    key = f'ema_{args.eval_metric}' if model_ema is not None else args.eval_metric
+    # The progress lines count batches ([batch/batches]); an optimizer step may take several of them.
+    per_step = ('one optimizer step per batch' if args.grad_accum_steps == 1 else
+                f'an optimizer step every {args.grad_accum_steps} batches ({run.updates_per_epoch} steps)')
+    _logger.info(f'training epochs {state.epoch}..{run.num_epochs - 1} ({args.epochs} + {args.cooldown_epochs} '
+                 f'cool-down), {len(run.loader_train)} batches of {args.batch_size} images x {args.world_size} '
+                 f'process(es) per epoch, {per_step}')
+    with SignalFlag() as stop:
+        try:
+            while state.epoch < run.num_epochs:
+                epoch = state.epoch
+                seed_epoch(args.seed, epoch, args.rank)
+                if hasattr(run.loader_train.sampler, 'set_epoch'):
+                    run.loader_train.sampler.set_epoch(epoch)
+                if hasattr(run.dataset_train, 'set_epoch'):  # WebDataset shards: the epoch's shard order
+                    run.dataset_train.set_epoch(epoch)
+                for hooked in (model, model_ema.module) if model_ema is not None else (model,):
+                    run_epoch_hooks(hooked, epoch, args)  # the EMA copy evaluates with the epoch's settings too
+                run.scheduler.step(epoch)
+                if state.step:
+                    run.scheduler.step_update(num_updates=state.num_updates)
+                train_metrics = train_one_epoch(
+                    run.train_model, run.loader_train, run.optimizer, run.train_loss, args, state, device=device,
+                    scheduler=run.scheduler, loss_scaler=run.loss_scaler, amp_autocast=run.amp_autocast,
+                    model_ema=model_ema, mixup_fn=run.mixup_fn, stop=stop,
+                    resume_rng=run.resume_rng if state.step else None, tensorboard=run.tensorboard)
+                if args.distributed and args.dist_bn:
+                    distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
+                eval_metrics = evaluate(model, run.loader_eval, device, run.amp_autocast, args.channels_last,
+                                        ema_model=model_ema.module if model_ema is not None else None)
+                value = eval_metrics[key]
+                better = state.best_metric is None or (value < state.best_metric if args.eval_metric == 'loss'
+                                                       else value > state.best_metric)
+                if better:
+                    state.best_metric, state.best_epoch = value, epoch
+                state.epoch, state.step = epoch + 1, 0
+                # checkpoint-<epoch> is named after the epoch it ends, numbered from 0 as in the log
+                run.save(is_best=better, periodic_epoch=epoch if state.epoch % args.checkpoint_interval == 0 else None)
+                _logger.info(f'epoch {epoch}: train loss {train_metrics["loss"]:.4f}, '
+                             f'val loss {eval_metrics["loss"]:.4f} '
+                             f'top-1 {eval_metrics["top1"]:.2f} top-5 {eval_metrics["top5"]:.2f}'
+                             + (f' (EMA top-1 {eval_metrics["ema_top1"]:.2f})' if model_ema else '')
+                             + f'; best {key} {state.best_metric:.2f} (epoch {state.best_epoch})')
+                if run.primary:
+                    summary = os.path.join(run.run_dir, 'summary.csv')
+                    update_summary(epoch, train_metrics, eval_metrics, summary,
+                                   lr=run.optimizer.param_groups[0]['lr'], write_header=not os.path.exists(summary))
+                    for name, value in eval_metrics.items():
+                        run.tensorboard.add_scalar(f'val/{name}', value, epoch)
+                    run.tensorboard.flush()
+        except StopRequested as request:
+            run.save()
+            _logger.warning(f'stopped by {request} at epoch {state.epoch}, batch {state.step}; recovery checkpoint '
+                            f'{os.path.join(run.run_dir, LAST)} written: rerun with --resume auto to continue')
+            sys.exit(128 + request.signum)
+        except TrainingStopped as e:
+            raise UserError(str(e)) from None
+        finally:
+            if run.tensorboard is not None:
+                run.tensorboard.close()
+            if args.distributed:
+                dist.destroy_process_group()
+    _logger.info(f'done: best {key} {state.best_metric} at epoch {state.best_epoch}; checkpoints in {run.run_dir}')
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = train_parser()
+    args = parse_args(parser, argv)
+    # args.yaml is itself a valid --config (so it leaves out 'config'); taken before check_args resolves
+    # --device, so that it holds the device asked for ('auto' runs anywhere, the 'cuda' it became does not)
+    config = resolved_config(args, [a.dest for a in parser._actions if a.dest not in ('help', 'config')])
+    check_args(args)
+    run_dir, resume_path = run_folder(args)
+    # Everything that can fail is built and tried before the first write to the run folder (open_run),
+    # so bad input changes nothing on disk and a failed start leaves no run behind.
+    checkpoint = read_resume_checkpoint(args, resume_path)
     data_root = resolve_data_root(args.dataset, args.data_dir, args.demo_per_class)
 
     device = init_distributed(args)  # torchrun's env vars: NCCL on GPUs, gloo on CPU; bounded by --dist-timeout
@@ -266,16 +457,7 @@ def main(argv: list[str] | None = None) -> None:
     names = class_names(dataset_train)
     names = names if names is not None and len(names) == num_classes else None
     model = build_model(args, num_classes)
-    notes = []  # said once the run folder's log.txt exists
-    if checkpoint is not None:
-        load_weights(model, model_state_dict(checkpoint, resume_path), resume_path, args.model)
-    elif args.pretrained_file:
-        weights = model_state_dict(load_checkpoint(args.pretrained_file), args.pretrained_file)
-        left = load_weights(model, weights, args.pretrained_file, args.model, drop_classifier=True)
-        total = len(model.state_dict())
-        notes.append(f'--pretrained-file {args.pretrained_file}: loaded {total - len(left)} of {total} tensors'
-                     + (f'; dropped the classifier ({", ".join(left)}: kept at its initial values, '
-                        f'{num_classes} classes here)' if left else ' (the classifier too)'))
+    notes = load_initial_weights(model, args, checkpoint, resume_path, num_classes)  # said once log.txt exists
 
     model.to(device)
     if args.channels_last:
@@ -286,9 +468,8 @@ def main(argv: list[str] | None = None) -> None:
         optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
                                         momentum=args.momentum,
                                         **{k: v for k, v in (('eps', args.opt_eps), ('betas', args.opt_betas)) if v})
-    amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
-    amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if args.amp else nullcontext
-    loss_scaler = NativeScaler(device=device.type) if args.amp and amp_dtype == torch.float16 else None
+    amp_autocast = autocast_context(args.amp, args.amp_dtype, device)
+    loss_scaler = NativeScaler(device=device.type) if args.amp and args.amp_dtype == 'float16' else None
 
     with rejected_as('--img-size / --crop-pct / --interpolation'):
         data_config = resolve_data_config(dict(img_size=args.img_size, crop_pct=args.crop_pct,
@@ -310,42 +491,19 @@ def main(argv: list[str] | None = None) -> None:
             min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
             step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates_per_epoch)
 
-    state = TrainState()
+    state = TrainState(**checkpoint['state']) if checkpoint is not None else TrainState()
+    if state.epoch >= num_epochs:
+        _logger.info(f'{run_dir}: the run is complete ({state.epoch} epochs trained, {num_epochs} asked for); '
+                     'nothing to do (raise --epochs to train on)')
+        if args.distributed:
+            dist.destroy_process_group()
+        return
     resume_rng = None
     if checkpoint is not None:
-        state = TrainState(**checkpoint['state'])
-        if state.epoch >= num_epochs:
-            _logger.info(f'{run_dir}: the run is complete ({state.epoch} epochs trained, {num_epochs} asked for); '
-                         'nothing to do (raise --epochs to train on)')
-            if args.distributed:
-                dist.destroy_process_group()
-            return
-        with rejected_as(f'--resume {resume_path}: its optimizer state does not fit these optimizer settings'):
-            optimizer.load_state_dict(checkpoint['optimizer'])
-        # timm's schedules (plateau is rejected) are functions of (epoch, step) and their settings, which
-        # is all their state holds: the scheduler built from this config is the resumed one. Say so when
-        # the settings differ from the checkpoint's, e.g. a resume with a new --epochs.
-        changed = [k for k in SCHEDULE_KEYS if checkpoint['config'].get(k) != config[k]]
-        if changed:
-            notes.append(f'schedule settings changed since the checkpoint ({", ".join(changed)}): '
-                         'the learning rate follows the new ones')
-        if loss_scaler is not None and checkpoint.get('scaler'):
-            loss_scaler.load_state_dict(checkpoint['scaler'])
-        if model_ema is not None and checkpoint.get('model_ema'):
-            load_weights(model_ema.module, model_state_dict(checkpoint, resume_path, use_ema=True),
-                         resume_path, args.model)
-        rngs = checkpoint.get('rng') or []
-        resume_rng = rngs[args.rank] if len(rngs) == args.world_size else None
-        notes.append(f'resuming from {resume_path}: epoch {state.epoch}, batch {state.step}')
+        resume_rng = restore_training(checkpoint, resume_path, args, config, optimizer, loss_scaler, model_ema, notes)
 
-    # The run starts: from here on files are written.
-    if primary:
-        removed = start_run_folder(run_dir, config, checkpoint['state'] if checkpoint is not None else None)
-        if names:  # one name a line, index order: the format of inference.py's --class-map
-            atomic_write_text(''.join(f'{name}\n' for name in names), os.path.join(run_dir, CLASS_NAMES_FILE))
-        setup_logging(run_dir, primary)
-        if removed:
-            _logger.info(f'{run_dir} held no checkpoint: replaced the files of a failed start ({", ".join(removed)})')
+    # from here on files are written; a rank 0 that cannot write them stops every rank
+    start_together(args, lambda: open_run(run_dir, config, checkpoint, names, primary))
     _logger.info(f'{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters, '
                  f'{num_classes} classes, {len(dataset_train)} training images; {args.world_size} process(es) on '
                  f'{device.type}; run folder {run_dir}')
@@ -365,83 +523,9 @@ def main(argv: list[str] | None = None) -> None:
     if primary:
         from torch.utils.tensorboard import SummaryWriter
         tensorboard = SummaryWriter(run_dir)
-
-    def save(is_best: bool = False, periodic_epoch: int | None = None) -> None:
-        # Every rank's generator states go into the file, so each rank resumes its own stream.
-        rngs = [None] * args.world_size if args.distributed else [rng_state()]
-        if args.distributed:
-            dist.all_gather_object(rngs, rng_state())
-        if not primary:
-            return
-        save_checkpoint(run_dir, {
-            'model': model.state_dict(), 'model_ema': model_ema.module.state_dict() if model_ema else None,
-            'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
-            'scaler': loss_scaler.state_dict() if loss_scaler else None, 'state': state.as_dict(),
-            'config': config, 'rng': rngs, 'model_name': args.model, 'class_names': names, 'version': 1,
-        }, is_best=is_best, periodic_epoch=periodic_epoch, keep=args.checkpoint_hist)
-
-    key = f'ema_{args.eval_metric}' if model_ema is not None else args.eval_metric
-    # The progress lines count batches ([batch/batches]); an optimizer step may take several of them.
-    per_step = ('one optimizer step per batch' if args.grad_accum_steps == 1 else
-                f'an optimizer step every {args.grad_accum_steps} batches ({updates_per_epoch} steps)')
-    _logger.info(f'training epochs {state.epoch}..{num_epochs - 1} ({args.epochs} + {args.cooldown_epochs} cool-down), '
-                 f'{len(loader_train)} batches of {args.batch_size} images x {args.world_size} process(es) per epoch, '
-                 f'{per_step}')
-    with SignalFlag() as stop:
-        try:
-            while state.epoch < num_epochs:
-                epoch = state.epoch
-                seed_epoch(args.seed, epoch, args.rank)
-                if hasattr(loader_train.sampler, 'set_epoch'):
-                    loader_train.sampler.set_epoch(epoch)
-                if hasattr(dataset_train, 'set_epoch'):  # WebDataset shards: the epoch's shard order
-                    dataset_train.set_epoch(epoch)
-                for hooked in (model, model_ema.module) if model_ema is not None else (model,):
-                    run_epoch_hooks(hooked, epoch, args)  # the EMA copy evaluates with the epoch's settings too
-                scheduler.step(epoch)
-                if state.step:
-                    scheduler.step_update(num_updates=state.num_updates)
-                train_metrics = train_one_epoch(
-                    train_model, loader_train, optimizer, train_loss, args, state, device=device, scheduler=scheduler,
-                    loss_scaler=loss_scaler, amp_autocast=amp_autocast, model_ema=model_ema, mixup_fn=mixup_fn,
-                    stop=stop, resume_rng=resume_rng if state.step else None, tensorboard=tensorboard)
-                if args.distributed and args.dist_bn:
-                    distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
-                eval_metrics = evaluate(model, loader_eval, device, amp_autocast, args.channels_last,
-                                        ema_model=model_ema.module if model_ema is not None else None)
-                value = eval_metrics[key]
-                better = state.best_metric is None or (value < state.best_metric if args.eval_metric == 'loss'
-                                                       else value > state.best_metric)
-                if better:
-                    state.best_metric, state.best_epoch = value, epoch
-                state.epoch, state.step = epoch + 1, 0
-                # checkpoint-<epoch> is named after the epoch it ends, numbered from 0 as in the log
-                save(is_best=better, periodic_epoch=epoch if state.epoch % args.checkpoint_interval == 0 else None)
-                _logger.info(f'epoch {epoch}: train loss {train_metrics["loss"]:.4f}, '
-                             f'val loss {eval_metrics["loss"]:.4f} '
-                             f'top-1 {eval_metrics["top1"]:.2f} top-5 {eval_metrics["top5"]:.2f}'
-                             + (f' (EMA top-1 {eval_metrics["ema_top1"]:.2f})' if model_ema else '')
-                             + f'; best {key} {state.best_metric:.2f} (epoch {state.best_epoch})')
-                if primary:
-                    update_summary(epoch, train_metrics, eval_metrics, os.path.join(run_dir, 'summary.csv'),
-                                   lr=optimizer.param_groups[0]['lr'],
-                                   write_header=not os.path.exists(os.path.join(run_dir, 'summary.csv')))
-                    for name, value in eval_metrics.items():
-                        tensorboard.add_scalar(f'val/{name}', value, epoch)
-                    tensorboard.flush()
-        except StopRequested as request:
-            save()
-            _logger.warning(f'stopped by {request} at epoch {state.epoch}, batch {state.step}; recovery checkpoint '
-                            f'{os.path.join(run_dir, LAST)} written: rerun with --resume auto to continue')
-            sys.exit(128 + request.signum)
-        except TrainingStopped as e:
-            raise UserError(str(e)) from None
-        finally:
-            if tensorboard is not None:
-                tensorboard.close()
-            if args.distributed:
-                dist.destroy_process_group()
-    _logger.info(f'done: best {key} {state.best_metric} at epoch {state.best_epoch}; checkpoints in {run_dir}')
+    train_epochs(Run(args, run_dir, primary, config, names, device, model, train_model, model_ema, optimizer, scheduler,
+                     loss_scaler, amp_autocast, train_loss, mixup_fn, loader_train, loader_eval, dataset_train, state,
+                     num_epochs, updates_per_epoch, resume_rng, tensorboard))
 
 
 if __name__ == '__main__':

@@ -2,34 +2,32 @@
 """Evaluate a checkpoint: top-1, top-5, loss, parameter count and images/s.
 
     python validate.py --config configs/demo.yaml --checkpoint output/demo/best.pth.tar
-    python validate.py --model ddf_resnet50 --checkpoint ddf_mul_resnet50.pth --data-dir /data/imagenet
+    python validate.py /data/imagenet --model ddf_resnet50 --checkpoint ddf_mul_resnet50.pth
 
 ``--checkpoint`` takes train.py's checkpoints (``--use-ema`` for the EMA weights) or a released
 state_dict. Image size, crop and interpolation default to the model's pretrained cfg; ``--config`` (a
-training config) sets them, the data and the model as in training. Bad input is one line, exit status 2.
+training config) sets them, the data and the model as in training. ``--results-file`` is checked before
+the work: a JSON file is replaced only with ``--force``, a CSV table gets a row. Bad input is one line,
+exit status 2.
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import os
 import time
-from contextlib import nullcontext
-from functools import partial
 
 import timm
 import torch
 from timm.data import create_loader, resolve_data_config
 
 import ddfnet  # noqa: F401  (registers the DDF models with timm)
+from ddfnet.cli import (OneLineArgumentParser, UserError, check_image_options, check_output_file, data_path,
+                        default_workers, parse_args, rejected_as, resolve_device, run_main, yaml_mapping)
 from ddfnet.data import class_count, create_split, resolve_data_root
 from ddfnet.training.args import train_parser
-from ddfnet.training.checkpoint import load_checkpoint, model_state_dict
-from ddfnet.training.config import (OneLineArgumentParser, UserError, atomic_write_text, default_workers, parse_args,
-                                    rejected_as, resolve_device, run_main, yaml_mapping)
-from ddfnet.training.engine import evaluate
+from ddfnet.training.engine import autocast_context, evaluate
 from ddfnet.training.loading import classifier_size, create_model_with_weights
+from ddfnet.utils.io import write_results
+from ddfnet.utils.weights import load_checkpoint, model_state_dict
 
 
 def validate_parser() -> argparse.ArgumentParser:
@@ -41,6 +39,7 @@ def validate_parser() -> argparse.ArgumentParser:
     add('--checkpoint', metavar='FILE', help="the weights to evaluate (required): train.py's checkpoint or a "
         "state_dict (.pth, .pth.tar, .safetensors)")
     add('--use-ema', action='store_true', help="evaluate the checkpoint's EMA weights")
+    add('data', nargs='?', metavar='DATA', help='the dataset root, as --data-dir (timm\'s positional form)')
     add('--data-dir', metavar='DIR')
     add('--dataset', default='', help="timm dataset name ('' = image folder), or 'demo'")
     add('--demo-per-class', type=int, default=256)
@@ -58,27 +57,16 @@ def validate_parser() -> argparse.ArgumentParser:
     add('--amp-dtype', default='float16', choices=['float16', 'bfloat16'])
     add('--channels-last', action=argparse.BooleanOptionalAction, default=False)
     add('--device', default='auto', help="'cuda', 'cpu' or 'auto'")
-    add('--results-file', metavar='FILE', help='write the results as JSON (.json) or a CSV row (.csv)')
+    add('--results-file', metavar='FILE', help='write the results as JSON (.json) or add a row to a CSV table (.csv)')
+    add('--force', action='store_true', help='replace an existing JSON results file')
     return parser
-
-
-def write_results(results: dict, path: str) -> None:
-    """JSON, or one CSV row appended under a header (several checkpoints into one table)."""
-    if path.endswith('.csv'):
-        new = not os.path.exists(path)
-        with open(path, 'a', newline='') as f:
-            writer = csv.DictWriter(f, fieldnames=list(results))
-            if new:
-                writer.writeheader()
-            writer.writerow(results)
-    else:
-        atomic_write_text(json.dumps(results, indent=2) + '\n', path)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = validate_parser()
     training_keys = {a.dest for a in train_parser()._actions}
     args = parse_args(parser, argv, accepted=training_keys)  # a training config's other keys are fine here
+    args.data_dir = data_path(args.data, args.data_dir)
     if not args.model:
         raise UserError('no model: give --model (or --config)')
     if not timm.is_model(args.model):
@@ -90,8 +78,9 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f'--{name.replace("_", "-")} must be at least 1')
     if args.workers < 0:
         raise UserError('--workers must not be negative')
-    if args.crop_pct is not None and args.crop_pct <= 0:
-        raise UserError(f'--crop-pct must be positive, not {args.crop_pct}')
+    check_image_options(args.img_size, args.crop_pct, args.interpolation)
+    if args.results_file:  # before the work, so that its results cannot be lost
+        check_output_file(args.results_file, args.force, append=args.results_file.endswith('.csv'))
     device = torch.device(resolve_device(args.device))
     state = model_state_dict(load_checkpoint(args.checkpoint), args.checkpoint, use_ema=args.use_ema)
     data_root = resolve_data_root(args.dataset, args.data_dir, args.demo_per_class)
@@ -115,8 +104,7 @@ def main(argv: list[str] | None = None) -> None:
                                interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'],
                                mean=data_config['mean'], std=data_config['std'], num_workers=args.workers,
                                device=device, use_prefetcher=device.type == 'cuda', persistent_workers=False)
-    amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
-    amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if args.amp else nullcontext
+    amp_autocast = autocast_context(args.amp, args.amp_dtype, device)
     start = time.perf_counter()
     metrics = evaluate(model, loader, device, amp_autocast, args.channels_last)
     seconds = time.perf_counter() - start

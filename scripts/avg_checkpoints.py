@@ -18,9 +18,10 @@ import glob
 import os
 import re
 
-from ddfnet.training.checkpoint import (atomic_save, average_state_dicts, load_checkpoint, model_state_dict,
-                                        release_bytes)
-from ddfnet.training.config import OneLineArgumentParser, UserError, atomic_write, run_main
+from ddfnet.cli import OneLineArgumentParser, UserError, check_output_file, run_main
+from ddfnet.training.checkpoint import atomic_save, average_state_dicts, release_bytes
+from ddfnet.utils.io import atomic_write
+from ddfnet.utils.weights import load_checkpoint, model_state_dict
 
 
 def avg_parser() -> OneLineArgumentParser:
@@ -96,10 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError('-n must be at least 1')
     if not args.output.endswith(('.pth', '.pth.tar', '.safetensors')):
         raise UserError(f'--output {args.output}: name a .pth, .pth.tar or .safetensors file')
-    if os.path.exists(args.output) and not args.force:
-        raise UserError(f'{args.output} exists: pass --force to replace it')
-    if os.path.dirname(args.output) and not os.path.isdir(os.path.dirname(args.output)):
-        raise UserError(f'no folder {os.path.dirname(args.output)} for --output')
+    check_output_file(args.output, args.force)
     selected = select_checkpoints(args)
     paths = [path for path, _ in selected]
     states = [model_state_dict(checkpoint, path, use_ema=args.use_ema) for path, checkpoint in selected]

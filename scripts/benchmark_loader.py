@@ -18,8 +18,94 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import random
 import tempfile
 import time
+
+import numpy as np
+from PIL import Image
+from timm.data.transforms import RandomResizedCropAndInterpolation
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as F
+
+from ddfnet.data.demo import CLASSES, render
+
+# --jpeg-draft: JPEG draft decoding for the training crop: decode at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, through
+# PIL's ``Image.draft``) when the random-resized crop would shrink the region anyway.
+#
+# The crop box and interpolation are drawn exactly as timm's ``RandomResizedCropAndInterpolation`` draws them
+# (the same calls on the same generator, in full-resolution coordinates), so the augmentation's distribution
+# of boxes and sizes is unchanged; only the pixels come from a reduced decode. A reduction is used only when
+# the box still holds at least the output's pixels in both directions at that scale, so the final resize
+# remains a downscale (by 1x to 2x) and no detail the output could show is lost.
+
+_PIL_FILTERS = {InterpolationMode.NEAREST: Image.Resampling.NEAREST, InterpolationMode.BILINEAR: Image.Resampling.BILINEAR,
+                InterpolationMode.BICUBIC: Image.Resampling.BICUBIC, InterpolationMode.LANCZOS: Image.Resampling.LANCZOS,
+                InterpolationMode.BOX: Image.Resampling.BOX, InterpolationMode.HAMMING: Image.Resampling.HAMMING}
+
+
+def draft_scale(box_height: int, box_width: int, out_height: int, out_width: int) -> int:
+    """The largest JPEG reduction (8, 4, 2, else 1) at which a ``box_height x box_width`` crop still holds
+    ``out_height x out_width`` pixels."""
+    return next((s for s in (8, 4, 2) if box_height >= s * out_height and box_width >= s * out_width), 1)
+
+
+class DraftRandomResizedCrop(RandomResizedCropAndInterpolation):
+    """timm's random-resized crop (same parameters, same random draws) that decodes a not yet loaded JPEG at
+    the reduced scale :func:`draft_scale` allows; other images, and loaded ones, are cropped as timm does.
+    Returns RGB images (the dataset hands over files undecoded, see :func:`enable_jpeg_draft`)."""
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        i, j, h, w = self.get_params(img, self.scale, self.ratio)  # full-resolution coordinates, as timm
+        interpolation = (random.choice(self.interpolation) if isinstance(self.interpolation, (tuple, list))
+                         else self.interpolation)
+        scale = draft_scale(h, w, *self.size) if img.format == 'JPEG' and img.tile else 1
+        if scale > 1:
+            full_width = img.width
+            drafted = img.draft('RGB', (img.width // scale, img.height // scale))
+            if drafted is not None:
+                reduction = full_width / drafted[1][2]  # what libjpeg applies; the box in reduced pixels:
+                box = (j / reduction, i / reduction, (j + w) / reduction, (i + h) / reduction)
+                return img.convert('RGB').resize(self.size[::-1], _PIL_FILTERS[interpolation], box=box)
+        return F.resized_crop(img.convert('RGB'), i, j, h, w, self.size, interpolation)
+
+
+def enable_jpeg_draft(dataset) -> None:
+    """Make a timm image-folder ``dataset`` whose transform starts with timm's random-resized crop (a training
+    pipeline) decode JPEGs through :class:`DraftRandomResizedCrop`: the dataset passes files undecoded and
+    the crop decodes them. Raises ``ValueError`` for any other dataset or pipeline (WebDataset shards are
+    decoded by timm's reader before any transform)."""
+    transforms = getattr(getattr(dataset, 'transform', None), 'transforms', None)
+    if not hasattr(dataset, 'input_img_mode') or not hasattr(dataset, '__getitem__'):
+        raise ValueError('JPEG draft decoding needs an image-folder dataset (shards are decoded by the reader)')
+    if not transforms or type(transforms[0]) is not RandomResizedCropAndInterpolation:
+        raise ValueError("JPEG draft decoding applies to a training pipeline that starts with timm's "
+                         'random-resized crop')
+    crop = transforms[0]
+    draft = DraftRandomResizedCrop(crop.size, scale=crop.scale, ratio=crop.ratio)
+    draft.interpolation = crop.interpolation
+    transforms[0] = draft
+    dataset.input_img_mode = None  # the crop decodes (and converts to RGB)
+
+
+# --sample-jpegs: photo-sized JPEGs for timing input pipelines where no real data is at hand: the demo
+# dataset's drawings upscaled (bicubic) to ImageNet's typical 500x375, with mild pixel noise so they compress
+# like textured photos rather than flat drawings (about 55 KB each at quality 90; ImageNet averages ~110 KB).
+
+
+def write_sample_jpegs(root: str, count: int, size: tuple[int, int] = (500, 375), seed: int = 0) -> str:
+    """Write ``count`` JPEGs of ``size`` (width, height) as an ImageFolder split ``root/train/<class>/``
+    (classes round-robin) and return ``root``; the same arguments always give the same files."""
+    rng = np.random.default_rng(seed)
+    for index in range(count):
+        label = index % len(CLASSES)
+        folder = os.path.join(root, 'train', CLASSES[label])
+        os.makedirs(folder, exist_ok=True)
+        image = Image.fromarray(render(label, rng)).resize(size, Image.Resampling.BICUBIC)
+        noisy = np.asarray(image, np.float32) + rng.normal(0, 6, (size[1], size[0], 3))
+        Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(os.path.join(folder, f'{index:06d}.jpg'),
+                                                                       quality=90)
+    return root
 
 
 def best_rate(run, count: int, repeats: int, warmup: bool = True) -> float:
@@ -36,7 +122,7 @@ def best_rate(run, count: int, repeats: int, warmup: bool = True) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ddfnet.training.config import OneLineArgumentParser, UserError
+    from ddfnet.cli import OneLineArgumentParser, UserError
 
     parser = OneLineArgumentParser(prog='benchmark_loader.py', description=__doc__.split('\n\n')[0])
     add = parser.add_argument
@@ -44,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         'and augmentation are measured')
     add('--data-dir', help="image folder or shard folder (default: the config's)")
     add('--sample-jpegs', type=int, metavar='N', help='measure on N generated 500x375 JPEGs instead of --data-dir '
-        '(ddfnet.data.sample_jpegs: upscaled demo drawings with noise)')
+        '(write_sample_jpegs: upscaled demo drawings with noise)')
     add('--sample-size', type=int, nargs=2, default=[500, 375], metavar=('W', 'H'), help='their size')
     add('--dataset', help="'' (image folder) or wds/NAME (default: the config's)")
     add('--split', default='train', help='the images to measure both pipelines on')
@@ -70,15 +156,12 @@ def main(argv: list[str] | None = None) -> None:
 
     import timm
     import torch
-    from PIL import Image
     from timm.data import create_loader, create_transform, resolve_data_config
 
     import ddfnet  # noqa: F401  (registers the DDF models)
+    from ddfnet.cli import parse_args
     from ddfnet.data import class_count, create_split, resolve_data_root
-    from ddfnet.data.jpeg_draft import enable_jpeg_draft
-    from ddfnet.data.sample_jpegs import write_sample_jpegs
     from ddfnet.training.args import train_parser
-    from ddfnet.training.config import parse_args
     from ddfnet.utils.bench import emit_json_lines, environment, usable_device
 
     config = parse_args(train_parser(), ['--config', args.config])
@@ -210,5 +293,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == '__main__':
-    from ddfnet.training.config import run_main
+    from ddfnet.cli import run_main
     run_main(main, 'benchmark_loader.py')

@@ -5,14 +5,16 @@
         --data-dir photos/ --results-file predictions.csv
     python scripts/inference.py --model ddf_resnet50 --checkpoint ddf_r50.pth --data-dir list.txt --topk 3
 
-``--data-dir`` is a folder (searched recursively), a text file of image paths (one a line, relative to
-the file's folder; ``#`` starts a comment), or with ``--split`` the root of an image folder dataset
-(``ROOT/SPLIT/<class>/<image>``; its folder names are reported as labels). Image size, crop, interpolation
-and mean/std come from the model's cfg, or from a training config (``--config``, e.g. a run's args.yaml);
-only its model and image settings are used, never its data. Class names come from the checkpoint (train.py
-stores them) or ``--class-map`` (one name a line); without them, class indices are printed. A file that
-cannot be read as an image is reported and skipped; results go to ``--results-file`` as CSV, JSON or JSON
-lines, and a short table to stdout. Bad input is one line on stderr, exit status 2.
+``PATH`` (or ``--data-dir PATH``) is an image, a folder (searched recursively), a text file of image paths
+(one a line, relative to the file's folder; ``#`` starts a comment), or with ``--split`` the root of an
+image folder dataset (``ROOT/SPLIT/<class>/<image>``; its folder names are reported as labels). Image
+size, crop, interpolation and mean/std come from the model's cfg, or from a training config (``--config``,
+e.g. a run's args.yaml); only its model and image settings are used, never its data. Class names come from
+the checkpoint (train.py stores them) or ``--class-map`` (one name a line); a 1000-class model without
+them gets timm's ImageNet names, any other model class indices. ``--topk`` defaults to 5, or all classes
+of a smaller model. A file that cannot be read as an image is reported and skipped; results go to
+``--results-file`` as CSV, JSON or JSON lines, and a short table to stdout. Every option is checked before
+any image is read; bad input is one line on stderr, exit status 2.
 """
 from __future__ import annotations
 
@@ -23,24 +25,26 @@ import json
 import os
 import sys
 import time
-from contextlib import nullcontext
-from functools import partial
 
 import torch
 from PIL import Image
-from timm.data import create_transform, resolve_data_config
+from timm.data import ImageNetInfo, create_transform, resolve_data_config
 from timm.data.readers.img_extensions import get_img_extensions
 
 import ddfnet  # noqa: F401  (registers the DDF models with timm)
+from ddfnet.cli import (OneLineArgumentParser, UserError, check_image_options, check_output_file, data_path, parse_args,
+                        resolve_device, run_main, yaml_mapping)
 from ddfnet.data import create_split
 from ddfnet.training.args import train_parser
-from ddfnet.training.checkpoint import load_checkpoint, model_state_dict
-from ddfnet.training.config import (OneLineArgumentParser, UserError, atomic_write_text, parse_args,
-                                    resolve_device, run_main, yaml_mapping)
+from ddfnet.training.engine import autocast_context
 from ddfnet.training.loading import classifier_size, create_model_with_weights
+from ddfnet.utils.io import atomic_write_text
+from ddfnet.utils.weights import load_checkpoint, model_state_dict
 
 FORMATS = ('csv', 'json', 'jsonl')
 TABLE_ROWS = 20  # rows of the stdout table when the results also go to a file
+DEFAULT_TOPK = 5
+IMAGENET_CLASSES = 1000  # a model with this many classes and no stored names gets timm's ImageNet names
 
 
 def inference_parser() -> argparse.ArgumentParser:
@@ -54,8 +58,9 @@ def inference_parser() -> argparse.ArgumentParser:
     add('--checkpoint', metavar='FILE', help="train.py's checkpoint or a state_dict (.pth, .pth.tar, .safetensors)")
     add('--use-ema', action='store_true', help="use the checkpoint's EMA weights")
     # dest 'input', not 'data_dir': a training config's data_dir must not become the images to predict
+    add('input_path', nargs='?', metavar='PATH', help='as --data-dir (timm\'s positional form)')
     add('--data-dir', '--input', dest='input', metavar='PATH',
-        help='a folder of images (recursive), a text file of image paths, or with --split a dataset root')
+        help='an image, a folder of images (recursive), a text file of image paths, or with --split a dataset root')
     add('--split', help='read the image folder split DATA_DIR/SPLIT/<class>/<image> (labels reported)')
     add('--class-map', metavar='FILE', help="class names, one a line in label order (a run's classes.txt)")
     add('--num-classes', type=int, help="default: the checkpoint's classifier size")
@@ -64,7 +69,7 @@ def inference_parser() -> argparse.ArgumentParser:
     add('--interpolation', default='')
     add('--mean', type=float, nargs=3, metavar='M', help="default: the model's cfg")
     add('--std', type=float, nargs=3, metavar='S', help="default: the model's cfg")
-    add('--topk', type=int, default=5, help='classes reported per image')
+    add('--topk', type=int, help=f'classes reported per image (default: {DEFAULT_TOPK}, or all if the model has fewer)')
     add('--batch-size', '-b', type=int, default=32)
     add('--workers', '-j', type=int, default=2)
     add('--amp', action=argparse.BooleanOptionalAction, default=False)
@@ -99,6 +104,8 @@ def list_inputs(path: str, split: str | None) -> tuple[list[str], list[str | Non
                 else:
                     skipped.append((file, 'not an image file (extension)'))
         return images, [None] * len(images), skipped
+    if os.path.isfile(path) and os.path.splitext(path)[1].lower() in get_img_extensions():
+        return [path], [None], []  # one image, not a list of them
     if os.path.isfile(path):
         try:
             with open(path, encoding='utf-8') as f:
@@ -179,14 +186,22 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError('no model: give --model (or --config)')
     if not args.checkpoint:
         raise UserError('no weights: give --checkpoint (a model without trained weights predicts noise)')
+    args.input = data_path(args.input_path, args.input)
     if not args.input:
-        raise UserError('no images: give --data-dir (a folder, a text file of paths, or a dataset root with --split)')
-    if args.topk < 1 or args.batch_size < 1 or args.workers < 0:
+        raise UserError('no images: give PATH or --data-dir (an image, a folder, a text file of paths, or a '
+                        'dataset root with --split)')
+    if (args.topk is not None and args.topk < 1) or args.batch_size < 1 or args.workers < 0:
         raise UserError('--topk and --batch-size must be at least 1, --workers at least 0')
+    check_image_options(args.img_size, args.crop_pct, args.interpolation)
+    for name in ('mean', 'std'):
+        if getattr(args, name) is not None and len(getattr(args, name)) != 3:
+            raise UserError(f'--{name} takes 3 values (R G B)')
+    if args.std is not None and min(args.std) <= 0:
+        raise UserError(f'--std must be positive, not {" ".join(map(str, args.std))}')
     extension = os.path.splitext(args.results_file or '')[1].lstrip('.').lower()
     fmt = args.results_format or (extension if extension in FORMATS else 'csv')
-    if args.results_file and os.path.exists(args.results_file) and not args.force:
-        raise UserError(f'{args.results_file} exists: pass --force to replace it')
+    if args.results_file:  # before the work, so that its results cannot be lost
+        check_output_file(args.results_file, args.force)
     device = torch.device(resolve_device(args.device))
     checkpoint = load_checkpoint(args.checkpoint)
     state = model_state_dict(checkpoint, args.checkpoint, use_ema=args.use_ema)
@@ -194,10 +209,14 @@ def main(argv: list[str] | None = None) -> None:
     if num_classes is None:
         raise UserError(f'cannot tell the number of classes of {args.checkpoint}: give --num-classes')
     names = read_class_map(args.class_map) if args.class_map else checkpoint.get('class_names') or None
+    if names is None and num_classes == IMAGENET_CLASSES:  # the released ImageNet models store no names
+        names = ImageNetInfo().label_descriptions()
     if names is not None and len(names) != num_classes:
         raise UserError(f'{len(names)} class names ({args.class_map or args.checkpoint}) for a model with '
                         f'{num_classes} classes')
-    if args.topk > num_classes:
+    if args.topk is None:
+        args.topk = min(DEFAULT_TOPK, num_classes)
+    elif args.topk > num_classes:
         raise UserError(f'--topk {args.topk} is more than the model\'s {num_classes} classes')
     paths, labels, skipped = list_inputs(args.input, args.split)
     if not paths:
@@ -211,13 +230,12 @@ def main(argv: list[str] | None = None) -> None:
     forward = torch.compile(model, backend=args.torch_compile) if args.torch_compile else model
     overrides = dict(img_size=args.img_size, crop_pct=args.crop_pct, interpolation=args.interpolation,
                      mean=args.mean, std=args.std)
-    data_config = resolve_data_config({k: v for k, v in overrides.items() if v}, model=model)
+    data_config = resolve_data_config({k: v for k, v in overrides.items() if v is not None and v != ''}, model=model)
     transform = create_transform(**data_config, is_training=False)
     loader = torch.utils.data.DataLoader(ImageFiles(paths, transform), batch_size=args.batch_size,
                                          num_workers=args.workers, collate_fn=collate_readable,
                                          pin_memory=device.type == 'cuda')
-    amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
-    amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if args.amp else nullcontext
+    amp_autocast = autocast_context(args.amp, args.amp_dtype, device)
 
     for path, reason in skipped:
         print(f'inference.py: skipped {path}: {reason}', file=sys.stderr)

@@ -10,8 +10,8 @@ complete; an existing one is replaced only with ``--force``. Errors are one line
 """
 import os
 
+from ddfnet.cli import OneLineArgumentParser, UserError, run_main
 from ddfnet.data.shards import write_shards
-from ddfnet.training.config import OneLineArgumentParser, UserError, run_main
 
 
 def main(argv=None) -> None:

@@ -6,28 +6,29 @@
 
 The batch size is dynamic; ``--dynamic-size`` makes H and W dynamic too. The model's data config (input
 size, mean, std, crop, interpolation) is stored in the file for ``onnx_validate.py``. ``--check-forward``
-runs the file in onnxruntime and compares it with PyTorch (relative error <= 1e-4, else exit status 1).
+runs the file in onnxruntime and compares it with PyTorch (relative error <= 1e-4, else exit status 1 and
+no file). An ``--opset`` the exporter cannot convert to is an error, and no file either.
 Bad input (unknown model, missing checkpoint, unwritable or existing output without ``--force``) is one
 line, exit status 2, before anything is written.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import timm
 import torch
 from timm.data import resolve_data_config
-from timm.models import get_pretrained_cfg
 
 import ddfnet
-from ddfnet.export import check_output_path, onnxruntime_relative_error
-from ddfnet.training.checkpoint import load_checkpoint, load_weights, model_state_dict
-from ddfnet.training.config import OneLineArgumentParser, UserError, run_main, yaml_mapping
+from ddfnet.cli import OneLineArgumentParser, UserError, check_output_file, run_main, yaml_mapping
+from ddfnet.export import onnxruntime_relative_error
+from ddfnet.export.metadata import data_config_metadata
+from ddfnet.training.loading import classifier_size, create_model_with_weights
+from ddfnet.utils.io import TMP_SUFFIX
+from ddfnet.utils.weights import load_checkpoint, model_state_dict
 
 TOLERANCE = 1e-4  # relative error of onnxruntime vs PyTorch eval output accepted by --check-forward
-METADATA_KEY = 'ddfnet.data_config'  # onnx_validate.py reads its defaults from here
 
 
 def export_parser() -> OneLineArgumentParser:
@@ -54,50 +55,62 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"unknown model '{args.model}' (list them with timm.list_models('ddf*'))")
     if args.batch_size < 1 or (args.img_size is not None and args.img_size < 2):
         raise UserError('--batch-size must be >= 1 and --img-size >= 2')
-    try:
-        output = check_output_path(args.output, overwrite=args.force)
-    except FileExistsError:
-        raise UserError(f'{args.output} exists (pass --force to replace it)') from None
-    except OSError as e:
-        raise UserError(f'cannot write {args.output}: {str(e).removeprefix("export_onnx: ")}') from None
+    if args.num_classes is not None and args.num_classes < 1:
+        raise UserError(f'--num-classes must be at least 1, not {args.num_classes}')
+    if args.opset is not None:
+        import onnx
+        if not 1 <= args.opset <= onnx.defs.onnx_opset_version():
+            raise UserError(f'--opset {args.opset}: this onnx package knows opsets 1 to {onnx.defs.onnx_opset_version()}')
+    output = check_output_file(args.output, args.force)
     state = None
     if args.checkpoint:
         state = model_state_dict(load_checkpoint(args.checkpoint), args.checkpoint, use_ema=args.use_ema)
-    num_classes = args.num_classes
-    if num_classes is None and state is not None:
-        head = getattr(get_pretrained_cfg(args.model), 'classifier', None)
-        num_classes = state[f'{head}.weight'].shape[0] if f'{head}.weight' in state else None
-    kwargs = dict(args.model_kwargs, **({'num_classes': num_classes} if num_classes else {}))
-    try:
-        model = timm.create_model(args.model, **kwargs)
-    except TypeError as e:
-        raise UserError(f'cannot build {args.model} with {kwargs}: {e}') from None
-    if state is not None:
-        load_weights(model, state, args.checkpoint, args.model)
+    num_classes = args.num_classes or (classifier_size(args.model, state) if state is not None else None)
+    model = create_model_with_weights(args.model, num_classes, args.model_kwargs, state, args.checkpoint)
     model.eval()
 
     data_config = resolve_data_config(dict(img_size=args.img_size), model=model)
     channels, height, width = data_config['input_size']
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(args.batch_size, channels, height, width, generator=generator)
-    metadata = {METADATA_KEY: json.dumps(dict(data_config, model=args.model, dynamic_size=args.dynamic_size))}
-    ddfnet.export_onnx(model, example, output, dynamic_size=args.dynamic_size, opset=args.opset, overwrite=args.force,
-                       metadata=metadata)
+    metadata = data_config_metadata(data_config, args.model, args.dynamic_size)
+    # Exported to a temporary file, checked, then renamed over OUTPUT: a file that fails a check is never
+    # left behind, and an existing OUTPUT (with --force) is replaced only by a file that passed.
+    tmp = f'{output}.{os.getpid()}{TMP_SUFFIX}'
+    try:
+        ddfnet.export_onnx(model, example, tmp, dynamic_size=args.dynamic_size, opset=args.opset, overwrite=True,
+                           metadata=metadata)
+        if args.opset is not None and file_opset(tmp) != args.opset:
+            # torch's exporter writes its own opset when it cannot convert to the one asked for
+            raise UserError(f'--opset {args.opset}: the exporter cannot convert {args.model} to opset {args.opset} '
+                            f'(it produced opset {file_opset(tmp)}); nothing written')
+        if args.check_forward:
+            # The example's batch and, with --dynamic-size, a second batch and size: the dynamic axes work.
+            checks = [example]
+            if args.dynamic_size:
+                checks.append(torch.randn(args.batch_size + 1, channels, height + 8, width + 4, generator=generator))
+            else:
+                checks.append(torch.randn(args.batch_size + 1, channels, height, width, generator=generator))
+            worst = max(max(onnxruntime_relative_error(model, tmp, x)) for x in checks)
+            shapes = ', '.join('x'.join(map(str, x.shape)) for x in checks)
+            print(f'check forward: onnxruntime vs PyTorch, max relative error {worst:.2e} ({shapes})')
+            if not worst <= TOLERANCE:
+                print(f'onnx_export.py: check forward failed: relative error {worst:.2e} > {TOLERANCE}; '
+                      f'{output} not written', file=sys.stderr)
+                sys.exit(1)
+        os.replace(tmp, output)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     print(f'{args.model}: wrote {output} ({os.path.getsize(output) / 2 ** 20:.1f} MiB, input (B, {channels}, '
           f'{"H, W" if args.dynamic_size else f"{height}, {width}"}), batch dynamic)')
-    if args.check_forward:
-        # The example's batch and, with --dynamic-size, a second batch and size: the dynamic axes work.
-        checks = [example]
-        if args.dynamic_size:
-            checks.append(torch.randn(args.batch_size + 1, channels, height + 8, width + 4, generator=generator))
-        else:
-            checks.append(torch.randn(args.batch_size + 1, channels, height, width, generator=generator))
-        worst = max(max(onnxruntime_relative_error(model, output, x)) for x in checks)
-        shapes = ', '.join('x'.join(map(str, x.shape)) for x in checks)
-        print(f'check forward: onnxruntime vs PyTorch, max relative error {worst:.2e} ({shapes})')
-        if not worst <= TOLERANCE:
-            print(f'onnx_export.py: check forward failed: relative error {worst:.2e} > {TOLERANCE}', file=sys.stderr)
-            sys.exit(1)
+
+
+def file_opset(path: str) -> int | None:
+    """The standard-domain opset an ONNX file declares."""
+    import onnx
+    model = onnx.load(path, load_external_data=False)
+    return next((entry.version for entry in model.opset_import if entry.domain in ('', 'ai.onnx')), None)
 
 
 if __name__ == '__main__':

@@ -5,36 +5,24 @@
 
 DATA is an image folder with a ``validation`` (or ``val``) split of ``<class>/<image>`` folders. Image size,
 mean, std, crop and interpolation default to what ``onnx_export.py`` stored in the file (else 224, the
-ImageNet mean/std, crop 0.875, bicubic); the flags override them. The scoring loop is validate.py's
+ImageNet mean/std, crop 0.875, bicubic); the flags override them. ``--results-file`` is checked before the
+work: a JSON file is replaced only with ``--force``, a CSV table gets a row. The scoring loop is validate.py's
 (:func:`ddfnet.training.engine.evaluate`). Bad input is one line, exit status 2.
 """
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
 import time
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_loader
+from timm.data import create_loader
 
+from ddfnet.cli import OneLineArgumentParser, UserError, check_image_options, check_output_file, run_main
 from ddfnet.data import class_count, create_split, resolve_data_root
 from ddfnet.export import OnnxRuntimeModel
-from ddfnet.training.config import OneLineArgumentParser, UserError, run_main
+from ddfnet.export.metadata import read_data_config
 from ddfnet.training.engine import evaluate
-
-METADATA_KEY = 'ddfnet.data_config'  # written by onnx_export.py
-DEFAULTS = dict(input_size=(3, 224, 224), mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, crop_pct=0.875,
-                interpolation='bicubic', model=None, dynamic_size=False)
-
-
-def _validate_module():
-    """validate.py (the repository root's), for its results-file writer."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'validate.py')
-    spec = importlib.util.spec_from_file_location('_ddfnet_validate', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from ddfnet.utils.io import write_results
 
 
 def onnx_validate_parser() -> OneLineArgumentParser:
@@ -49,22 +37,25 @@ def onnx_validate_parser() -> OneLineArgumentParser:
     add('--interpolation', default='')
     add('--workers', '-j', type=int, default=2)
     add('--threads', type=int, help="onnxruntime intra-op threads (default: onnxruntime's choice)")
-    add('--results-file', metavar='FILE', help='write the results as JSON (.json) or a CSV row (.csv)')
+    add('--results-file', metavar='FILE', help='write the results as JSON (.json) or add a row to a CSV table (.csv)')
+    add('--force', action='store_true', help='replace an existing JSON results file')
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = onnx_validate_parser().parse_args(argv)
-    if args.batch_size < 1:
-        raise UserError('--batch-size must be >= 1')
+    if args.batch_size < 1 or args.workers < 0:
+        raise UserError('--batch-size must be >= 1 and --workers >= 0')
+    check_image_options(args.img_size, args.crop_pct, args.interpolation)
+    if args.results_file:  # before the work, so that its results cannot be lost
+        check_output_file(args.results_file, args.force, append=args.results_file.endswith('.csv'))
     if not os.path.isfile(args.onnx_input):
         raise UserError(f'no ONNX file {args.onnx_input}')
     try:
         model = OnnxRuntimeModel(args.onnx_input, threads=args.threads)
     except Exception as e:  # onnxruntime raises its own exception types for unreadable or invalid files
         raise UserError(f'cannot load {args.onnx_input} in onnxruntime: {str(e).strip().splitlines()[0]}') from None
-    stored = json.loads(model.metadata.get(METADATA_KEY, '{}'))
-    config = dict(DEFAULTS, **stored)
+    config = read_data_config(model.metadata)
     size = args.img_size or config['input_size'][-1]
     dims = model.session.get_inputs()[0].shape  # ints for fixed axes, names for dynamic ones
     fixed = [d for d in dims[2:] if isinstance(d, int)]
@@ -92,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{results['images_per_sec']:.1f} img/s ({results['images']} images, {size}px, crop {results['crop_pct']}, "
           f"{results['interpolation']}, onnxruntime cpu)")
     if args.results_file:
-        _validate_module().write_results(results, args.results_file)
+        write_results(results, args.results_file)
 
 
 if __name__ == '__main__':

@@ -157,8 +157,8 @@ def test_branch_pack_builds_only_its_branch():
 def test_dy_resnet18_config_follows_the_dyconv_paper():
     from pathlib import Path
 
+    from ddfnet.cli import parse_args
     from ddfnet.training.args import train_parser
-    from ddfnet.training.config import parse_args
     path = Path(__file__).resolve().parents[1] / 'configs' / 'dy_resnet18_in1k.yaml'
     args = parse_args(train_parser(), ['--config', str(path)])
     assert (args.model, args.epochs, args.batch_size * 8, args.lr) == ('dy_resnet18', 100, 256, 0.1)

@@ -12,8 +12,8 @@ import timm
 import torch
 import yaml
 
+from ddfnet.cli import run_main
 from ddfnet.data import DEMO_CLASSES
-from ddfnet.training.config import run_main
 from training import ROOT, load_script, tiny_args
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -65,8 +65,8 @@ def demo_root(run):
 
 
 def test_run_records_its_class_names_and_args_yaml_stays_a_config(run):
+    from ddfnet.cli import config_defaults
     from ddfnet.training.args import train_parser
-    from ddfnet.training.config import config_defaults
     assert (run / 'classes.txt').read_text().splitlines() == list(DEMO_CLASSES)
     assert load(run / 'last.pth.tar')['class_names'] == list(DEMO_CLASSES)
     assert 'class_names' not in config_defaults(train_parser(), str(run / 'args.yaml'))

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 import training
-from ddfnet.training.config import UserError, default_workers, resolve_device, run_main
+from ddfnet.cli import UserError, default_workers, resolve_device, run_main
 from training import ROOT, load_script
 
 pytestmark = pytest.mark.usefixtures('one_thread')

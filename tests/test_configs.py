@@ -10,8 +10,8 @@ import pytest
 import timm
 
 import ddfnet  # noqa: F401
+from ddfnet.cli import UserError, parse_args
 from ddfnet.training.args import train_parser
-from ddfnet.training.config import UserError, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(glob.glob(str(ROOT / 'configs' / '*.yaml')))

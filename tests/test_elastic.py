@@ -19,7 +19,7 @@ import time
 import pytest
 import torch
 
-from ddfnet.training.config import run_main
+from ddfnet.cli import run_main
 from training import ROOT, load_script, tiny_args
 
 pytestmark = pytest.mark.usefixtures('one_thread')

@@ -15,9 +15,21 @@ from PIL.JpegImagePlugin import JpegImageFile
 from timm.data import create_dataset, create_transform
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
-from ddfnet.data.jpeg_draft import DraftRandomResizedCrop, draft_scale, enable_jpeg_draft
-from ddfnet.data.sample_jpegs import write_sample_jpegs
 from training import ROOT
+
+
+def _benchmark_loader():
+    """scripts/benchmark_loader.py, which holds the JPEG draft decoding and sample JPEGs it measures."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('_ddfnet_benchmark_loader', ROOT / 'scripts' / 'benchmark_loader.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_bench = _benchmark_loader()
+DraftRandomResizedCrop, draft_scale = _bench.DraftRandomResizedCrop, _bench.draft_scale
+enable_jpeg_draft, write_sample_jpegs = _bench.enable_jpeg_draft, _bench.write_sample_jpegs
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 

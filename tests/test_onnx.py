@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 import ddfnet
+from ddfnet.cli import run_main
 from ddfnet.export import (STANDARD_DOMAINS, OnnxRuntimeModel, ddf_standard_ops, export_onnx, onnx_translation_table,
                            onnxruntime_relative_error)
 from ddfnet.layers import DDFBranchPack
 from ddfnet.ops import ddf_forward_reference, output_size
-from ddfnet.training.config import run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4
@@ -238,7 +238,7 @@ def _run(module, prog, argv):
     (['{out}', '--model', 'no_such_model'], "unknown model 'no_such_model'"),
     (['{out}', '--model', 'ddf_resnet26', '--checkpoint', '{tmp}/missing.pth'], 'no checkpoint file'),
     (['{tmp}/no/such/folder.onnx', '--model', 'ddf_resnet26'], 'does not exist'),
-    (['{existing}', '--model', 'ddf_resnet26'], 'exists (pass --force to replace it)'),
+    (['{existing}', '--model', 'ddf_resnet26'], 'exists: pass --force to replace it'),
 ])
 def test_onnx_export_script_refuses_bad_input_in_one_line(argv, message, tmp_path, capsys):
     existing = tmp_path / 'existing.onnx'

@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+from ddfnet.cli import UserError, run_main
 from ddfnet.data import create_split, ensure_demo_dataset
 from ddfnet.data.shards import layout_error, write_shards
-from ddfnet.training.config import UserError, run_main
 from training import ROOT, load_script, tiny_args
 
 pytest.importorskip('webdataset')

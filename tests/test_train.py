@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddfnet.training.config import run_main
+from ddfnet.cli import run_main
 from training import ROOT, load_script, tiny_args
 
 pytestmark = pytest.mark.usefixtures('one_thread')

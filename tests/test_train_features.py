@@ -4,8 +4,8 @@ epoch including after a resume, and fine-tuning from --pretrained-file drops a m
 import pytest
 import torch
 
+from ddfnet.cli import run_main
 from ddfnet.training import hooks
-from ddfnet.training.config import run_main
 
 import training
 from training import load_script

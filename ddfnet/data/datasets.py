@@ -5,7 +5,7 @@ import os
 
 from timm.data import create_dataset
 
-from ..training.config import UserError
+from ..cli import UserError
 from .demo import ensure_demo_dataset
 from .shards import check_layout, is_shards, read_info, resolve_split
 

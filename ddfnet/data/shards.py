@@ -24,7 +24,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..training.config import UserError, atomic_write_text
+from ..cli import UserError
+from ..utils.io import atomic_write_text
 
 INFO_FILE = '_info.json'
 IMAGE_KEYS = {'.jpg': 'jpg', '.jpeg': 'jpg', '.png': 'png', '.webp': 'webp'}  # what timm's reader decodes

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.decomposition import ddf_standard_ops, keep_op_for_translation, onnx_translation_table
-from ..training.config import atomic_write
+from ..utils.io import atomic_write
 
 __all__ = ['export_onnx', 'check_output_path', 'ddf_standard_ops', 'onnx_translation_table', 'OnnxRuntimeModel',
            'onnxruntime_relative_error', 'STANDARD_DOMAINS']

@@ -11,19 +11,15 @@ release (a timm 0.4.5 fork) and its checkpoints load strictly, e.g.::
 from __future__ import annotations
 
 import math
-import os
-import re
-import warnings
 from typing import Any
 
-import torch
-
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
+from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import Bottleneck, ResNet
 
 from ..layers import DDFBranchPack, DDFPack
 from ..layers.ddf_branch import BRANCHES
+from .builder import build_resnet
 
 __all__ = ['DDFBottleneck']
 
@@ -59,67 +55,6 @@ class DDFBottleneck(Bottleneck):
             self.conv2 = DDFPack(width, kernel_combine=kernel_combine, **common)
         else:  # the absent filter is ones under 'mul', so kernel_combine has nothing to combine
             self.conv2 = DDFBranchPack(width, branch=branch, **common)
-
-
-def require_local_weights(variant: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Raise unless the pretrained cfg (with the caller's overlay) names weights we can load; return
-    ``kwargs`` with the class count fitted to a local file's classifier (:func:`fit_classes_to_file`)."""
-    # timm would warn and hand back a randomly initialised model; no released DDF weights can be
-    # downloaded automatically, so insist on a local file instead of failing silently.
-    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
-                                 pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
-    if not any(getattr(cfg, key, None) for key in ('file', 'url', 'hf_hub_id', 'state_dict')):
-        raise ValueError(f'{variant}: no weights can be downloaded for this model; pass a local '
-                         "checkpoint with pretrained_cfg_overlay=dict(file='path/to/weights.pth')")
-    if cfg.file and isinstance(cfg.classifier, str):
-        return fit_classes_to_file(variant, cfg.file, cfg.classifier, kwargs)
-    return kwargs
-
-
-def _file_classifier_size(path: str, head: str) -> int | None:
-    """Rows of ``HEAD.weight`` in a weights file, read without loading the whole file where possible."""
-    if path.endswith('.safetensors'):
-        from safetensors import safe_open
-        with safe_open(path, 'pt') as f:
-            return f.get_slice(f'{head}.weight').get_shape()[0] if f'{head}.weight' in f.keys() else None
-    try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-    except RuntimeError:  # files in torch's legacy (pre-zip) format cannot be memory-mapped
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    state = checkpoint
-    if isinstance(checkpoint, dict):  # the keys timm's loader looks in, EMA first as it does
-        state = next((checkpoint[k] for k in ('state_dict_ema', 'model_ema', 'state_dict', 'model')
-                      if isinstance(checkpoint.get(k), dict)), checkpoint)
-    weight = next((v for k, v in state.items() if re.sub(r'^(module\.|_orig_mod\.)+', '', k) == f'{head}.weight'),
-                  None) if isinstance(state, dict) else None
-    return weight.shape[0] if isinstance(weight, torch.Tensor) else None
-
-
-def fit_classes_to_file(variant: str, path: str, head: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``kwargs`` for loading weights file ``path`` whose classifier ``head`` may have any class count.
-
-    timm compares the model's ``num_classes`` with the cfg's (1000), not with the file: an 8-class
-    checkpoint failed with a size mismatch, and ``num_classes=8`` silently re-initialised the classifier.
-    Here the cfg takes the file's count, so ``num_classes`` defaults to it and loads strictly; a different
-    ``num_classes`` still re-initialises the classifier (fine-tuning) but says so with a warning.
-    """
-    if not os.path.isfile(path):
-        raise ValueError(f'{variant}: no weights file {path}')
-    found = _file_classifier_size(path, head)
-    if found is None:
-        return kwargs
-    wanted = kwargs.get('num_classes', found)
-    if wanted != found and wanted and not kwargs.get('features_only'):
-        warnings.warn(f'{variant}: {path} has a {found}-class classifier and the model {wanted} classes: {head} is '
-                      're-initialised (random weights), the rest is loaded', UserWarning, stacklevel=3)
-    overlay = {**(kwargs.get('pretrained_cfg_overlay') or {}), 'num_classes': found}
-    return {**kwargs, 'num_classes': wanted, 'pretrained_cfg_overlay': overlay}
-
-
-def _create_ddf_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> ResNet:
-    if pretrained:
-        kwargs = require_local_weights(variant, kwargs)
-    return build_model_with_cfg(ResNet, variant, pretrained, **kwargs)
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
@@ -163,70 +98,70 @@ def _args(layers: tuple[int, ...], kernel_combine: str, kwargs: dict[str, Any],
 @register_model
 def ddf_resnet26(pretrained: bool = False, **kwargs) -> ResNet:
     """DDF-ResNet-26 ('mul'): Bottleneck layers (2, 2, 2, 2)."""
-    return _create_ddf_resnet('ddf_resnet26', pretrained, **_args((2, 2, 2, 2), 'mul', kwargs))
+    return build_resnet('ddf_resnet26', pretrained, **_args((2, 2, 2, 2), 'mul', kwargs))
 
 
 @register_model
 def ddf_resnet50(pretrained: bool = False, **kwargs) -> ResNet:
     """DDF-ResNet-50 ('mul'), the paper's main model; same architecture as ddf_mul_resnet50."""
-    return _create_ddf_resnet('ddf_resnet50', pretrained, **_args((3, 4, 6, 3), 'mul', kwargs))
+    return build_resnet('ddf_resnet50', pretrained, **_args((3, 4, 6, 3), 'mul', kwargs))
 
 
 @register_model
 def ddf_resnet101(pretrained: bool = False, **kwargs) -> ResNet:
     """DDF-ResNet-101 ('mul'); same architecture as ddf_mul_resnet101."""
-    return _create_ddf_resnet('ddf_resnet101', pretrained, **_args((3, 4, 23, 3), 'mul', kwargs))
+    return build_resnet('ddf_resnet101', pretrained, **_args((3, 4, 23, 3), 'mul', kwargs))
 
 
 @register_model
 def ddf_resnet152(pretrained: bool = False, **kwargs) -> ResNet:
     """DDF-ResNet-152 ('mul'); same architecture as ddf_mul_resnet152."""
-    return _create_ddf_resnet('ddf_resnet152', pretrained, **_args((3, 8, 36, 3), 'mul', kwargs))
+    return build_resnet('ddf_resnet152', pretrained, **_args((3, 8, 36, 3), 'mul', kwargs))
 
 
 @register_model
 def ddf_mul_resnet50(pretrained: bool = False, **kwargs) -> ResNet:
     """DDF-ResNet-50 with 'mul' filter combination (original release name)."""
-    return _create_ddf_resnet('ddf_mul_resnet50', pretrained, **_args((3, 4, 6, 3), 'mul', kwargs))
+    return build_resnet('ddf_mul_resnet50', pretrained, **_args((3, 4, 6, 3), 'mul', kwargs))
 
 
 @register_model
 def ddf_mul_resnet101(pretrained: bool = False, **kwargs) -> ResNet:
     """DDF-ResNet-101 with 'mul' filter combination (original release name)."""
-    return _create_ddf_resnet('ddf_mul_resnet101', pretrained, **_args((3, 4, 23, 3), 'mul', kwargs))
+    return build_resnet('ddf_mul_resnet101', pretrained, **_args((3, 4, 23, 3), 'mul', kwargs))
 
 
 @register_model
 def ddf_mul_resnet152(pretrained: bool = False, **kwargs) -> ResNet:
     """DDF-ResNet-152 with 'mul' filter combination (original release name)."""
-    return _create_ddf_resnet('ddf_mul_resnet152', pretrained, **_args((3, 8, 36, 3), 'mul', kwargs))
+    return build_resnet('ddf_mul_resnet152', pretrained, **_args((3, 8, 36, 3), 'mul', kwargs))
 
 
 @register_model
 def ddf_add_resnet50(pretrained: bool = False, **kwargs) -> ResNet:
     """DDF-ResNet-50 with 'add' filter combination (original release name)."""
-    return _create_ddf_resnet('ddf_add_resnet50', pretrained, **_args((3, 4, 6, 3), 'add', kwargs))
+    return build_resnet('ddf_add_resnet50', pretrained, **_args((3, 4, 6, 3), 'add', kwargs))
 
 
 @register_model
 def ddf_add_resnet101(pretrained: bool = False, **kwargs) -> ResNet:
     """DDF-ResNet-101 with 'add' filter combination (original release name)."""
-    return _create_ddf_resnet('ddf_add_resnet101', pretrained, **_args((3, 4, 23, 3), 'add', kwargs))
+    return build_resnet('ddf_add_resnet101', pretrained, **_args((3, 4, 23, 3), 'add', kwargs))
 
 
 @register_model
 def ddf_add_resnet152(pretrained: bool = False, **kwargs) -> ResNet:
     """DDF-ResNet-152 with 'add' filter combination (original release name)."""
-    return _create_ddf_resnet('ddf_add_resnet152', pretrained, **_args((3, 8, 36, 3), 'add', kwargs))
+    return build_resnet('ddf_add_resnet152', pretrained, **_args((3, 8, 36, 3), 'add', kwargs))
 
 
 @register_model
 def ddf_spatial_resnet50(pretrained: bool = False, **kwargs) -> ResNet:
     """DDF-ResNet-50 ablation with the spatial branch only (channel filter fixed to ones)."""
-    return _create_ddf_resnet('ddf_spatial_resnet50', pretrained, **_args((3, 4, 6, 3), 'mul', kwargs, 'spatial'))
+    return build_resnet('ddf_spatial_resnet50', pretrained, **_args((3, 4, 6, 3), 'mul', kwargs, 'spatial'))
 
 
 @register_model
 def ddf_channel_resnet50(pretrained: bool = False, **kwargs) -> ResNet:
     """DDF-ResNet-50 ablation with the channel branch only (spatial filter fixed to ones)."""
-    return _create_ddf_resnet('ddf_channel_resnet50', pretrained, **_args((3, 4, 6, 3), 'mul', kwargs, 'channel'))
+    return build_resnet('ddf_channel_resnet50', pretrained, **_args((3, 4, 6, 3), 'mul', kwargs, 'channel'))

@@ -12,7 +12,7 @@ from timm.models import generate_default_cfgs, register_model, resnet
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from ..layers import DynamicConv2d
-from .ddf_resnet import _create_ddf_resnet
+from .builder import build_resnet
 
 __all__ = ['DyBasicBlock', 'DyBottleneck']
 
@@ -53,11 +53,11 @@ default_cfgs = generate_default_cfgs({
 def dy_resnet18(pretrained: bool = False, **kwargs) -> ResNet:
     """DY-ResNet-18: every BasicBlock 3x3 conv dynamic, K=4 (paper: 72.7 top-1 vs 70.4 static)."""
     model_args = dict(block=DyBasicBlock, layers=(2, 2, 2, 2))
-    return _create_ddf_resnet('dy_resnet18', pretrained, **dict(model_args, **kwargs))
+    return build_resnet('dy_resnet18', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def dy_resnet50(pretrained: bool = False, **kwargs) -> ResNet:
     """DY-ResNet-50: every Bottleneck 3x3 conv dynamic, K=4."""
     model_args = dict(block=DyBottleneck, layers=(3, 4, 6, 3))
-    return _create_ddf_resnet('dy_resnet50', pretrained, **dict(model_args, **kwargs))
+    return build_resnet('dy_resnet50', pretrained, **dict(model_args, **kwargs))

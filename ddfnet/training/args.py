@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .config import OneLineArgumentParser, default_workers, yaml_mapping
+from ..cli import OneLineArgumentParser, default_workers, yaml_mapping
 
 
 def train_parser() -> argparse.ArgumentParser:

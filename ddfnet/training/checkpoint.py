@@ -3,7 +3,7 @@
 A file is written to a temporary name in the same folder, flushed to disk, then renamed over the
 target (``os.replace`` is atomic), so a reader sees the old complete file or the new complete one.
 Loading uses ``torch.load(weights_only=True)`` (or safetensors), which refuses anything but tensors and
-plain containers. A run folder holds ``last.pth.tar`` (the latest state: an epoch end, or a recovery
+plain containers (:mod:`ddfnet.utils.weights`). A run folder holds ``last.pth.tar`` (the latest state: an epoch end, or a recovery
 point mid-epoch), ``best.pth.tar`` and ``checkpoint-<epoch>.pth.tar`` every few epochs, named after the
 epoch it ends, numbered from 0 like the log and ``summary.csv`` (``checkpoint-4`` follows epoch 4, the fifth).
 """
@@ -22,8 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import TMP_SUFFIX as _TMP_SUFFIX
-from .config import UserError, atomic_write
+from ..cli import UserError
+from ..utils.io import TMP_SUFFIX as _TMP_SUFFIX
+from ..utils.io import atomic_write
+from ..utils.weights import WeightsFileError, load_checkpoint
 
 LAST, BEST = 'last.pth.tar', 'best.pth.tar'
 CLASS_NAMES_FILE = 'classes.txt'  # a run folder's class names, one a line in label order
@@ -55,6 +57,23 @@ def holds_checkpoint(run_dir: str) -> bool:
             or bool(glob.glob(os.path.join(run_dir, 'checkpoint-*.pth.tar'))))
 
 
+def periodic_checkpoints(run_dir: str) -> list[str]:
+    """The run folder's ``checkpoint-<epoch>.pth.tar`` files, oldest epoch first."""
+    return sorted(glob.glob(os.path.join(run_dir, 'checkpoint-*.pth.tar')),
+                  key=lambda p: int(re.findall(r'checkpoint-(\d+)\.pth\.tar$', p)[0]))
+
+
+def newest_readable_checkpoint(run_dir: str) -> str | None:
+    """The newest periodic checkpoint of ``run_dir`` that loads (a resume point when ``last`` is damaged)."""
+    for path in reversed(periodic_checkpoints(run_dir)):
+        try:
+            load_checkpoint(path, mmap=True)
+        except WeightsFileError:
+            continue
+        return path
+    return None
+
+
 def remove_partial_files(run_dir: str) -> None:
     """Delete temporary files left by a save that was killed (they are never read)."""
     for path in glob.glob(os.path.join(run_dir, f'*{_TMP_SUFFIX}')):
@@ -71,41 +90,9 @@ def save_checkpoint(run_dir: str, state: dict[str, Any], *, is_best: bool = Fals
         _link_or_copy(last, os.path.join(run_dir, BEST))
     if periodic_epoch is not None:
         _link_or_copy(last, os.path.join(run_dir, f'checkpoint-{periodic_epoch}.pth.tar'))
-        periodic = sorted(glob.glob(os.path.join(run_dir, 'checkpoint-*.pth.tar')),
-                          key=lambda p: int(re.findall(r'checkpoint-(\d+)\.pth\.tar$', p)[0]))
+        periodic = periodic_checkpoints(run_dir)
         for path in periodic[:-keep] if keep > 0 else periodic:
             os.remove(path)
-
-
-def load_checkpoint(path: str) -> Any:
-    """Load a checkpoint or state_dict without executing code; a missing, corrupt or unsafe file raises
-    :class:`UserError`."""
-    if not os.path.isfile(path):
-        raise UserError(f'no checkpoint file {path}')
-    try:
-        if path.endswith('.safetensors'):
-            from safetensors.torch import load_file
-            return load_file(path, device='cpu')
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... depending on the damage
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise UserError(f'cannot load checkpoint {path}: truncated, corrupt or not a weights-only checkpoint '
-                        f'({reason[:160]})') from None
-
-
-def model_state_dict(checkpoint: Any, path: str, use_ema: bool = False) -> dict[str, torch.Tensor]:
-    """The model weights in ``checkpoint``: ours (``model`` / ``model_ema``), timm's (``state_dict`` /
-    ``state_dict_ema``) or a bare state_dict; ``module.`` (DDP) and ``_orig_mod.`` (compile) prefixes go."""
-    if not isinstance(checkpoint, dict):
-        raise UserError(f'checkpoint {path} holds a {type(checkpoint).__name__}, not a state_dict')
-    keys = ('model_ema', 'state_dict_ema') if use_ema else ('model', 'state_dict')
-    found = next((checkpoint[k] for k in keys if isinstance(checkpoint.get(k), dict)), None)
-    if found is None and use_ema:
-        raise UserError(f'checkpoint {path} has no EMA weights (trained without --model-ema?)')
-    state = found if found is not None else checkpoint
-    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f'checkpoint {path} holds no model state_dict')
-    return {re.sub(r'^(module\.|_orig_mod\.)+', '', k): v for k, v in state.items()}
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str, model_name: str,

@@ -20,13 +20,13 @@ from __future__ import annotations
 import argparse
 import os
 from datetime import timedelta
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 import torch.distributed as dist
 from timm.utils import is_distributed_env, world_info_from_env
 
-from .config import UserError
+from ..cli import UserError, first_line
 
 SHARED_STORE_FIX = 'TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1'
 
@@ -70,3 +70,27 @@ def init_distributed(args: argparse.Namespace) -> torch.device:
         torch.cuda.set_device(local_rank)
         args.device = f'cuda:{local_rank}'
     return torch.device(args.device)
+
+
+def start_together(args: argparse.Namespace, start: Callable[[], None]) -> None:
+    """Run ``start`` (work that only some ranks do and that can fail: rank 0 creating the run folder) and
+    agree on its outcome before any rank goes on. A failure on one rank then stops every rank at once, with
+    one line naming it, where the others would otherwise wait in their next collective (DDP's first
+    broadcast) until ``--dist-timeout``: a rank on another node is not stopped by this node's torchrun."""
+    error = None
+    try:
+        start()
+    except Exception as e:  # any failure: the other ranks must hear of it before it is raised here
+        error = e
+    if args.distributed:
+        outcomes: list = [None] * args.world_size
+        dist.all_gather_object(outcomes, None if error is None else str(error) if isinstance(error, UserError)
+                               else first_line(error))
+        failed = [(rank, outcome) for rank, outcome in enumerate(outcomes) if outcome is not None]
+        if failed:
+            dist.destroy_process_group()
+            if error is None:
+                rank, outcome = failed[0]
+                raise UserError(f'rank {rank} could not start ({outcome}); stopping rank {args.rank} too')
+    if error is not None:
+        raise error

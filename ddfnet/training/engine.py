@@ -15,6 +15,7 @@ import signal
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any, Callable
 
 import numpy as np
@@ -200,6 +201,16 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
 
 
 @torch.no_grad()
+def autocast_context(enabled: bool, dtype: str, device: torch.device) -> Callable[[], Any]:
+    """The ``--amp`` / ``--amp-dtype`` ('float16' or 'bfloat16') of the scripts as a context factory for the
+    loops: ``torch.autocast`` on ``device``'s type, or ``nullcontext`` when AMP is off."""
+    if not enabled:
+        return nullcontext
+    if dtype not in ('float16', 'bfloat16'):
+        raise ValueError(f"AMP dtype must be 'float16' or 'bfloat16', not {dtype!r}")
+    return partial(torch.autocast, device_type=device.type, dtype=getattr(torch, dtype))
+
+
 def evaluate(model: nn.Module, loader, device: torch.device, amp_autocast=nullcontext,
              channels_last: bool = False, ema_model: nn.Module | None = None) -> dict[str, float]:
     """Top-1 / top-5 accuracy (percent) and mean cross-entropy over ``loader``, summed over all ranks.

@@ -6,26 +6,26 @@ import torch
 from timm.models import get_pretrained_cfg
 from torch import nn
 
+from ..cli import UserError, rejected_as
+from ..utils.weights import classifier_rows
 from .checkpoint import load_weights
-from .config import UserError, rejected_as
 
 
 def classifier_size(model_name: str, state: dict[str, torch.Tensor]) -> int | None:
     """The number of classes of ``state``'s classifier (the model cfg's ``classifier`` layer), if it has one."""
-    head = getattr(get_pretrained_cfg(model_name), 'classifier', None)
-    weight = state.get(f'{head}.weight') if isinstance(head, str) else None
-    return weight.shape[0] if weight is not None else None
+    return classifier_rows(state, getattr(get_pretrained_cfg(model_name), 'classifier', None))
 
 
-def create_model_with_weights(model_name: str, num_classes: int, model_kwargs: dict, state: dict | None,
+def create_model_with_weights(model_name: str, num_classes: int | None, model_kwargs: dict, state: dict | None,
                               path: str | None) -> nn.Module:
-    """``timm.create_model(model_name, num_classes=..., **model_kwargs)`` with ``state`` (read from ``path``)
-    loaded strictly; an unknown model, bad kwargs or weights that do not fit raise :class:`UserError`."""
+    """``timm.create_model(model_name, num_classes=..., **model_kwargs)`` (the model's own class count when
+    ``num_classes`` is None) with ``state`` (read from ``path``) loaded strictly; an unknown model, bad kwargs
+    or weights that do not fit raise :class:`UserError`."""
     if not timm.is_model(model_name):
         raise UserError(f"unknown model '{model_name}' (list them with timm.list_models('ddf*'))")
     option = f'--model-kwargs {model_kwargs}' if model_kwargs else f'--model {model_name}'
     with rejected_as(f'{option}: cannot build {model_name}'):
-        model = timm.create_model(model_name, num_classes=num_classes, **model_kwargs)
+        model = timm.create_model(model_name, **({'num_classes': num_classes} if num_classes else {}), **model_kwargs)
     if state is not None:
         load_weights(model, state, path, model_name)
     return model

@@ -1,7 +1,10 @@
-"""Config files for ``train.py`` / ``validate.py``: YAML whose keys are the scripts' argument names.
+"""Command-line pieces shared by every script: one-line errors, argument and config-file parsing, devices.
 
-Precedence is script default < config file < command line. A config file is checked like a command line:
-an unknown key, a value of the wrong type or outside an argument's choices is an error naming the key.
+A script's ``main`` raises :class:`UserError` for bad input and runs under :func:`run_main`, which prints
+it as one line and exits with status 2. Config files (``--config``) are YAML whose keys are the scripts'
+argument names; precedence is script default < config file < command line. A config file is checked
+like a command line: an unknown key, a value of the wrong type or outside an argument's choices is an
+error naming the key.
 """
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import argparse
 import os
 import sys
 from contextlib import contextmanager
-from typing import IO, Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import yaml
@@ -27,12 +30,16 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
 
 def run_main(main, prog: str) -> None:
-    """Call ``main()``; turn a :class:`UserError` into one line on stderr and exit status 2."""
+    """Call ``main()``; turn a :class:`UserError` into one line on stderr and exit status 2, and Ctrl-C
+    (``KeyboardInterrupt``) into one line and exit status 130 (128 + SIGINT, the shell's convention)."""
     try:
         main()
     except UserError as e:
         print(f'{prog}: error: {e}', file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f'{prog}: interrupted', file=sys.stderr)
+        sys.exit(130)
 
 
 # What timm's and torch's factories raise for a value they reject (timm asserts in places, and a model
@@ -41,21 +48,41 @@ LIBRARY_ERRORS = (TypeError, ValueError, AttributeError, KeyError, IndexError, A
                   NotImplementedError)
 
 
+def short_reason(error: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its class name if it has none), shortened to ``limit``
+    characters at a sentence or word boundary, so that a one-line error never ends mid-word."""
+    text = str(error).strip().splitlines()[0].strip() if str(error).strip() else error.__class__.__name__
+    if len(text) <= limit:
+        return text
+    cut = text[:limit]
+    end = cut.rfind('. ')
+    return cut[:end + 1] if end > limit // 3 else cut[:cut.rfind(' ')].rstrip(',;:') + ' ...'
+
+
 def first_line(error: BaseException) -> str:
-    """An exception as one short line: its class and the first line of its message."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ''
-    return f'{error.__class__.__name__}: {text[:200]}' if text else error.__class__.__name__
+    """An exception as one short line: its class and :func:`short_reason`."""
+    return f'{error.__class__.__name__}: {short_reason(error)}' if str(error).strip() else error.__class__.__name__
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is torch running out of device (``torch.OutOfMemoryError``) or host memory (the CPU
+    allocator's RuntimeError)."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
 
 
 @contextmanager
 def rejected_as(option: str) -> Iterator[None]:
     """Turn a library's rejection of a value (see ``LIBRARY_ERRORS``) inside the block into a
-    :class:`UserError` that starts with ``option``, e.g. ``--opt 'adamx': ValueError: ...``."""
+    :class:`UserError` that starts with ``option``, e.g. ``--opt 'adamx': ValueError: ...``. Out-of-memory
+    errors (:func:`is_out_of_memory`) pass through: they say nothing about the option."""
     try:
         yield
     except UserError:
         raise
     except LIBRARY_ERRORS as e:
+        if is_out_of_memory(e):  # no bad option value: a smaller batch or model may fit
+            raise
         raise UserError(f'{option}: {first_line(e)}') from None
 
 
@@ -184,29 +211,44 @@ def resolved_config(args: argparse.Namespace, keys: Sequence[str]) -> dict[str, 
     return {key: plain(getattr(args, key)) for key in keys}
 
 
-TMP_SUFFIX = '.partial'  # of the temporary files atomic writes rename into place
+def check_output_file(path: str, force: bool = False, append: bool = False) -> str:
+    """Before any work: ``path`` can be written (its folder exists and is writable, it is not a folder) and
+    holds nothing that would be lost (an existing file is replaced only with ``force``; with ``append`` an
+    existing file is fine, as the caller adds to it). Raises :class:`UserError` in one line."""
+    if os.path.isdir(path):
+        raise UserError(f'{path} is a folder, not a file name')
+    if os.path.exists(path) and not (force or append):
+        raise UserError(f'{path} exists: pass --force to replace it')
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f'cannot write {path}: the folder {folder} does not exist')
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f'cannot write {path}: the folder {folder} is not writable')
+    return path
 
 
-def atomic_write(path: str, write: Callable[[IO], Any], binary: bool = False) -> None:
-    """``write(file)`` to a temporary file next to ``path``, flushed to disk, then renamed over ``path``:
-    ``path`` is never a truncated file, and the temporary file is removed whatever happens."""
-    tmp = f'{path}.{os.getpid()}{TMP_SUFFIX}'
-    try:
-        with open(tmp, 'wb') if binary else open(tmp, 'w', encoding='utf-8') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def data_path(positional: str | None, option: str | None) -> str | None:
+    """The data to read, given as timm's positional ``DATA`` or as ``--data-dir``: the positional one wins,
+    as it is always the command line's, where ``--data-dir`` may come from a ``--config`` file."""
+    return positional or option
 
 
-def atomic_write_text(text: str, path: str) -> None:
-    """Write ``text`` to ``path`` atomically (:func:`atomic_write`)."""
-    atomic_write(path, lambda f: f.write(text))
+# The interpolations timm's evaluation transforms take ('random' is a training-only augmentation).
+EVAL_INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos')
 
 
-def write_yaml(config: dict[str, Any], path: str) -> None:
-    """Write ``config`` to ``path`` atomically."""
-    atomic_write_text(yaml.safe_dump(config, sort_keys=False), path)
+def check_image_options(img_size: int | None = None, crop_pct: float | None = None,
+                        interpolation: str | None = None) -> None:
+    """Range-check ``--img-size`` (at least 1), ``--crop-pct`` (in (0, 1]: above 1 the centre crop is larger
+    than the resized image and torchvision pads it with black) and ``--interpolation`` (an evaluation
+    interpolation, '' for the model's), so that a bad value is one line before any work, not a library
+    traceback or every image reported unreadable. None (and '') means not given."""
+    if img_size is not None and img_size < 1:
+        raise UserError(f'--img-size must be at least 1, not {img_size}')
+    if crop_pct is not None and crop_pct <= 0:
+        raise UserError(f'--crop-pct must be positive, not {crop_pct}')
+    if crop_pct is not None and crop_pct > 1:
+        raise UserError(f'--crop-pct must be at most 1 (the crop cannot be larger than the resized image), '
+                        f'not {crop_pct}')
+    if interpolation and interpolation not in EVAL_INTERPOLATIONS:
+        raise UserError(f'--interpolation {interpolation!r}: use one of {", ".join(EVAL_INTERPOLATIONS)}')

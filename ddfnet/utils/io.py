@@ -1,0 +1,59 @@
+"""File helpers: writes that never leave a truncated file behind, and the scripts' results files."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from typing import IO, Any, Callable
+
+import yaml
+
+TMP_SUFFIX = '.partial'  # of the temporary files atomic writes rename into place
+
+
+def atomic_write(path: str, write: Callable[[IO], Any], binary: bool = False) -> None:
+    """``write(file)`` to a temporary file next to ``path``, flushed to disk, then renamed over ``path``:
+    ``path`` is never a truncated file, and the temporary file is removed whatever happens."""
+    tmp = f'{path}.{os.getpid()}{TMP_SUFFIX}'
+    try:
+        with open(tmp, 'wb') if binary else open(tmp, 'w', encoding='utf-8') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_text(text: str, path: str) -> None:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_write`)."""
+    atomic_write(path, lambda f: f.write(text))
+
+
+def write_yaml(config: dict[str, Any], path: str) -> None:
+    """Write ``config`` to ``path`` atomically."""
+    atomic_write_text(yaml.safe_dump(config, sort_keys=False), path)
+
+
+def write_results(results: dict[str, Any], path: str) -> None:
+    """A results record (validate.py, onnx_validate.py) as JSON (``.json``, replacing the file), or as a row
+    added to a CSV table (``.csv``: several checkpoints into one table). A CSV whose header lacks some of
+    the record's columns is rewritten with the union of both (old rows blank in the new ones), so no value
+    of either is dropped. Written atomically in both cases."""
+    if not path.endswith('.csv'):
+        atomic_write_text(json.dumps(results, indent=2) + '\n', path)
+        return
+    rows: list[dict[str, Any]] = []
+    columns = list(results)
+    if os.path.exists(path):
+        with open(path, newline='', encoding='utf-8') as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            columns = list(reader.fieldnames or []) + [c for c in results if c not in (reader.fieldnames or [])]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator='\n')
+    writer.writeheader()
+    writer.writerows([*rows, results])
+    atomic_write_text(buffer.getvalue(), path)
