@@ -31,6 +31,8 @@ from timm.utils import ModelEmaV3, NativeScaler, distribute_bn, update_summary
 
 import ddfnet  # noqa: F401  (registers the DDF models with timm)
 from ddfnet.data import class_count, class_names, create_split, resolve_data_root
+from ddfnet.data.images import report_unreadable
+from ddfnet.data.labels import match_labels
 from ddfnet.training import run_epoch_hooks
 from ddfnet.training.args import train_parser
 from ddfnet.training.checkpoint import (CLASS_NAMES_FILE, LAST, holds_checkpoint, load_checkpoint, load_weights,
@@ -40,6 +42,7 @@ from ddfnet.training.config import (UserError, atomic_write_text, parse_args, re
 from ddfnet.training.distributed import init_distributed
 from ddfnet.training.engine import (SignalFlag, StopRequested, TrainingStopped, TrainState, evaluate, seed_epoch,
                                     train_one_epoch)
+from ddfnet.training.resume import resume_step
 
 _logger = logging.getLogger('train')
 SCHEDULE_KEYS = ('sched', 'sched_on_updates', 'lr', 'epochs', 'warmup_epochs', 'warmup_lr', 'min_lr',
@@ -264,9 +267,16 @@ def main(argv: list[str] | None = None) -> None:
     # Saved with the checkpoints for inference; a --num-classes that differs from the folder's count
     # means the names would not line up with the outputs.
     names = class_names(dataset_train)
+    # Evaluation labels are matched to the model's classes by name (a resumed run's are the checkpoint's), so a
+    # val split lacking a class is scored right and a class only in val fails now, before any training.
+    model_classes = (checkpoint or {}).get('class_names') or names
+    notes = [*dataset_train.notes, *dataset_eval.notes]  # said once the run folder's log.txt exists
+    if checkpoint is not None and checkpoint.get('class_names'):
+        notes.append(match_labels(dataset_train, model_classes, f"training split '{args.train_split}'"))
+    notes.append(match_labels(dataset_eval, model_classes, f"val split '{args.val_split}'"))
+    notes = [note for note in notes if note]
     names = names if names is not None and len(names) == num_classes else None
     model = build_model(args, num_classes)
-    notes = []  # said once the run folder's log.txt exists
     if checkpoint is not None:
         load_weights(model, model_state_dict(checkpoint, resume_path), resume_path, args.model)
     elif args.pretrained_file:
@@ -336,6 +346,13 @@ def main(argv: list[str] | None = None) -> None:
                          resume_path, args.model)
         rngs = checkpoint.get('rng') or []
         resume_rng = rngs[args.rank] if len(rngs) == args.world_size else None
+        saved_batch_size = checkpoint['config'].get('batch_size', args.batch_size)
+        step = resume_step(state.step, saved_batch_size, args.batch_size, len(rngs) or None, args.world_size,
+                           len(loader_train))
+        if step != state.step:
+            notes.append(f'--batch-size {args.batch_size} (the checkpoint\'s: {saved_batch_size}): continuing the epoch '
+                         f'after the {state.step * saved_batch_size} images per process trained, at batch {step}')
+            state.step = step
         notes.append(f'resuming from {resume_path}: epoch {state.epoch}, batch {state.step}')
 
     # The run starts: from here on files are written.
@@ -405,10 +422,12 @@ def main(argv: list[str] | None = None) -> None:
                     train_model, loader_train, optimizer, train_loss, args, state, device=device, scheduler=scheduler,
                     loss_scaler=loss_scaler, amp_autocast=amp_autocast, model_ema=model_ema, mixup_fn=mixup_fn,
                     stop=stop, resume_rng=resume_rng if state.step else None, tensorboard=tensorboard)
+                report_unreadable(dataset_train, _logger.warning, f'epoch {epoch} training')
                 if args.distributed and args.dist_bn:
                     distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
                 eval_metrics = evaluate(model, loader_eval, device, amp_autocast, args.channels_last,
                                         ema_model=model_ema.module if model_ema is not None else None)
+                report_unreadable(dataset_eval, _logger.warning, f'epoch {epoch} validation')
                 value = eval_metrics[key]
                 better = state.best_metric is None or (value < state.best_metric if args.eval_metric == 'loss'
                                                        else value > state.best_metric)

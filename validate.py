@@ -14,6 +14,7 @@ import argparse
 import csv
 import json
 import os
+import sys
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -24,6 +25,8 @@ from timm.data import create_loader, resolve_data_config
 
 import ddfnet  # noqa: F401  (registers the DDF models with timm)
 from ddfnet.data import class_count, create_split, resolve_data_root
+from ddfnet.data.images import report_unreadable
+from ddfnet.data.labels import match_labels
 from ddfnet.training.args import train_parser
 from ddfnet.training.checkpoint import load_checkpoint, model_state_dict
 from ddfnet.training.config import (OneLineArgumentParser, UserError, atomic_write_text, default_workers, parse_args,
@@ -93,14 +96,24 @@ def main(argv: list[str] | None = None) -> None:
     if args.crop_pct is not None and args.crop_pct <= 0:
         raise UserError(f'--crop-pct must be positive, not {args.crop_pct}')
     device = torch.device(resolve_device(args.device))
-    state = model_state_dict(load_checkpoint(args.checkpoint), args.checkpoint, use_ema=args.use_ema)
+    checkpoint = load_checkpoint(args.checkpoint)
+    state = model_state_dict(checkpoint, args.checkpoint, use_ema=args.use_ema)
+    # train.py's checkpoints name their classes: the split's labels are matched to them by name
+    model_classes = checkpoint.get('class_names') if isinstance(checkpoint, dict) else None
+    del checkpoint
     data_root = resolve_data_root(args.dataset, args.data_dir, args.demo_per_class)
     dataset = create_split(args.dataset, data_root, args.val_split, is_training=False)
+    notes = [*dataset.notes, match_labels(dataset, model_classes, f"split '{args.val_split}' of {data_root}")]
 
     num_classes = args.num_classes
     if num_classes is None:
         num_classes = classifier_size(args.model, state)
     num_classes = num_classes or class_count(dataset) or 1000
+    if model_classes is not None and len(model_classes) != num_classes:
+        raise UserError(f'{args.checkpoint} names {len(model_classes)} classes, the model has {num_classes}')
+    for note in notes:
+        if note:
+            print(f'validate.py: {note}', file=sys.stderr)
     model = create_model_with_weights(args.model, num_classes, args.model_kwargs, state, args.checkpoint)
     model.to(device).eval()
     if args.channels_last:
@@ -120,11 +133,12 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     metrics = evaluate(model, loader, device, amp_autocast, args.channels_last)
     seconds = time.perf_counter() - start
+    unreadable = report_unreadable(dataset, lambda line: print(f'validate.py: {line}', file=sys.stderr), 'validation')
     results = {
         'model': args.model, 'checkpoint': args.checkpoint, 'ema': args.use_ema, 'split': args.val_split,
         'top1': round(metrics['top1'], 4), 'top5': round(metrics['top5'], 4), 'loss': round(metrics['loss'], 6),
         'params_m': round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
-        'images': len(dataset), 'images_per_sec': round(len(dataset) / seconds, 1),
+        'images': len(dataset) - unreadable, 'images_per_sec': round(len(dataset) / seconds, 1),
         'img_size': data_config['input_size'][-1], 'crop_pct': data_config['crop_pct'],
         'interpolation': data_config['interpolation'], 'device': device.type,
     }

@@ -27,12 +27,12 @@ from contextlib import nullcontext
 from functools import partial
 
 import torch
-from PIL import Image
 from timm.data import create_transform, resolve_data_config
-from timm.data.readers.img_extensions import get_img_extensions
 
 import ddfnet  # noqa: F401  (registers the DDF models with timm)
 from ddfnet.data import create_split
+from ddfnet.data.images import READ_EXTENSIONS, open_rgb
+from ddfnet.data.labels import label_table, missing_note
 from ddfnet.training.args import train_parser
 from ddfnet.training.checkpoint import load_checkpoint, model_state_dict
 from ddfnet.training.config import (OneLineArgumentParser, UserError, atomic_write_text, parse_args,
@@ -89,7 +89,7 @@ def list_inputs(path: str, split: str | None) -> tuple[list[str], list[str | Non
         names = {index: name for name, index in reader.class_to_idx.items()}
         return [p for p, _ in reader.samples], [names[t] for _, t in reader.samples], []
     if os.path.isdir(path):
-        images, skipped, extensions = [], [], set(get_img_extensions())
+        images, skipped, extensions = [], [], set(READ_EXTENSIONS)
         for folder, subfolders, files in os.walk(path):
             subfolders[:] = sorted(d for d in subfolders if not d.startswith('.'))
             for name in sorted(f for f in files if not f.startswith('.')):
@@ -122,8 +122,7 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         try:
-            with Image.open(self.paths[index]) as image:
-                return self.transform(image.convert('RGB')), index, ''
+            return self.transform(open_rgb(self.paths[index])), index, ''
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...: any is a skip
             reason = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
             return None, index, reason[:160]
@@ -200,6 +199,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.topk > num_classes:
         raise UserError(f'--topk {args.topk} is more than the model\'s {num_classes} classes')
     paths, labels, skipped = list_inputs(args.input, args.split)
+    if args.split:  # folder labels are compared with the predictions by class name
+        where = f"split '{args.split}' of {args.input}"
+        folder_classes = sorted(set(labels))
+        if names is None:
+            print(f'inference.py: the model has no class names (give --class-map): the labels of {where} are '
+                  'reported, not compared with the predictions', file=sys.stderr)
+        else:
+            label_table(folder_classes, names, where)
+            note = missing_note(folder_classes, names, where)
+            if note:
+                print(f'inference.py: {note}', file=sys.stderr)
     if not paths:
         raise UserError(f'no images in {args.input}' + (f' ({len(skipped)} other files)' if skipped else ''))
 

@@ -60,9 +60,12 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f'{args.output} exists (pass --force to replace it)') from None
     except OSError as e:
         raise UserError(f'cannot write {args.output}: {str(e).removeprefix("export_onnx: ")}') from None
-    state = None
+    state, class_names = None, None
     if args.checkpoint:
-        state = model_state_dict(load_checkpoint(args.checkpoint), args.checkpoint, use_ema=args.use_ema)
+        checkpoint = load_checkpoint(args.checkpoint)
+        state = model_state_dict(checkpoint, args.checkpoint, use_ema=args.use_ema)
+        class_names = checkpoint.get('class_names') if isinstance(checkpoint, dict) else None
+        del checkpoint
     num_classes = args.num_classes
     if num_classes is None and state is not None:
         head = getattr(get_pretrained_cfg(args.model), 'classifier', None)
@@ -81,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(args.batch_size, channels, height, width, generator=generator)
     metadata = {METADATA_KEY: json.dumps(dict(data_config, model=args.model, dynamic_size=args.dynamic_size))}
+    if class_names:  # onnx_validate.py matches a split's labels to these by name
+        metadata['ddfnet.class_names'] = json.dumps(class_names)
     ddfnet.export_onnx(model, example, output, dynamic_size=args.dynamic_size, opset=args.opset, overwrite=args.force,
                        metadata=metadata)
     print(f'{args.model}: wrote {output} ({os.path.getsize(output) / 2 ** 20:.1f} MiB, input (B, {channels}, '

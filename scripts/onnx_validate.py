@@ -13,28 +13,41 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 import time
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_loader
 
 from ddfnet.data import class_count, create_split, resolve_data_root
+from ddfnet.data.images import report_unreadable
+from ddfnet.data.labels import match_labels
 from ddfnet.export import OnnxRuntimeModel
 from ddfnet.training.config import OneLineArgumentParser, UserError, run_main
 from ddfnet.training.engine import evaluate
 
 METADATA_KEY = 'ddfnet.data_config'  # written by onnx_export.py
+CLASS_NAMES_KEY = 'ddfnet.class_names'  # written by onnx_export.py from a checkpoint that names its classes
 DEFAULTS = dict(input_size=(3, 224, 224), mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, crop_pct=0.875,
                 interpolation='bicubic', model=None, dynamic_size=False)
 
 
-def _validate_module():
-    """validate.py (the repository root's), for its results-file writer."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'validate.py')
-    spec = importlib.util.spec_from_file_location('_ddfnet_validate', path)
+def _load(path: str, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _validate_module():
+    """validate.py (the repository root's), for its results-file writer."""
+    return _load(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'validate.py'),
+                 '_ddfnet_validate')
+
+
+def _inference_module():
+    """scripts/inference.py, for its class-map reader."""
+    return _load(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'inference.py'), '_ddfnet_inference')
 
 
 def onnx_validate_parser() -> OneLineArgumentParser:
@@ -48,6 +61,8 @@ def onnx_validate_parser() -> OneLineArgumentParser:
     add('--crop-pct', type=float)
     add('--interpolation', default='')
     add('--workers', '-j', type=int, default=2)
+    add('--class-map', metavar='FILE', help="the model's class names, one a line in output order (a run's "
+        'classes.txt); default: those stored in the ONNX file')
     add('--threads', type=int, help="onnxruntime intra-op threads (default: onnxruntime's choice)")
     add('--results-file', metavar='FILE', help='write the results as JSON (.json) or a CSV row (.csv)')
     return parser
@@ -71,7 +86,14 @@ def main(argv: list[str] | None = None) -> None:
     if fixed and fixed != [size, size]:
         raise UserError(f'{args.onnx_input} takes {dims[2]}x{dims[3]} images (exported without --dynamic-size), '
                         f'not {size}x{size}')
+    if args.class_map:
+        model_classes = _inference_module().read_class_map(args.class_map)
+    else:
+        model_classes = json.loads(model.metadata[CLASS_NAMES_KEY]) if CLASS_NAMES_KEY in model.metadata else None
     dataset = create_split('', resolve_data_root('', args.data), args.split, is_training=False)
+    for note in (*dataset.notes, match_labels(dataset, model_classes, f"split '{args.split}' of {args.data}")):
+        if note:
+            print(f'onnx_validate.py: {note}', file=sys.stderr)
     loader = create_loader(dataset, input_size=(3, size, size), batch_size=args.batch_size, is_training=False,
                            interpolation=args.interpolation or config['interpolation'],
                            crop_pct=args.crop_pct or config['crop_pct'], mean=tuple(config['mean']),
@@ -80,11 +102,13 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     metrics = evaluate(model, loader, torch.device('cpu'))
     seconds = time.perf_counter() - start
+    unreadable = report_unreadable(dataset, lambda line: print(f'onnx_validate.py: {line}', file=sys.stderr),
+                                   'validation')
     name = config['model'] or os.path.basename(args.onnx_input)
     results = {
         'model': name, 'onnx_input': args.onnx_input, 'split': args.split,
         'top1': round(metrics['top1'], 4), 'top5': round(metrics['top5'], 4), 'loss': round(metrics['loss'], 6),
-        'images': len(dataset), 'classes': class_count(dataset), 'images_per_sec': round(len(dataset) / seconds, 1),
+        'images': len(dataset) - unreadable, 'classes': class_count(dataset), 'images_per_sec': round(len(dataset) / seconds, 1),
         'img_size': size, 'crop_pct': args.crop_pct or config['crop_pct'],
         'interpolation': args.interpolation or config['interpolation'], 'runtime': 'onnxruntime-cpu',
     }
