@@ -205,3 +205,73 @@ def test_inference_split_matches_by_name(tmp_path, lacking_val, capsys):
             '--topk', '2']
     with pytest.raises(UserError, match='not trained on: square'):
         script.main(args)
+
+
+# Shards
+
+
+def make_shards(capsys, *args):
+    script = load_script('scripts/make_shards')
+    from ddfnet.training.config import run_main
+    try:
+        run_main(lambda: script.main([str(a) for a in args]), 'make_shards.py')
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr()
+
+
+def shard_members(out, split='val'):
+    import tarfile
+    members = {}
+    for name in json.loads((out / '_info.json').read_text())['splits'][split]['filenames']:
+        with tarfile.open(out / name) as tar:
+            members.update({m.name: tar.extractfile(m).read() for m in tar.getmembers()})
+    return members
+
+
+def test_make_shards_refuses_broken_images_by_name(tmp_path, capsys):
+    broken_split(tmp_path / 'src')
+    code, out = make_shards(capsys, tmp_path / 'src', tmp_path / 'out', '--splits', 'val', '--shard-size', '2')
+    assert code == 2 and not (tmp_path / 'out').exists()
+    lines = out.err.splitlines()
+    assert lines[0].startswith('make_shards.py: broken image') and 'empty.png' in lines[0]
+    assert 'truncated.png' in lines[1]
+    assert lines[2].startswith('make_shards.py: error: 2 image file(s) do not decode') and '--skip-broken' in lines[2]
+
+
+def test_make_shards_skips_broken_images_and_lists_them(tmp_path, capsys):
+    broken_split(tmp_path / 'src')
+    code, out = make_shards(capsys, tmp_path / 'src', tmp_path / 'out', '--splits', 'val', '--shard-size', '2',
+                            '--skip-broken')
+    assert code == 0, out.err
+    split = json.loads((tmp_path / 'out' / '_info.json').read_text())['splits']['val']
+    assert split['num_samples'] == 4
+    assert [entry['file'] for entry in split['broken']] == ['circle/empty.png', 'cross/truncated.png']
+    assert 'val: 4 images in 2 shards (2-2 per shard, 2 broken left out)' in out.out
+
+
+def test_make_shards_stores_sixteen_bit_and_bmp_as_8_bit_png(tmp_path, capsys):
+    write_split(tmp_path / 'src', 'val', {'circle': 1})
+    write_split(tmp_path / 'src', 'val', {'cross': 1}, extension='.bmp')
+    Image.fromarray(np.full((8, 8), 126 * 257, dtype=np.uint16)).save(tmp_path / 'src' / 'val' / 'cross' / 'grey.png')
+    code, out = make_shards(capsys, tmp_path / 'src', tmp_path / 'out', '--splits', 'val', '--shard-size', '3')
+    assert code == 0, out.err
+    members = shard_members(tmp_path / 'out')
+    images = {json.loads(members[k.replace('.png', '.json')])['filename']: members[k]
+              for k in members if k.endswith('.png')}
+    assert sorted(images) == ['circle/0.png', 'cross/0.bmp', 'cross/grey.png']
+    assert images['circle/0.png'] == (tmp_path / 'src' / 'val' / 'circle' / '0.png').read_bytes()  # not re-encoded
+    import io
+    grey = Image.open(io.BytesIO(images['cross/grey.png']))
+    assert np.asarray(grey.convert('RGB')).mean() == pytest.approx(126, abs=0.5)
+
+
+def test_validate_matches_shard_labels_by_name(tmp_path, capsys):
+    pytest.importorskip('webdataset')
+    write_split(tmp_path / 'src', 'val', {'cross': 3, 'dots': 1, 'ring': 2})
+    code, out = make_shards(capsys, tmp_path / 'src', tmp_path / 'wds', '--splits', 'val', '--shard-size', '6')
+    assert code == 0, out.err
+    checkpoint = always_predicts(tmp_path / 'ck.pth', MODEL_CLASSES, 'cross')
+    results, err = validate(capsys, checkpoint, tmp_path / 'wds', '--dataset', 'wds/wds')
+    assert results['top1'] == pytest.approx(50.0) and 'circle' in err

@@ -31,7 +31,7 @@ _SIXTEEN_BIT = ('I;16', 'I;16L', 'I;16B', 'I;16N')
 def to_rgb(image: Image.Image) -> Image.Image:
     """``image`` as 8-bit RGB; 16-bit grey (``I;16*``, or ``I`` holding values in 0..65535) by its 16-bit
     range. An ``I`` image with values outside that range has no known scale: ValueError."""
-    if image.mode in _SIXTEEN_BIT or image.mode == 'I':
+    if is_sixteen_bit(image):
         values = np.asarray(image).astype(np.float64)
         if image.mode == 'I' and values.size and (values.min() < 0 or values.max() > 65535):
             raise ValueError(f'32-bit integer image with values {values.min():.0f}..{values.max():.0f}: no known '
@@ -45,6 +45,23 @@ def open_rgb(file) -> Image.Image:
     """Open and decode an image file (path or binary file object) as 8-bit RGB (see :func:`to_rgb`)."""
     with Image.open(file) as image:
         return to_rgb(image)  # convert decodes the pixels, so a truncated file fails here, not later
+
+
+def image_problem(path: str) -> str | None:
+    """Why the image file ``path`` cannot be read (None: it decodes). A JPEG is decoded at reduced scale
+    (all of its data is still read, so truncation shows), which makes checking a large folder cheaper."""
+    try:
+        with Image.open(path) as image:
+            image.draft('RGB', (1, 1))
+            to_rgb(image)
+    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        return first_line(e)
+    return None
+
+
+def is_sixteen_bit(image: Image.Image) -> bool:
+    """Whether ``image`` is a 16-bit grey that Pillow's own ``convert('RGB')`` would clip (see :func:`to_rgb`)."""
+    return image.mode in _SIXTEEN_BIT or image.mode == 'I'
 
 
 class UnreadableLog:
