@@ -275,3 +275,59 @@ def test_validate_matches_shard_labels_by_name(tmp_path, capsys):
     checkpoint = always_predicts(tmp_path / 'ck.pth', MODEL_CLASSES, 'cross')
     results, err = validate(capsys, checkpoint, tmp_path / 'wds', '--dataset', 'wds/wds')
     assert results['top1'] == pytest.approx(50.0) and 'circle' in err
+
+
+def test_train_names_unreadable_files_once_and_counts_them_each_epoch(tmp_path):
+    data = tmp_path / 'data'
+    write_split(data, 'train', {'circle': 4, 'cross': 4})
+    write_split(data, 'val', {'circle': 2, 'cross': 2})
+    (data / 'train' / 'cross' / 'empty.png').write_bytes(b'')
+    (data / 'train' / 'circle' / 'notes.txt').write_text('not an image')
+    # a data loader worker process finds the broken file: the log still names it
+    args = tiny_args(str(data), tmp_path / 'out', '--dataset', '', '--workers', '1', '--batch-size', '3', epochs=2)
+    load_script('train').main(args)
+    log = (tmp_path / 'out' / 'run' / 'log.txt').read_text()
+    assert log.count(f'unreadable image {data}/train/cross/empty.png') == 1
+    assert log.count('training: 1 unreadable image file(s) skipped') == 2  # epochs 0 and 1
+    assert log.count('ignored 1 file(s) that are not images it reads (1 .txt;') == 1
+
+
+def bias_only_onnx(path, class_names, predicted, store_names):
+    """An ONNX classifier (32x32 input) that always answers ``predicted``; ``store_names``: the class names
+    in its metadata, as onnx_export.py writes them from a checkpoint that has them."""
+    onnx = pytest.importorskip('onnx')
+    pytest.importorskip('onnxruntime')
+
+    class BiasOnly(torch.nn.Module):
+        def forward(self, x):
+            bias = torch.zeros(len(class_names))
+            bias[class_names.index(predicted)] = 10.0
+            return x.mean(dim=(1, 2, 3))[:, None] * 0 + bias
+
+    torch.onnx.export(BiasOnly(), torch.zeros(2, 3, 32, 32), str(path), dynamo=False, input_names=['x'],
+                      dynamic_axes={'x': {0: 'batch'}})
+    proto = onnx.load(str(path))
+    metadata = {'ddfnet.data_config': json.dumps({'input_size': [3, 32, 32], 'crop_pct': 1.0})}
+    if store_names:
+        metadata['ddfnet.class_names'] = json.dumps(class_names)
+    for key, value in metadata.items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(path))
+    return path
+
+
+@pytest.mark.filterwarnings('ignore::DeprecationWarning')  # the legacy exporter, for a one-node model
+@pytest.mark.parametrize('store_names', [True, False])
+def test_onnx_validate_matches_labels_by_name(tmp_path, lacking_val, capsys, store_names):
+    model = bias_only_onnx(tmp_path / 'm.onnx', MODEL_CLASSES, 'cross', store_names)
+    (tmp_path / 'classes.txt').write_text(''.join(f'{name}\n' for name in MODEL_CLASSES))
+    script = load_script('scripts/onnx_validate')
+    args = [str(lacking_val), '--onnx-input', str(model), '--split', 'val', '--workers', '0',
+            '--results-file', str(tmp_path / 'r.json')]
+    script.main(args if store_names else [*args, '--class-map', str(tmp_path / 'classes.txt')])
+    assert json.loads((tmp_path / 'r.json').read_text())['top1'] == pytest.approx(50.0)
+    assert capsys.readouterr().err.count('circle') == 1
+    if not store_names:  # neither stored nor given: the folder's own order, said once
+        script.main([*args[:-1], str(tmp_path / 'r2.json')])
+        assert json.loads((tmp_path / 'r2.json').read_text())['top1'] == pytest.approx(100 / 6, abs=1e-3)
+        assert capsys.readouterr().err.count('no class names') == 1
