@@ -166,6 +166,13 @@ def test_sixteen_bit_png_by_its_range(tmp_path):
         assert image.mode.startswith('I')
         assert np.asarray(image.convert('RGB')).mean() > 250  # what Pillow alone gives
     assert np.asarray(open_rgb(path)).mean() == pytest.approx(126, abs=0.5)
+    # training and validation read folders the same way
+    for name in ('circle', 'cross'):
+        os.makedirs(tmp_path / 'train' / name)
+        Image.fromarray(np.full((8, 8), 126 * 257, dtype=np.uint16)).save(tmp_path / 'train' / name / 'g.png')
+    for is_training in (True, False):
+        image, _ = create_split('', str(tmp_path), 'train', is_training=is_training)[0]
+        assert image.mode == 'RGB' and np.asarray(image).mean() == pytest.approx(126, abs=0.5)
 
 
 def broken_split(root):
