@@ -29,15 +29,17 @@ _SIXTEEN_BIT = ('I;16', 'I;16L', 'I;16B', 'I;16N')
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """``image`` as 8-bit RGB; 16-bit grey (``I;16*``, or ``I`` holding values in 0..65535) by its 16-bit
-    range. An ``I`` image with values outside that range has no known scale: ValueError."""
+    """``image`` as 8-bit RGB; a 16-bit grey (``I;16*``; ``I`` from a PNG, whose greys are at most 16-bit)
+    scaled by its 16-bit range. Another ``I`` image (32-bit integers) is converted as Pillow does when its
+    values fit 8 bits; otherwise it has no known scale: ValueError."""
     if is_sixteen_bit(image):
         values = np.asarray(image).astype(np.float64)
-        if image.mode == 'I' and values.size and (values.min() < 0 or values.max() > 65535):
-            raise ValueError(f'32-bit integer image with values {values.min():.0f}..{values.max():.0f}: no known '
-                             'range to scale to 8 bits')
-        grey = np.round(values * (255 / 65535)).astype(np.uint8)
+        grey = np.round(np.clip(values, 0, 65535) * (255 / 65535)).astype(np.uint8)
         return Image.fromarray(grey).convert('RGB')
+    if image.mode == 'I':
+        low, high = image.getextrema()
+        if low < 0 or high > 255:
+            raise ValueError(f'32-bit integer image with values {low}..{high}: no known range to scale to 8 bits')
     return image.convert('RGB')
 
 
@@ -61,7 +63,7 @@ def image_problem(path: str) -> str | None:
 
 def is_sixteen_bit(image: Image.Image) -> bool:
     """Whether ``image`` is a 16-bit grey that Pillow's own ``convert('RGB')`` would clip (see :func:`to_rgb`)."""
-    return image.mode in _SIXTEEN_BIT or image.mode == 'I'
+    return image.mode in _SIXTEEN_BIT or (image.mode == 'I' and image.format == 'PNG')
 
 
 class UnreadableLog:
