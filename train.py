@@ -273,6 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     notes = [*dataset_train.notes, *dataset_eval.notes]  # said once the run folder's log.txt exists
     if checkpoint is not None and checkpoint.get('class_names'):
         notes.append(match_labels(dataset_train, model_classes, f"training split '{args.train_split}'"))
+        names = model_classes  # the outputs' names, even if the training split now lacks a class
     notes.append(match_labels(dataset_eval, model_classes, f"val split '{args.val_split}'"))
     notes = [note for note in notes if note]
     names = names if names is not None and len(names) == num_classes else None

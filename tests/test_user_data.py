@@ -338,3 +338,16 @@ def test_onnx_validate_matches_labels_by_name(tmp_path, lacking_val, capsys, sto
         script.main([*args[:-1], str(tmp_path / 'r2.json')])
         assert json.loads((tmp_path / 'r2.json').read_text())['top1'] == pytest.approx(100 / 6, abs=1e-3)
         assert capsys.readouterr().err.count('no class names') == 1
+
+
+def test_resume_refuses_a_training_class_the_checkpoint_does_not_know(tmp_path):
+    data = tmp_path / 'data'
+    write_split(data, 'train', {'circle': 4, 'cross': 4})
+    write_split(data, 'val', {'circle': 1, 'cross': 1})
+    args = tiny_args(str(data), tmp_path / 'out', '--dataset', '', epochs=1)
+    load_script('train').main(args)
+    write_split(data, 'train', {'dots': 4})  # a class added between the launches: it has no output
+    before = (tmp_path / 'out' / 'run' / 'last.pth.tar').read_bytes()
+    with pytest.raises(UserError, match="training split 'train' holds 1 class.*not trained on: dots"):
+        load_script('train').main([*args, '--epochs', '2', '--resume', 'auto'])
+    assert (tmp_path / 'out' / 'run' / 'last.pth.tar').read_bytes() == before
