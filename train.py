@@ -351,8 +351,8 @@ def main(argv: list[str] | None = None) -> None:
         step = resume_step(state.step, saved_batch_size, args.batch_size, len(rngs) or None, args.world_size,
                            len(loader_train))
         if step != state.step:
-            notes.append(f'--batch-size {args.batch_size} (the checkpoint\'s: {saved_batch_size}): continuing the epoch '
-                         f'after the {state.step * saved_batch_size} images per process trained, at batch {step}')
+            notes.append(f'--batch-size {args.batch_size} (the checkpoint\'s: {saved_batch_size}): continuing the '
+                         f'epoch after the {state.step * saved_batch_size} images per process trained, at batch {step}')
             state.step = step
         notes.append(f'resuming from {resume_path}: epoch {state.epoch}, batch {state.step}')
 

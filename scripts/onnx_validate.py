@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     results = {
         'model': name, 'onnx_input': args.onnx_input, 'split': args.split,
         'top1': round(metrics['top1'], 4), 'top5': round(metrics['top5'], 4), 'loss': round(metrics['loss'], 6),
-        'images': len(dataset) - unreadable, 'classes': class_count(dataset), 'images_per_sec': round(len(dataset) / seconds, 1),
+        'images': len(dataset) - unreadable, 'classes': class_count(dataset),
+        'images_per_sec': round(len(dataset) / seconds, 1),
         'img_size': size, 'crop_pct': args.crop_pct or config['crop_pct'],
         'interpolation': args.interpolation or config['interpolation'], 'runtime': 'onnxruntime-cpu',
     }

@@ -15,7 +15,7 @@ from ddfnet.data.demo import CLASSES, render
 from ddfnet.data.images import open_rgb, report_unreadable
 from ddfnet.data.labels import match_labels
 from ddfnet.training.config import UserError
-from tests.training import ROOT, load_script, tiny_args
+from training import load_script, tiny_args
 
 MODEL_KWARGS = '{layers: [1, 1, 1, 1]}'
 
@@ -64,7 +64,8 @@ def lacking_val(tmp_path):
 def test_validate_matches_labels_by_name(tmp_path, lacking_val, capsys):
     checkpoint = always_predicts(tmp_path / 'ck.pth', MODEL_CLASSES, 'cross')
     results, err = validate(capsys, checkpoint, lacking_val)
-    assert results['top1'] == pytest.approx(50.0)  # the 3 'cross' of 6 images, not the 1 'dots' (the val folder's index 1)
+    # the 3 'cross' of 6 images, not the 1 'dots' (index 1 of the val folder's own order)
+    assert results['top1'] == pytest.approx(50.0)
     assert results['images'] == 6
     assert err.count('circle') == 1 and 'scored on the 3' in err
 

@@ -175,12 +175,13 @@ def check_folder_split(folder: str, samples: list, is_training: bool) -> list[st
         inner = sorted({'/'.join(p[1:-1]) for p in nested})
         example = '/'.join(nested[0])
         if not classes:
+            holding = ', '.join(i + '/' for i in inner[:3]) + (' ...' if len(inner) > 3 else '')
             raise UserError(f'{folder}: every class folder holds only sub-folders ({len(tops)} folder(s) such as '
-                            f'{tops[0]}/, holding {", ".join(i + "/" for i in inner[:3])}{" ..." if len(inner) > 3 else ""}'
-                            f'; e.g. {example}): expected {folder}/<class>/<image>; move the images up into their '
-                            'class folders')
-        raise UserError(f'{folder}: {len(nested)} image(s) in sub-folders of class folders (e.g. {example}): they would be '
-                        f'labelled by the sub-folder name ({inner[0]}), not the class; move them into their class folder')
+                            f'{tops[0]}/, holding {holding}; e.g. {example}): expected {folder}/<class>/<image>; '
+                            'move the images up into their class folders')
+        raise UserError(f'{folder}: {len(nested)} image(s) in sub-folders of class folders (e.g. {example}): they '
+                        f'would be labelled by the sub-folder name ({inner[0]}), not the class; move them into their '
+                        'class folder')
     if loose:
         raise UserError(f'{folder}: {len(loose)} image(s) directly in the split folder (e.g. {loose[0]}), not in a '
                         f'class folder: expected {folder}/<class>/<image>')

@@ -27,8 +27,8 @@ def resume_step(step: int, saved_batch_size: int, batch_size: int, saved_world_s
     if batch_size == saved_batch_size:
         new_step = step
     elif images % batch_size:
-        raise UserError(f'--batch-size {batch_size}: the checkpoint stopped mid-epoch after {images} images per process '
-                        f'({step} batches of {saved_batch_size}), not a whole number of batches of {batch_size}; '
+        raise UserError(f'--batch-size {batch_size}: the checkpoint stopped mid-epoch after {images} images per '
+                        f'process ({step} batches of {saved_batch_size}), not a whole number of batches of {batch_size}; '
                         f'resume with --batch-size {saved_batch_size}, {how}')
     else:
         new_step = images // batch_size
