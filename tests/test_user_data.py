@@ -352,3 +352,20 @@ def test_resume_refuses_a_training_class_the_checkpoint_does_not_know(tmp_path):
     with pytest.raises(UserError, match="training split 'train' holds 1 class.*not trained on: dots"):
         load_script('train').main([*args, '--epochs', '2', '--resume', 'auto'])
     assert (tmp_path / 'out' / 'run' / 'last.pth.tar').read_bytes() == before
+
+
+def test_onnx_export_stores_the_checkpoint_class_names(tmp_path, monkeypatch, capsys):
+    """What onnx_validate.py matches labels with (the export itself is tested in test_onnx.py)."""
+    checkpoint = always_predicts(tmp_path / 'ck.pth', MODEL_CLASSES, 'cross')
+    script = load_script('scripts/onnx_export')
+    written = {}
+
+    def export_onnx(model, example, output, metadata, **kwargs):
+        written.update(metadata)
+        open(output, 'wb').close()
+
+    monkeypatch.setattr(script.ddfnet, 'export_onnx', export_onnx)
+    script.main(['--model', 'ddf_resnet26', '--model-kwargs', MODEL_KWARGS, '--checkpoint', str(checkpoint),
+                 '--img-size', '32', str(tmp_path / 'm.onnx')])
+    assert json.loads(written['ddfnet.class_names']) == MODEL_CLASSES
+    assert load_script('scripts/onnx_validate').CLASS_NAMES_KEY == 'ddfnet.class_names'
