@@ -32,6 +32,8 @@ import ddfnet  # noqa: F401  (registers the DDF models with timm)
 from ddfnet.cli import (UserError, check_image_options, parse_args, rejected_as, resolve_device, resolved_config,
                         run_main)
 from ddfnet.data import class_count, class_names, create_split, resolve_data_root
+from ddfnet.data.images import report_unreadable
+from ddfnet.data.labels import match_labels
 from ddfnet.training import run_epoch_hooks
 from ddfnet.training.args import train_parser
 from ddfnet.training.checkpoint import (CLASS_NAMES_FILE, LAST, holds_checkpoint, load_weights,
@@ -39,6 +41,7 @@ from ddfnet.training.checkpoint import (CLASS_NAMES_FILE, LAST, holds_checkpoint
 from ddfnet.training.distributed import init_distributed, start_together
 from ddfnet.training.engine import (SignalFlag, StopRequested, TrainingStopped, TrainState, autocast_context, evaluate,
                                     seed_epoch, train_one_epoch)
+from ddfnet.training.resume import resume_step
 from ddfnet.utils.io import atomic_write_text, write_yaml
 from ddfnet.utils.weights import WeightsFileError, load_checkpoint, model_state_dict
 
@@ -272,10 +275,11 @@ def load_initial_weights(model: torch.nn.Module, args: argparse.Namespace, check
     return notes
 
 
-def restore_training(checkpoint: dict, resume_path: str, args: argparse.Namespace, config: dict, optimizer,
-                     loss_scaler, model_ema, notes: list[str]):
-    """Load the optimizer, loss scaler and EMA states of ``checkpoint``; returns this rank's saved random
-    generator states (None when the world size changed) and appends what to log to ``notes``."""
+def restore_training(checkpoint: dict, resume_path: str, args: argparse.Namespace, config: dict, state: TrainState,
+                     batches_per_epoch: int, optimizer, loss_scaler, model_ema, notes: list[str]):
+    """Load the optimizer, loss scaler and EMA states of ``checkpoint`` and move ``state.step`` to the same
+    images in batches of this run's size (or refuse); returns this rank's saved random generator states (None
+    when the world size changed) and appends what to log to ``notes``."""
     with rejected_as(f'--resume {resume_path}: its optimizer state does not fit these optimizer settings'):
         optimizer.load_state_dict(checkpoint['optimizer'])
     # timm's schedules (plateau is rejected) are functions of (epoch, step) and their settings, which
@@ -291,8 +295,14 @@ def restore_training(checkpoint: dict, resume_path: str, args: argparse.Namespac
         load_weights(model_ema.module, model_state_dict(checkpoint, resume_path, use_ema=True),
                      resume_path, args.model)
     rngs = checkpoint.get('rng') or []
-    notes.append(f'resuming from {resume_path}: epoch {checkpoint["state"]["epoch"]}, '
-                 f'batch {checkpoint["state"]["step"]}')
+    saved_batch_size = checkpoint['config'].get('batch_size', args.batch_size)
+    step = resume_step(state.step, saved_batch_size, args.batch_size, len(rngs) or None, args.world_size,
+                       batches_per_epoch)
+    if step != state.step:
+        notes.append(f'--batch-size {args.batch_size} (the checkpoint\'s: {saved_batch_size}): continuing the '
+                     f'epoch after the {state.step * saved_batch_size} images per process trained, at batch {step}')
+        state.step = step
+    notes.append(f'resuming from {resume_path}: epoch {state.epoch}, batch {state.step}')
     return rngs[args.rank] if len(rngs) == args.world_size else None
 
 
@@ -332,6 +342,7 @@ class Run(NamedTuple):
     loader_train: Any
     loader_eval: Any
     dataset_train: Any
+    dataset_eval: Any
     state: TrainState
     num_epochs: int
     updates_per_epoch: int
@@ -385,10 +396,12 @@ def train_epochs(run: Run) -> None:
                     scheduler=run.scheduler, loss_scaler=run.loss_scaler, amp_autocast=run.amp_autocast,
                     model_ema=model_ema, mixup_fn=run.mixup_fn, stop=stop,
                     resume_rng=run.resume_rng if state.step else None, tensorboard=run.tensorboard)
+                report_unreadable(run.dataset_train, _logger.warning, f'epoch {epoch} training')
                 if args.distributed and args.dist_bn:
                     distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
                 eval_metrics = evaluate(model, run.loader_eval, device, run.amp_autocast, args.channels_last,
                                         ema_model=model_ema.module if model_ema is not None else None)
+                report_unreadable(run.dataset_eval, _logger.warning, f'epoch {epoch} validation')
                 value = eval_metrics[key]
                 better = state.best_metric is None or (value < state.best_metric if args.eval_metric == 'loss'
                                                        else value > state.best_metric)
@@ -455,9 +468,18 @@ def main(argv: list[str] | None = None) -> None:
     # Saved with the checkpoints for inference; a --num-classes that differs from the folder's count
     # means the names would not line up with the outputs.
     names = class_names(dataset_train)
+    # Evaluation labels are matched to the model's classes by name (a resumed run's are the checkpoint's), so a
+    # val split lacking a class is scored right and a class only in val fails now, before any training.
+    model_classes = (checkpoint or {}).get('class_names') or names
+    notes = [*dataset_train.notes, *dataset_eval.notes]  # said once the run folder's log.txt exists
+    if checkpoint is not None and checkpoint.get('class_names'):
+        notes.append(match_labels(dataset_train, model_classes, f"training split '{args.train_split}'"))
+        names = model_classes  # the outputs' names, even if the training split now lacks a class
+    notes.append(match_labels(dataset_eval, model_classes, f"val split '{args.val_split}'"))
+    notes = [note for note in notes if note]
     names = names if names is not None and len(names) == num_classes else None
     model = build_model(args, num_classes)
-    notes = load_initial_weights(model, args, checkpoint, resume_path, num_classes)  # said once log.txt exists
+    notes += load_initial_weights(model, args, checkpoint, resume_path, num_classes)
 
     model.to(device)
     if args.channels_last:
@@ -500,7 +522,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     resume_rng = None
     if checkpoint is not None:
-        resume_rng = restore_training(checkpoint, resume_path, args, config, optimizer, loss_scaler, model_ema, notes)
+        resume_rng = restore_training(checkpoint, resume_path, args, config, state, len(loader_train), optimizer,
+                                      loss_scaler, model_ema, notes)
 
     # from here on files are written; a rank 0 that cannot write them stops every rank
     start_together(args, lambda: open_run(run_dir, config, checkpoint, names, primary))
@@ -524,8 +547,8 @@ def main(argv: list[str] | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
         tensorboard = SummaryWriter(run_dir)
     train_epochs(Run(args, run_dir, primary, config, names, device, model, train_model, model_ema, optimizer, scheduler,
-                     loss_scaler, amp_autocast, train_loss, mixup_fn, loader_train, loader_eval, dataset_train, state,
-                     num_epochs, updates_per_epoch, resume_rng, tensorboard))
+                     loss_scaler, amp_autocast, train_loss, mixup_fn, loader_train, loader_eval, dataset_train,
+                     dataset_eval, state, num_epochs, updates_per_epoch, resume_rng, tensorboard))
 
 
 if __name__ == '__main__':

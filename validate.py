@@ -13,6 +13,7 @@ exit status 2.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import timm
@@ -23,6 +24,8 @@ import ddfnet  # noqa: F401  (registers the DDF models with timm)
 from ddfnet.cli import (OneLineArgumentParser, UserError, check_image_options, check_output_file, data_path,
                         default_workers, parse_args, rejected_as, resolve_device, run_main, yaml_mapping)
 from ddfnet.data import class_count, create_split, resolve_data_root
+from ddfnet.data.images import report_unreadable
+from ddfnet.data.labels import match_labels
 from ddfnet.training.args import train_parser
 from ddfnet.training.engine import autocast_context, evaluate
 from ddfnet.training.loading import classifier_size, create_model_with_weights
@@ -82,14 +85,24 @@ def main(argv: list[str] | None = None) -> None:
     if args.results_file:  # before the work, so that its results cannot be lost
         check_output_file(args.results_file, args.force, append=args.results_file.endswith('.csv'))
     device = torch.device(resolve_device(args.device))
-    state = model_state_dict(load_checkpoint(args.checkpoint), args.checkpoint, use_ema=args.use_ema)
+    checkpoint = load_checkpoint(args.checkpoint)
+    state = model_state_dict(checkpoint, args.checkpoint, use_ema=args.use_ema)
+    # train.py's checkpoints name their classes: the split's labels are matched to them by name
+    model_classes = checkpoint.get('class_names') if isinstance(checkpoint, dict) else None
+    del checkpoint
     data_root = resolve_data_root(args.dataset, args.data_dir, args.demo_per_class)
     dataset = create_split(args.dataset, data_root, args.val_split, is_training=False)
+    notes = [*dataset.notes, match_labels(dataset, model_classes, f"split '{args.val_split}' of {data_root}")]
 
     num_classes = args.num_classes
     if num_classes is None:
         num_classes = classifier_size(args.model, state)
     num_classes = num_classes or class_count(dataset) or 1000
+    if model_classes is not None and len(model_classes) != num_classes:
+        raise UserError(f'{args.checkpoint} names {len(model_classes)} classes, the model has {num_classes}')
+    for note in notes:
+        if note:
+            print(f'validate.py: {note}', file=sys.stderr)
     model = create_model_with_weights(args.model, num_classes, args.model_kwargs, state, args.checkpoint)
     model.to(device).eval()
     if args.channels_last:
@@ -108,11 +121,12 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     metrics = evaluate(model, loader, device, amp_autocast, args.channels_last)
     seconds = time.perf_counter() - start
+    unreadable = report_unreadable(dataset, lambda line: print(f'validate.py: {line}', file=sys.stderr), 'validation')
     results = {
         'model': args.model, 'checkpoint': args.checkpoint, 'ema': args.use_ema, 'split': args.val_split,
         'top1': round(metrics['top1'], 4), 'top5': round(metrics['top5'], 4), 'loss': round(metrics['loss'], 6),
         'params_m': round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
-        'images': len(dataset), 'images_per_sec': round(len(dataset) / seconds, 1),
+        'images': len(dataset) - unreadable, 'images_per_sec': round(len(dataset) / seconds, 1),
         'img_size': data_config['input_size'][-1], 'crop_pct': data_config['crop_pct'],
         'interpolation': data_config['interpolation'], 'device': device.type,
     }

@@ -27,7 +27,6 @@ import sys
 import time
 
 import torch
-from PIL import Image
 from timm.data import ImageNetInfo, create_transform, resolve_data_config
 from timm.data.readers.img_extensions import get_img_extensions
 
@@ -35,6 +34,8 @@ import ddfnet  # noqa: F401  (registers the DDF models with timm)
 from ddfnet.cli import (OneLineArgumentParser, UserError, check_image_options, check_output_file, data_path, parse_args,
                         resolve_device, run_main, yaml_mapping)
 from ddfnet.data import create_split
+from ddfnet.data.images import READ_EXTENSIONS, open_rgb
+from ddfnet.data.labels import label_table, missing_note, read_class_map
 from ddfnet.training.args import train_parser
 from ddfnet.training.engine import autocast_context
 from ddfnet.training.loading import classifier_size, create_model_with_weights
@@ -94,7 +95,7 @@ def list_inputs(path: str, split: str | None) -> tuple[list[str], list[str | Non
         names = {index: name for name, index in reader.class_to_idx.items()}
         return [p for p, _ in reader.samples], [names[t] for _, t in reader.samples], []
     if os.path.isdir(path):
-        images, skipped, extensions = [], [], set(get_img_extensions())
+        images, skipped, extensions = [], [], set(READ_EXTENSIONS)
         for folder, subfolders, files in os.walk(path):
             subfolders[:] = sorted(d for d in subfolders if not d.startswith('.'))
             for name in sorted(f for f in files if not f.startswith('.')):
@@ -129,8 +130,7 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         try:
-            with Image.open(self.paths[index]) as image:
-                return self.transform(image.convert('RGB')), index, ''
+            return self.transform(open_rgb(self.paths[index])), index, ''
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...: any is a skip
             reason = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
             return None, index, reason[:160]
@@ -142,18 +142,6 @@ def collate_readable(batch):
     failed = [(index, reason) for image, index, reason in batch if image is None]
     images = torch.stack([image for image, _ in good]) if good else None
     return images, [index for _, index in good], failed
-
-
-def read_class_map(path: str) -> list[str]:
-    """Class names from a text file, one a line in label order (blank lines ignored)."""
-    try:
-        with open(path, encoding='utf-8') as f:
-            names = [line.strip() for line in f if line.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f'cannot read --class-map {path}: {e}') from None
-    if not names:
-        raise UserError(f'--class-map {path} holds no class names')
-    return names
 
 
 def write_predictions(records: list[dict], path: str, fmt: str, topk: int) -> None:
@@ -219,6 +207,17 @@ def main(argv: list[str] | None = None) -> None:
     elif args.topk > num_classes:
         raise UserError(f'--topk {args.topk} is more than the model\'s {num_classes} classes')
     paths, labels, skipped = list_inputs(args.input, args.split)
+    if args.split:  # folder labels are compared with the predictions by class name
+        where = f"split '{args.split}' of {args.input}"
+        folder_classes = sorted(set(labels))
+        if names is None:
+            print(f'inference.py: the model has no class names (give --class-map): the labels of {where} are '
+                  'reported, not compared with the predictions', file=sys.stderr)
+        else:
+            label_table(folder_classes, names, where)
+            note = missing_note(folder_classes, names, where)
+            if note:
+                print(f'inference.py: {note}', file=sys.stderr)
     if not paths:
         raise UserError(f'no images in {args.input}' + (f' ({len(skipped)} other files)' if skipped else ''))
 

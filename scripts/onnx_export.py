@@ -62,9 +62,12 @@ def main(argv: list[str] | None = None) -> None:
         if not 1 <= args.opset <= onnx.defs.onnx_opset_version():
             raise UserError(f'--opset {args.opset}: this onnx package knows opsets 1 to {onnx.defs.onnx_opset_version()}')
     output = check_output_file(args.output, args.force)
-    state = None
+    state, class_names = None, None
     if args.checkpoint:
-        state = model_state_dict(load_checkpoint(args.checkpoint), args.checkpoint, use_ema=args.use_ema)
+        checkpoint = load_checkpoint(args.checkpoint)
+        state = model_state_dict(checkpoint, args.checkpoint, use_ema=args.use_ema)
+        class_names = checkpoint.get('class_names') if isinstance(checkpoint, dict) else None
+        del checkpoint
     num_classes = args.num_classes or (classifier_size(args.model, state) if state is not None else None)
     model = create_model_with_weights(args.model, num_classes, args.model_kwargs, state, args.checkpoint)
     model.eval()
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     channels, height, width = data_config['input_size']
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(args.batch_size, channels, height, width, generator=generator)
-    metadata = data_config_metadata(data_config, args.model, args.dynamic_size)
+    metadata = data_config_metadata(data_config, args.model, args.dynamic_size, class_names)
     # Exported to a temporary file, checked, then renamed over OUTPUT: a file that fails a check is never
     # left behind, and an existing OUTPUT (with --force) is replaced only by a file that passed.
     tmp = f'{output}.{os.getpid()}{TMP_SUFFIX}'

@@ -12,6 +12,7 @@ work: a JSON file is replaced only with ``--force``, a CSV table gets a row. The
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import torch
@@ -19,8 +20,10 @@ from timm.data import create_loader
 
 from ddfnet.cli import OneLineArgumentParser, UserError, check_image_options, check_output_file, run_main
 from ddfnet.data import class_count, create_split, resolve_data_root
+from ddfnet.data.images import report_unreadable
+from ddfnet.data.labels import match_labels, read_class_map
 from ddfnet.export import OnnxRuntimeModel
-from ddfnet.export.metadata import read_data_config
+from ddfnet.export.metadata import read_class_names, read_data_config
 from ddfnet.training.engine import evaluate
 from ddfnet.utils.io import write_results
 
@@ -36,6 +39,8 @@ def onnx_validate_parser() -> OneLineArgumentParser:
     add('--crop-pct', type=float)
     add('--interpolation', default='')
     add('--workers', '-j', type=int, default=2)
+    add('--class-map', metavar='FILE', help="the model's class names, one a line in output order (a run's "
+        'classes.txt); default: those stored in the ONNX file')
     add('--threads', type=int, help="onnxruntime intra-op threads (default: onnxruntime's choice)")
     add('--results-file', metavar='FILE', help='write the results as JSON (.json) or add a row to a CSV table (.csv)')
     add('--force', action='store_true', help='replace an existing JSON results file')
@@ -62,7 +67,11 @@ def main(argv: list[str] | None = None) -> None:
     if fixed and fixed != [size, size]:
         raise UserError(f'{args.onnx_input} takes {dims[2]}x{dims[3]} images (exported without --dynamic-size), '
                         f'not {size}x{size}')
+    model_classes = read_class_map(args.class_map) if args.class_map else read_class_names(model.metadata)
     dataset = create_split('', resolve_data_root('', args.data), args.split, is_training=False)
+    for note in (*dataset.notes, match_labels(dataset, model_classes, f"split '{args.split}' of {args.data}")):
+        if note:
+            print(f'onnx_validate.py: {note}', file=sys.stderr)
     loader = create_loader(dataset, input_size=(3, size, size), batch_size=args.batch_size, is_training=False,
                            interpolation=args.interpolation or config['interpolation'],
                            crop_pct=args.crop_pct or config['crop_pct'], mean=tuple(config['mean']),
@@ -71,11 +80,14 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     metrics = evaluate(model, loader, torch.device('cpu'))
     seconds = time.perf_counter() - start
+    unreadable = report_unreadable(dataset, lambda line: print(f'onnx_validate.py: {line}', file=sys.stderr),
+                                   'validation')
     name = config['model'] or os.path.basename(args.onnx_input)
     results = {
         'model': name, 'onnx_input': args.onnx_input, 'split': args.split,
         'top1': round(metrics['top1'], 4), 'top5': round(metrics['top5'], 4), 'loss': round(metrics['loss'], 6),
-        'images': len(dataset), 'classes': class_count(dataset), 'images_per_sec': round(len(dataset) / seconds, 1),
+        'images': len(dataset) - unreadable, 'classes': class_count(dataset),
+        'images_per_sec': round(len(dataset) / seconds, 1),
         'img_size': size, 'crop_pct': args.crop_pct or config['crop_pct'],
         'interpolation': args.interpolation or config['interpolation'], 'runtime': 'onnxruntime-cpu',
     }

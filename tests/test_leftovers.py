@@ -4,7 +4,6 @@ out-of-memory errors are not read as bad options, one-line errors are not cut mi
 import importlib.util
 
 import pytest
-import timm
 import torch
 
 from ddfnet.cli import UserError, rejected_as, run_main, short_reason

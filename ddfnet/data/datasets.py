@@ -7,6 +7,7 @@ from timm.data import create_dataset
 
 from ..cli import UserError
 from .demo import ensure_demo_dataset
+from .images import READ_EXTENSIONS, FolderImages, check_folder_split
 from .shards import check_layout, is_shards, read_info, resolve_split
 
 
@@ -60,6 +61,10 @@ def create_split(dataset: str, root: str, split: str, is_training: bool, batch_s
 
     For WebDataset shards (``wds/NAME``) ``world_size`` and ``workers`` (per rank) say how the epoch will be
     split, and a shard layout on which timm's reader would repeat or skip images is a :class:`UserError`.
+
+    An image folder is read as :class:`~ddfnet.data.images.FolderImages` (more formats, 16-bit greys,
+    unreadable files reported) after :func:`~ddfnet.data.images.check_folder_split`; the notes to say
+    once (files not read, by extension) are in the dataset's ``notes``.
     """
     if not dataset and os.path.isdir(root) and not _has_split_folder(root, split):
         names = next((group for group in _SYNONYMS if split in group), (split,))
@@ -71,12 +76,21 @@ def create_split(dataset: str, root: str, split: str, is_training: bool, batch_s
         except ImportError:
             raise UserError(f"--dataset {dataset} needs the webdataset package: pip install 'ddfnet[wds]'") from None
         split = resolve_split(read_info(root), split, root)
+    folder = not dataset and os.path.isdir(root)
+    extra = {'input_key': ';'.join(READ_EXTENSIONS)} if folder else {}  # the extensions timm's reader lists
     try:
-        data = create_dataset(dataset, root=root, split=split, is_training=is_training, batch_size=batch_size)
+        data = create_dataset(dataset, root=root, split=split, is_training=is_training, batch_size=batch_size,
+                              **extra)
     except (OSError, RuntimeError, AssertionError, ValueError) as e:
         raise UserError(f"cannot open split '{split}' of {root}: {str(e).strip() or e.__class__.__name__}") from None
     if len(data) == 0:
         raise UserError(f"split '{split}' of {root} holds no images")
+    notes: list[str] = []
+    reader = getattr(data, 'reader', None)
+    if folder and hasattr(reader, 'samples'):
+        notes = check_folder_split(reader.root, reader.samples, is_training)
+        data = FolderImages(reader, is_training)
     if is_shards(dataset):
         check_layout(data, world_size, workers, batch_size, is_training)
+    data.notes = notes
     return data

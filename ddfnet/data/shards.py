@@ -2,9 +2,12 @@
 ``wds/`` reader will give every image exactly once per epoch on a given number of ranks and workers.
 
 A shard is a plain tar file; sample ``KEY`` is the members ``KEY.cls`` (the class index as text, the
-ImageFolder's own index), ``KEY.jpg``/``.png``/``.webp`` (the original file's bytes, not re-encoded) and
-``KEY.json`` (``{"filename": "<class>/<file>"}``). ``_info.json`` lists per split the shard files and their
-sample counts, the layout timm's reader expects, plus the class names and count.
+ImageFolder's own index), ``KEY.jpg``/``.png``/``.webp`` (the original file's bytes, not re-encoded, except
+formats timm's reader does not decode (``.bmp``, ``.tif``, ``.gif``) and 16-bit greys, which are written as
+8-bit PNG by :func:`~ddfnet.data.images.to_rgb`) and ``KEY.json`` (``{"filename": "<class>/<file>"}``).
+``_info.json`` lists per split the shard files and their sample counts, the layout timm's reader expects,
+the files left out, plus the class names and count. Every image is decoded once before anything is written,
+so a broken file is found by name (and refused, or left out and listed) instead of packed.
 
 How timm's reader (timm 1.0) splits an epoch: it deals the shards round-robin to the ``ranks x workers``
 readers (training: in an order shuffled by a seed common to all of them and the epoch), and when training
@@ -23,14 +26,24 @@ import tempfile
 from typing import Sequence
 
 import numpy as np
+from PIL import Image
 
 from ..cli import UserError
 from ..utils.io import atomic_write_text
+from .images import READ_EXTENSIONS, check_folder_split, image_problem, is_sixteen_bit, to_rgb
 
 INFO_FILE = '_info.json'
 IMAGE_KEYS = {'.jpg': 'jpg', '.jpeg': 'jpg', '.png': 'png', '.webp': 'webp'}  # what timm's reader decodes
 # timm's folder datasets accept these names for a split; shards answer to them as well.
 SPLIT_SYNONYMS = (('train', 'training'), ('val', 'valid', 'validation', 'eval', 'evaluation'))
+
+
+class BrokenImages(UserError):
+    """Images that do not decode; ``files`` holds (path, reason) of each."""
+
+    def __init__(self, message: str, files: list[tuple[str, str]]):
+        super().__init__(message)
+        self.files = files
 
 
 def is_shards(dataset: str) -> bool:
@@ -109,12 +122,11 @@ def folder_samples(root: str, split: str) -> tuple[list[tuple[str, int]], dict[s
     folder = os.path.join(root, split)
     if not os.path.isdir(folder):
         raise UserError(f'no split folder {folder}')
-    reader = ReaderImageFolder(folder)
-    if not reader.samples:
-        raise UserError(f'{folder} holds no images')
-    for path, _ in reader.samples:
-        if os.path.splitext(path)[1].lower() not in IMAGE_KEYS:
-            raise UserError(f'{path}: timm\'s shard reader decodes {", ".join(sorted(IMAGE_KEYS))} files only')
+    try:
+        reader = ReaderImageFolder(folder, input_key=';'.join(READ_EXTENSIONS))
+    except RuntimeError:  # timm's "Found 0 images"
+        raise UserError(f'{folder} holds no images') from None
+    check_folder_split(folder, reader.samples, is_training=False)
     return [(str(path), int(target)) for path, target in reader.samples], dict(reader.class_to_idx)
 
 
@@ -124,19 +136,35 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(member, io.BytesIO(data))
 
 
+def _shard_image(path: str) -> tuple[str, bytes]:
+    """The member suffix and bytes of the image file ``path`` in a shard: its own bytes when timm's reader
+    decodes them as they are, else an 8-bit PNG (other formats, 16-bit greys)."""
+    with open(path, 'rb') as f:
+        data = f.read()
+    suffix = IMAGE_KEYS.get(os.path.splitext(path)[1].lower())
+    if suffix == 'jpg':  # JPEG has no 16-bit greys: no need to look inside
+        return suffix, data
+    with Image.open(io.BytesIO(data)) as image:
+        if suffix is not None and not is_sixteen_bit(image):
+            return suffix, data
+        buffer = io.BytesIO()
+        to_rgb(image).save(buffer, format='PNG')
+    return 'png', buffer.getvalue()
+
+
 def _write_shard(path: str, samples: Sequence[tuple[str, int]], first_index: int, folder: str) -> None:
     with tarfile.open(path, 'w', format=tarfile.USTAR_FORMAT) as tar:
         for index, (image_path, target) in enumerate(samples, first_index):
             key = f'{index:08d}'  # no dots: webdataset splits a member name at its first dot
-            with open(image_path, 'rb') as f:
-                image = f.read()
+            suffix, image = _shard_image(image_path)
             _add_member(tar, f'{key}.cls', str(target).encode())
-            _add_member(tar, f'{key}.{IMAGE_KEYS[os.path.splitext(image_path)[1].lower()]}', image)
+            _add_member(tar, f'{key}.{suffix}', image)
             _add_member(tar, f'{key}.json', json.dumps({'filename': os.path.relpath(image_path, folder)}).encode())
 
 
 def write_shards(source: str, output: str, splits: Sequence[str], shard_size: int, seed: int = 0,
-                 drop_remainder: bool = False, shard_count_multiple: int = 1, force: bool = False) -> dict:
+                 drop_remainder: bool = False, shard_count_multiple: int = 1, force: bool = False,
+                 skip_broken: bool = False) -> dict:
     """Write ``splits`` of the ImageFolder ``source`` as WebDataset shards of ``shard_size`` images into
     the folder ``output`` (``SPLIT-000000.tar``, ... and ``_info.json``); returns the info written.
 
@@ -145,7 +173,8 @@ def write_shards(source: str, output: str, splits: Sequence[str], shard_size: in
     images of each split so all shards are equal (their names are listed in the info), and with
     ``shard_count_multiple`` K whole shards more, so the shard count is a multiple of K. The folder appears
     whole or not at all: it is built under a temporary name and renamed; an existing ``output`` is replaced
-    only with ``force``.
+    only with ``force``. Images that do not decode raise :class:`BrokenImages` (naming each) before anything
+    is written, or with ``skip_broken`` are left out and listed in the split's ``broken`` entry.
     """
     if shard_size < 1 or shard_count_multiple < 1:
         raise UserError(f'--shard-size and --shard-count-multiple must be at least 1, not {shard_size}, '
@@ -158,6 +187,17 @@ def write_shards(source: str, output: str, splits: Sequence[str], shard_size: in
     if not splits:
         raise UserError('no splits to write')
     listed = {split: folder_samples(source, split) for split in splits}  # every check before any write
+    broken: dict[str, list[tuple[str, str]]] = {}
+    for split, (samples, classes) in listed.items():
+        problems = [(path, image_problem(path)) for path, _ in samples]
+        broken[split] = [(path, reason) for path, reason in problems if reason]
+        listed[split] = ([s for s, (_, reason) in zip(samples, problems) if not reason], classes)
+    every_broken = [item for split in splits for item in broken[split]]
+    if every_broken and not skip_broken:
+        path, reason = every_broken[0]
+        raise BrokenImages(f'{len(every_broken)} image file(s) do not decode (the first: {path}: {reason}); '
+                           'fix or remove them, or leave them out with --skip-broken (listed in _info.json)',
+                           every_broken)
     class_to_idx = listed[splits[0]][1]
     for split, (samples, classes) in listed.items():
         if classes != class_to_idx:
@@ -185,7 +225,9 @@ def write_shards(source: str, output: str, splits: Sequence[str], shard_size: in
                 _write_shard(os.path.join(partial, filenames[-1]), chunk, start, folder)
             info['splits'][split] = {'name': split, 'num_samples': kept, 'filenames': filenames,
                                      'shard_lengths': lengths,
-                                     'left_out': [os.path.relpath(p, folder) for p, _ in samples[kept:]]}
+                                     'left_out': [os.path.relpath(p, folder) for p, _ in samples[kept:]],
+                                     'broken': [{'file': os.path.relpath(p, folder), 'reason': reason}
+                                                for p, reason in broken[split]]}
         atomic_write_text(json.dumps(info, indent=1) + '\n', os.path.join(partial, INFO_FILE))
         if os.path.exists(output):  # --force: swap the folders, then delete the old one
             old = tempfile.mkdtemp(prefix=f'.{os.path.basename(output)}.old-', dir=parent)

@@ -214,6 +214,7 @@ def autocast_context(enabled: bool, dtype: str, device: torch.device) -> Callabl
 def evaluate(model: nn.Module, loader, device: torch.device, amp_autocast=nullcontext,
              channels_last: bool = False, ema_model: nn.Module | None = None) -> dict[str, float]:
     """Top-1 / top-5 accuracy (percent) and mean cross-entropy over ``loader``, summed over all ranks.
+    Samples with a negative target (images that could not be read) are left out.
 
     With ``ema_model``, it is scored on the same batches (one pass: the images are decoded once) and its
     figures are added with an ``ema_`` prefix.
@@ -235,6 +236,11 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_autocast=nullco
             if keep == 0:
                 continue
             images, targets = images[:keep], targets[:keep]
+        if (targets < 0).any():  # an image that could not be read (ddfnet.data.images.FolderImages): not scored
+            readable = targets >= 0
+            images, targets = images[readable], targets[readable]
+            if targets.shape[0] == 0:
+                continue
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)

@@ -25,7 +25,7 @@ PROG = 'torchrun_slurm.py'
 
 
 # This runs on every node before torchrun, so it imports neither torch nor ddfnet (seconds per node, and
-# any Python works): these two mirror ddfnet.training.config's UserError and OneLineArgumentParser.
+# any Python works): these two mirror ddfnet.cli's UserError and OneLineArgumentParser.
 class UserError(Exception):
     """A missing or inconsistent Slurm variable: printed as one line, exit status 2."""
 
