@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     import ddfnet  # noqa: F401  (registers the DDF models)
     from ddfnet import DynamicConv2d
     from ddfnet.ops import DDFSlowPathWarning
-    from ddfnet.utils import count_macs
+    from ddfnet.models import count_macs
 
     if not timm.is_model(args.model):
         parser.error(f'unknown model {args.model!r}; see timm.list_models()')

@@ -75,7 +75,7 @@ def test_new_model_counts_pinned(name, params_m, gmacs, batch_size):
     import timm
 
     import ddfnet  # noqa: F401
-    from ddfnet.utils import count_macs
+    from ddfnet.models import count_macs
     result = count_macs(timm.create_model(name), batch_size=batch_size)
     assert result['params_m'] == params_m and result['gmacs'] == pytest.approx(gmacs, abs=2e-3)
     assert ('dyconv' in result) == name.startswith('dy_')
@@ -88,7 +88,7 @@ def test_dyconv_counts_split_into_static_conv_attention_and_mixing():
 
     import ddfnet  # noqa: F401
     from ddfnet import DynamicConv2d
-    from ddfnet.utils import count_macs
+    from ddfnet.models import count_macs
     static = count_macs(timm.create_model('resnet18'), img_size=64)
     counts = {}
     for aggregation in ('kernels', 'outputs'):

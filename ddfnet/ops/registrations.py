@@ -188,7 +188,7 @@ def register_all() -> None:
     for name, rule in operator_vmap_rules().items():
         torch.library.register_vmap(f'ddfnet::{name}', rule)
 
-    # 5. FLOP formulas, for torch.utils.flop_counter (ddfnet.utils.flops counts models with it).
+    # 5. FLOP formulas, for torch.utils.flop_counter (ddfnet.models.count_macs counts models with it).
     _register_flop_formula(ddf_op, _ddf_flops)
     _register_flop_formula(ddf_backward_op, _ddf_backward_flops)
 

@@ -1,5 +1,2 @@
-"""Utilities shared by the library, the scripts and the tests: FLOP counting (``flops``), atomic writes and
+"""Utilities below every other package (they import no other part of ddfnet but ``cli``): atomic writes and
 results files (``io``), reading weights files (``weights``), benchmark helpers (``bench``)."""
-from .flops import count_macs
-
-__all__ = ['count_macs']
