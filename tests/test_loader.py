@@ -4,8 +4,6 @@ pipelines and suggests --workers."""
 import json
 import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,7 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from ddfnet.data.jpeg_draft import DraftRandomResizedCrop, draft_scale, enable_jpeg_draft
 from ddfnet.data.sample_jpegs import write_sample_jpegs
 from training import ROOT
+from scripts import run_script
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -81,11 +80,10 @@ def test_enable_jpeg_draft_on_a_training_folder_only(jpegs, tmp_path):
 
 def test_benchmark_loader_measures_and_suggests_workers(tmp_path):
     out = tmp_path / 'rows.jsonl'
-    proc = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'benchmark_loader.py'), '--config',
-                           str(ROOT / 'configs' / 'ddf_resnet50_in1k.yaml'), '--sample-jpegs', '8', '--images', '8',
-                           '--batch-size', '4', '--workers', '1', '--repeats', '1', '--model', 'resnet18', '--img-size', '64',
-                           '--model-batch', '1', '--jpeg-draft', '--json', str(out)],
-                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    proc = run_script('scripts/benchmark_loader', '--config', ROOT / 'configs' / 'ddf_resnet50_in1k.yaml',
+                      '--sample-jpegs', '8', '--images', '8', '--batch-size', '4', '--workers', '1', '--repeats', '1',
+                      '--model', 'resnet18', '--img-size', '64', '--model-batch', '1', '--jpeg-draft', '--json', out,
+                      cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r['stage'], r['workers']) for r in rows if 'workers' in r and r['stage'] != 'suggestion'] == [
@@ -96,7 +94,6 @@ def test_benchmark_loader_measures_and_suggests_workers(tmp_path):
     per_worker = max(r['images_per_sec_per_worker'] for r in rows if r['stage'] == 'train' and r['workers'])
     assert suggestion['workers'] == -(-model['images_per_sec'] // per_worker)
     assert f'needs --workers {suggestion["workers"]}' in proc.stdout
-    bad = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'benchmark_loader.py'), '--workers', '0'],
-                         capture_output=True, text=True, cwd=ROOT)
+    bad = run_script('scripts/benchmark_loader', '--workers', '0', cwd=ROOT)
     assert bad.returncode == 2 and bad.stderr.startswith('benchmark_loader.py: error: ') and len(
         bad.stderr.splitlines()) == 1
