@@ -10,11 +10,11 @@
 #   scripts/gpu_check.sh [--dry-run] [--budget SECONDS]
 #
 # Each part runs under `timeout` and the next one runs whatever happened; parts still to come when the
-# budget (default 480 s, the whole script) runs out are skipped, so the call ends in time. The most
-# expensive parts (torch.compile) come last. Logs and results go to a scratch folder, packed after each
-# part into $OUT/results.tar.gz (a GPU call brings back only a few files); $OUT/summary.txt has one line per
-# part (ok / failed / timed out / skipped, seconds), printed last. $OUT defaults to output/gpu_check. Exit
-# status 0 when every part that ran passed and none was cut for time.
+# budget (default 480 s, the whole script) runs out are skipped, so the call ends in time. Parts run in
+# the order of what they are worth, the ddf_resnet101 timings last. Logs and results go to a scratch
+# folder, packed after each part into $OUT/results.tar.gz (a GPU call brings back only a few files);
+# $OUT/summary.txt has one line per part (ok / failed / timed out / skipped, seconds), printed last. $OUT
+# defaults to output/gpu_check. Exit status 0 when every part that ran passed and none was cut for time.
 #
 # --dry-run: the same parts on the CPU in about a minute (tiny shapes and models, a few steps, the
 # extension already built here); the CUDA test part runs against a stand-in, chosen in
@@ -59,6 +59,7 @@ INCOMPLETE=0   # parts that failed, timed out or were skipped for lack of time: 
 # importable, else the CPU kernel (tests/test_cuda.py's DDFNET_TEST_CUDA_ON=cpu check of the tests themselves);
 # a few dozen of the file's cases, since make test-all runs the whole file on both.
 EMULATION_PROBE='import torch, ddfnet; torch.ops.ddfnet_emu.ddf'
+CUDA_TEST_FILES=tests/test_cuda.py   # the CUDA kernels' tests (on the GPU all of them)
 DRY_RUN_CUDA_TESTS='matches_reference and float32 and nchw and mul'
 cuda_tests_stand_in() {
   if "$PY" -c "$EMULATION_PROBE" >/dev/null 2>&1; then echo emu; else echo cpu; fi
@@ -122,7 +123,7 @@ if [ $DRY_RUN = 1 ]; then
   EPOCHS_NATIVE=2 EPOCHS_REFERENCE=1 STEPS_PER_EPOCH=4
   STAND_IN=$(cuda_tests_stand_in)
   CUDA_TESTS=(env DDFNET_TEST_CUDA_ON="$STAND_IN" "$PY" -m pytest -q -p no:cacheprovider
-              tests/test_cuda.py -k "$DRY_RUN_CUDA_TESTS" --junitxml="$WORK/test_cuda.xml")
+              $CUDA_TEST_FILES -k "$DRY_RUN_CUDA_TESTS" --junitxml="$WORK/test_cuda.xml")
   NOTES+=("dry run on the CPU: CUDA tests against DDFNET_TEST_CUDA_ON=$STAND_IN")
 else
   DEVICE=cuda
@@ -135,7 +136,7 @@ else
   TRAIN=(--model ddf_resnet50 --img-size 224 --batch-size 64 --demo-per-class 400 --workers $((CORES < 8 ? CORES : 8))
          --amp --amp-dtype bfloat16 --channels-last)
   EPOCHS_NATIVE=6 EPOCHS_REFERENCE=3 STEPS_PER_EPOCH=50
-  CUDA_TESTS=("$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py --junitxml="$WORK/test_cuda.xml")
+  CUDA_TESTS=("$PY" -m pytest -v -p no:cacheprovider $CUDA_TEST_FILES --durations=15 --junitxml="$WORK/test_cuda.xml")
 fi
 SHARED='PY DEVICE DRY_RUN ROOT WORK CORES TRAIN STEPS_PER_EPOCH'  # what the functions below read
 
@@ -226,9 +227,9 @@ if [ "$IMPL" != native ]; then
   export DDFNET_FORCE_REFERENCE=1
   NOTES+=("NATIVE KERNELS NOT ACTIVE (implementation: ${IMPL:-unknown}): later parts ran the reference path")
 fi
-part test_cuda 90 "${CUDA_TESTS[@]}"
-part op_paper 70 "$PY" scripts/benchmark_op.py --device $DEVICE "${OP_PAPER[@]}" --peak-gbps 4800 --json "$WORK/op_paper.jsonl"
-part op_layers 70 "$PY" scripts/benchmark_op.py --device $DEVICE "${OP_LAYERS[@]}" --peak-gbps 4800 --json "$WORK/op_layers.jsonl"
+part test_cuda 120 "${CUDA_TESTS[@]}"
+part op_layers 60 "$PY" scripts/benchmark_op.py --device $DEVICE "${OP_LAYERS[@]}" --peak-gbps 4800 --json "$WORK/op_layers.jsonl"
+part op_paper 60 "$PY" scripts/benchmark_op.py --device $DEVICE "${OP_PAPER[@]}" --peak-gbps 4800 --json "$WORK/op_paper.jsonl"
 part train_native 90 train_run native $EPOCHS_NATIVE
 part train_reference 80 train_run reference $EPOCHS_REFERENCE
 part train_compare 20 compare_training
@@ -244,15 +245,15 @@ models() {  # models NAME CAP MODELS... [-- OPTIONS]: benchmark_model.py, traini
   part "$name" "$cap" "$PY" scripts/benchmark_model.py --device $DEVICE --models "${list[@]}" --mode train infer \
     "${MODEL[@]}" "$@" --json "$WORK/$name.jsonl"
 }
-part profile 60 "$PY" scripts/benchmark_model.py --device $DEVICE --models "${PAIR50[0]}" --mode train "${MODEL[@]}" \
-  --warmup 1 --rounds 2 --profile "$WORK/profile_train_step.txt" --json "$WORK/profile_step.jsonl"
 models model_50 60 "${PAIR50[@]}"
-models model_101 70 "${PAIR101[@]}"
 models compile_50 150 "${PAIR50[@]}" -- --compile $COMPILE
+part profile 45 "$PY" scripts/benchmark_model.py --device $DEVICE --models "${PAIR50[0]}" --mode train "${MODEL[@]}" \
+  --warmup 1 --rounds 2 --profile "$WORK/profile_train_step.txt" --json "$WORK/profile_step.jsonl"
+models model_101 60 "${PAIR101[@]}"
 models compile_101 150 "${PAIR101[@]}" -- --compile $COMPILE
 
 {
-  [ -s "$WORK/train_compare.log" ] && { echo 'train.py, bf16: native vs DDFNET_FORCE_REFERENCE=1'; cat "$WORK/train_compare.log"; echo; }
+  [ -s "$WORK/train_compare.log" ] && { echo 'train.py, loss per step: native kernels vs DDFNET_FORCE_REFERENCE=1'; cat "$WORK/train_compare.log"; echo; }
   echo "gpu_check summary ($([ $DRY_RUN = 1 ] && echo 'dry run' || echo GPU), $((SECONDS - START)) s of $BUDGET; files in results.tar.gz)"
   for note in "${NOTES[@]}"; do echo "note: $note"; done
   printf '%s\n' "${SUMMARY[@]}"

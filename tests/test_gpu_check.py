@@ -12,8 +12,8 @@ import pytest
 from scripts import ROOT
 
 SCRIPT = ROOT / 'scripts' / 'gpu_check.sh'
-PARTS = ('environment', 'build', 'test_cuda', 'op_paper', 'op_layers', 'train_native', 'train_reference',
-         'train_compare', 'profile', 'model_50', 'model_101', 'compile_50', 'compile_101')
+PARTS = ('environment', 'build', 'test_cuda', 'op_layers', 'op_paper', 'train_native', 'train_reference',
+         'train_compare', 'model_50', 'compile_50', 'profile', 'model_101', 'compile_101')
 SKIPPED_IN_DRY_RUN = {'model_101', 'compile_101'}  # the same small models as the _50 parts
 
 
@@ -66,7 +66,7 @@ def test_dry_run_results(dry_run):
 
 @pytest.mark.parametrize('args, message', [
     (['--budget', 'soon'], "--budget must be a whole number of seconds >= 30, got 'soon'"),
-    (['--gpu'], "unknown argument '--gpu'"),
+    (['--gpu'], "unknown argument '--gpu' (use --dry-run, --budget SECONDS)"),
 ])
 def test_bad_arguments_are_one_line_and_write_nothing(tmp_path, args, message):
     result = gpu_check(tmp_path / 'out', *args, timeout=60)
