@@ -27,6 +27,16 @@ SLOW = {
     'test_models.py::test_torch_compile_fullgraph_under_autocast': 'inductor compile',
     'test_dynamic_conv.py::test_torch_compile_fullgraph_training_step': 'inductor compile',
     'test_layers.py::test_ddfpack_exports_and_compiles_with_dynamic_shapes': 'torch.export and compile',
+    # Each of these starts Python with torch and timm in a subprocess, or runs whole models: 10-30 s apiece.
+    'test_benchmark_scripts.py': 'the benchmark scripts as subprocesses',
+    'test_flops.py': 'scripts/count_flops.py as a subprocess per case',
+    'test_loader.py::test_benchmark_loader_measures_and_suggests_workers': 'a subprocess',
+    'test_configs.py::test_bad_config_is_one_line_from_the_script': 'a subprocess',
+    'test_cpu_kernel.py::test_forced_reference_path_in_a_subprocess': 'a subprocess',
+    'test_double_backward.py::test_gradient_penalty_native_equals_reference': 'a subprocess',
+    'test_op.py::test_reference_memory_stays_near_output_size': 'a subprocess',
+    'test_dynamic_conv.py::test_models_convert_to_channels_last': 'whole DyConv models, 20-30 s each',
+    'test_ablation_models.py::test_forward_backward_small': 'forward+backward of each ablation model, 8-20 s each',
 }
 
 
