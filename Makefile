@@ -1,6 +1,8 @@
 # The README's two commands on a fresh machine:
-#   make demo   install into a virtualenv, train a DDF-ResNet-26 on the embedded demo dataset (CPU, minutes), validate it
-#   make test   install into a virtualenv, run the test suite
+#   make demo       install into a virtualenv, train a DDF-ResNet-26 on the embedded demo dataset (CPU, minutes), validate it
+#   make test       install into a virtualenv, run the fast tier of the test suite (before every commit)
+# and CI's (.ci/run):
+#   make test-all   the whole suite, the slow tier included, and the runs listed in TEST_ALL_EXTRA
 # VENV (default .venv) is created if missing and reused afterwards; the install is the README's.
 VENV ?= .venv
 PYTHON ?= python3
@@ -11,7 +13,7 @@ export CUDA_HOME TORCH_CUDA_ARCH_LIST
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.ddfnet-installed
 
-.PHONY: setup demo test
+.PHONY: setup demo test test-all
 
 setup: $(INSTALLED)
 
@@ -28,5 +30,20 @@ demo: setup
 	$(BIN)/python train.py --config configs/demo.yaml --resume auto
 	$(BIN)/python validate.py --config configs/demo.yaml --checkpoint output/demo/best.pth.tar
 
+# The fast tier: every test not marked slow (tests/conftest.py lists the slow ones); under 3 minutes on 2
+# cores, and no network.
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# Runs test-all adds after the test suite, as make targets (e.g. the CUDA kernels under emulation and the
+# sanitizer builds). <- HOOK: name them here.
+TEST_ALL_EXTRA :=
+
+# Everything: the fast and the slow tier (timm's own model tests, fetched from timm's sdist on the package
+# index; torchrun and elastic runs; export, ONNX and torch.compile; the CUDA suite's CPU stand-in; the dry
+# run of scripts/gpu_check.sh), then TEST_ALL_EXTRA. The extras run even when a test failed; make still
+# fails then.
+test-all: setup
+	status=0; $(BIN)/python -m pytest -q tests || status=$$?; \
+	for target in $(TEST_ALL_EXTRA); do $(MAKE) $$target VENV="$(VENV)" || status=1; done; \
+	exit $$status

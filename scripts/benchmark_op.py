@@ -2,6 +2,13 @@
 """Time the DDF op against a depth-wise conv (the paper's cost reference) and the reference path.
 
     python scripts/benchmark_op.py --dtypes fp32 bf16 --formats nchw nhwc --json ddf_op.jsonl
+    python scripts/benchmark_op.py --model-layers ddf_resnet50 --layer-batch 256 --peak-gbps 4800
+
+Problems: each --shapes entry at --kernel-size / --stride / --dilation / --combine, and with
+--model-layers MODEL the op calls of that timm model's DDF layers (found by running it once on the meta
+device at --layer-img-size, so no weights or compute), each distinct (input shape, k, stride, dilation,
+combine) once at batch --layer-batch; its 'layers' field names the blocks that share it. Without
+either option, the default shapes below.
 
 Contenders, per (shape, dtype, memory format), forward and forward+backward:
   ddf        ddfnet.ddf, whatever implementation the device runs (the 'implementation' field says which);
@@ -21,7 +28,7 @@ Bandwidth model: the minimum bytes the DDF op must move, each tensor touched onc
                     grad_x, grad_channel_filter, grad_spatial_filter.
 GB/s = bytes / median time (1 GB = 1e9 B); % peak is against --peak-gbps, else the device's memory
 clock and bus width, else a small table by device name; unknown on CPU unless --peak-gbps is given.
-A table row per (shape, dtype, format, mode) is followed by one JSON line per row (--json also writes
+A table row per (problem, dtype, format, mode) is followed by one JSON line per row (--json also writes
 them to a file).
 """
 from __future__ import annotations
@@ -34,6 +41,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from typing import NamedTuple
 
 DTYPES = ('fp32', 'bf16', 'fp16')
 DEFAULT_SHAPES = [(32, 256, s, s) for s in (7, 14, 28, 56, 112)] + [(2, 256, 200, 300)]
@@ -51,6 +59,47 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
         raise argparse.ArgumentTypeError(f'shape must be BxCxHxW with positive sizes, e.g. 32x256x56x56, '
                                           f'got {text!r}')
     return tuple(int(g) for g in match.groups())  # type: ignore[return-value]
+
+
+class Problem(NamedTuple):
+    """One op configuration to time: the input shape (B, C, H, W) and the op's other arguments."""
+    shape: tuple[int, int, int, int]
+    kernel_size: int
+    dilation: int
+    stride: int
+    combine: str
+    layers: tuple[str, ...] = ()  # the model blocks that call the op so (--model-layers)
+
+
+def model_problems(model_name: str, batch: int, img_size: int) -> list[Problem]:
+    """The distinct op calls of ``model_name``'s DDF layers for a batch of ``img_size`` square images.
+
+    One forward on the meta device (shapes only) with a hook on every DDFPack records the input each layer
+    hands the op: (B * head, C / head, H, W), since a layer of ``head`` heads runs the op on C / head
+    channels per head."""
+    import timm
+    import torch
+
+    from ddfnet.layers import DDFPack
+
+    with torch.device('meta'):
+        model = timm.create_model(model_name)
+    found: dict[tuple, list[str]] = {}
+
+    def record(name: str, module: DDFPack, inputs: tuple) -> None:
+        _, channels, height, width = inputs[0].shape
+        key = ((batch * module.head, channels // module.head, height, width), module.kernel_size,
+               module.dilation, module.stride, module.kernel_combine)
+        found.setdefault(key, []).append(name)
+
+    packs = [(n, m) for n, m in model.named_modules() if isinstance(m, DDFPack)]
+    if not packs:
+        raise ValueError(f'{model_name} has no DDF layers')
+    for name, module in packs:
+        module.register_forward_pre_hook(lambda m, inputs, name=name: record(name, m, inputs))
+    with torch.no_grad():
+        model.eval()(torch.empty(1, 3, img_size, img_size, device='meta'))
+    return [Problem(*key, layers=tuple(names)) for key, names in found.items()]
 
 
 def peak_bandwidth(torch, device, override: float | None) -> tuple[float | None, str]:
@@ -72,8 +121,14 @@ def peak_bandwidth(torch, device, override: float | None) -> tuple[float | None,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], epilog=__doc__.split('\n\n', 2)[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--shapes', nargs='+', type=parse_shape, default=DEFAULT_SHAPES, metavar='BxCxHxW',
-                        help='input shapes (default: 32x256 at 7, 14, 28, 56, 112 square, and 2x256x200x300)')
+    parser.add_argument('--shapes', nargs='+', type=parse_shape, metavar='BxCxHxW',
+                        help='input shapes (default, unless --model-layers is given: 32x256 at 7, 14, 28, 56, '
+                             '112 square, and 2x256x200x300)')
+    parser.add_argument('--model-layers', nargs='+', default=[], metavar='MODEL',
+                        help="also time the op calls of these timm models' DDF layers, e.g. ddf_resnet50")
+    parser.add_argument('--layer-batch', type=int, default=32, help='batch of the --model-layers problems (default: 32)')
+    parser.add_argument('--layer-img-size', type=int, default=224,
+                        help='image size that gives the --model-layers shapes (default: 224)')
     parser.add_argument('--dtypes', nargs='+', choices=DTYPES, default=['fp32', 'bf16'], help='(default: fp32 bf16)')
     parser.add_argument('--formats', nargs='+', choices=('nchw', 'nhwc'), default=['nchw', 'nhwc'],
                         help='nhwc = channels_last (default: both)')
@@ -90,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.kernel_size < 1 or args.kernel_size % 2 == 0:
         parser.error(f'--kernel-size must be a positive odd int, got {args.kernel_size}')
-    if min(args.stride, args.dilation, args.rounds) < 1 or args.warmup < 0:
-        parser.error('--stride, --dilation and --rounds must be positive, --warmup non-negative')
+    if min(args.stride, args.dilation, args.rounds, args.layer_batch, args.layer_img_size) < 1 or args.warmup < 0:
+        parser.error('--stride, --dilation, --rounds, --layer-batch and --layer-img-size must be positive, '
+                     '--warmup non-negative')
     if args.peak_gbps is not None and args.peak_gbps <= 0:
         parser.error(f'--peak-gbps must be positive, got {args.peak_gbps}')
 
@@ -106,12 +162,22 @@ def main(argv: list[str] | None = None) -> int:
         device = usable_device(args.device or default_device())
     except ValueError as e:
         parser.error(str(e))
+    k, dil, stride, combine = args.kernel_size, args.dilation, args.stride, args.combine
+    shapes = args.shapes if args.shapes or args.model_layers else DEFAULT_SHAPES
+    problems = [Problem(shape, k, dil, stride, combine) for shape in shapes or []]
+    for name in args.model_layers:
+        import timm
+        if not timm.is_model(name):
+            parser.error(f'unknown model {name!r}')
+        try:
+            problems += model_problems(name, args.layer_batch, args.layer_img_size)
+        except ValueError as e:
+            parser.error(str(e))
     # The 'implementation' field records a reference fallback; the once-per-process warning adds nothing.
     warnings.simplefilter('ignore', DDFSlowPathWarning)
     cuda = device.type == 'cuda'
     torch.backends.cudnn.benchmark = True  # the dw-conv gets cuDNN's fastest algorithm, as training would
     peak, peak_source = peak_bandwidth(torch, device, args.peak_gbps)
-    k, dil, stride, combine = args.kernel_size, args.dilation, args.stride, args.combine
     flush = None
     if cuda:
         torch.cuda.set_device(device)  # events and launches go to the current device's stream
@@ -143,8 +209,9 @@ def main(argv: list[str] | None = None) -> int:
             samples = {name: [s.elapsed_time(e) for s, e in pairs] for name, pairs in samples.items()}
         return {name: statistics.median(times) for name, times in samples.items()}
 
-    def bench(shape: tuple[int, int, int, int], dtype, fmt: str, with_reference: bool) -> dict:
+    def bench(problem: Problem, dtype, fmt: str, with_reference: bool) -> dict:
         """Median ms per (mode, contender) for one configuration; its tensors die on return."""
+        shape, k, dil, stride, combine = problem[:5]
         batch, channels, height, width = shape
         out_h, out_w = (height - 1) // stride + 1, (width - 1) // stride + 1
         memory_format = torch.channels_last if fmt == 'nhwc' else torch.contiguous_format
@@ -188,16 +255,17 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(environment(device), implementation=ddfnet.ops.implementation(device.type),
                peak_gbps=None if peak is None else round(peak, 1), peak_source=peak_source, cudnn_benchmark=cuda,
                l2_flushed=cuda, warmup=args.warmup, rounds=args.rounds)
-    print(f'DDF op (k={k}, dilation={dil}, stride={stride}, {combine}) on {env["device_name"]} ({device}); '
+    print(f'DDF op on {env["device_name"]} ({device}); '
           f'ddf runs {env["implementation"]}; torch {torch.__version__}; peak '
           f'{"unknown" if peak is None else f"{peak:.0f} GB/s ({peak_source})"}; medians of {args.rounds} '
           f'rounds after {args.warmup} warm-up, ms')
-    header = (f'{"shape":<16}{"dtype":<6}{"fmt":<6}{"mode":<9}{"ddf":>10}{"dwconv":>10}{"reference":>11}'
+    header = (f'{"shape":<16}{"k/s/d comb":<12}{"dtype":<6}{"fmt":<6}{"mode":<9}{"ddf":>10}{"dwconv":>10}{"reference":>11}'
               f'{"ddf/dw":>8}{"GB/s":>9}{"%peak":>7}')
     print(header + '\n' + '-' * len(header))
     rows, skipped_note = [], ''
     dtypes = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
-    for shape, dtype_name, fmt in itertools.product(args.shapes, args.dtypes, args.formats):
+    for problem, dtype_name, fmt in itertools.product(problems, args.dtypes, args.formats):
+        shape, k, dil, stride, combine, layers = problem
         batch, channels, height, width = shape
         out_h, out_w = (height - 1) // stride + 1, (width - 1) // stride + 1
         x, cf = batch * channels * height * width, batch * channels * k * k  # element counts
@@ -205,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         skip = '--no-reference' if args.no_reference else None
         if skip is None and not cuda and out * k * k > REFERENCE_CPU_LIMIT:
             skip = f'CPU and B*C*Ho*Wo*k*k > {REFERENCE_CPU_LIMIT:,}'
-        medians = bench(shape, dtypes[dtype_name], fmt, with_reference=skip is None)
+        medians = bench(problem, dtypes[dtype_name], fmt, with_reference=skip is None)
         # The bandwidth model of the docstring: backward re-reads x and both filters and reads grad_out.
         elements = {'forward': x + cf + sf + out, 'fwd+bwd': (x + cf + sf + out) + out + 2 * (x + cf + sf)}
         for mode, count in elements.items():
@@ -219,9 +287,10 @@ def main(argv: list[str] | None = None) -> int:
                              dwconv_ms=round(conv_ms, 4), reference_ms=None if ref_ms is None else round(ref_ms, 4),
                              reference_skipped=skip, ratio_ddf_dwconv=round(ddf_ms / conv_ms, 3),
                              ddf_bytes=nbytes, ddf_gbps=round(gbps, 1),
-                             ddf_pct_peak=None if pct is None else round(pct, 1), **env))
+                             ddf_pct_peak=None if pct is None else round(pct, 1), layers=list(layers), **env))
             skipped_note = f'skip: reference not run ({skip})' if skip else skipped_note
-            print(f'{rows[-1]["shape"]:<16}{dtype_name:<6}{fmt:<6}{mode:<9}{ddf_ms:>10.3f}{conv_ms:>10.3f}'
+            print(f'{rows[-1]["shape"]:<16}{f"{k}/{stride}/{dil} {combine}":<12}{dtype_name:<6}{fmt:<6}{mode:<9}'
+                  f'{ddf_ms:>10.3f}{conv_ms:>10.3f}'
                   f'{"skip" if ref_ms is None else f"{ref_ms:.3f}":>11}{ddf_ms / conv_ms:>8.2f}'
                   f'{gbps:>9.1f}{"-" if pct is None else f"{pct:.1f}":>7}', flush=True)
     if skipped_note:

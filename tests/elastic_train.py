@@ -9,19 +9,16 @@
   creating ``$DDFNET_TEST_DUMP/paused-rank<RANK>``, until a SIGTERM has arrived (train.py's handler then
   restores the default one): the recovery checkpoint is then written after that very batch.
 """
-import importlib.util
 import os
 import signal
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from scripts import ROOT, load_script, script_path
+
 sys.path.insert(0, str(ROOT))
-sys.argv[0] = str(ROOT / 'train.py')
-spec = importlib.util.spec_from_file_location('train', ROOT / 'train.py')
-train = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train)
+sys.argv[0] = str(script_path('train'))
+train = load_script('train')
 
 import torch  # noqa: E402  (after train.py, which sets up the import path)
 

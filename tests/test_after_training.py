@@ -22,11 +22,7 @@ TINY = dict(layers=[1, 1, 1, 1])
 
 def script(name):
     """A script of scripts/ imported as a module."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(f'_ddfnet_{name}', ROOT / 'scripts' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f'scripts/{name}')
 
 
 def call(module, prog, argv, capsys):

@@ -1,18 +1,16 @@
 """scripts/benchmark_model.py and scripts/benchmark_op.py run end to end on tiny CPU problems (the figures
 themselves belong in docs/benchmarks.md, not in tests) and refuse bad input in one line."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPTS = Path(__file__).resolve().parents[1] / 'scripts'
+from scripts import run_script
+
 ENV_KEYS = {'device', 'device_name', 'torch', 'threads', 'date'}
 
 
 def _run(script, *args):
-    return subprocess.run([sys.executable, str(SCRIPTS / script), *args], capture_output=True, text=True)
+    return run_script(f'scripts/{script}', *args)
 
 
 def test_benchmark_model_times_models_side_by_side(tmp_path):

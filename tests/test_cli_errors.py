@@ -5,8 +5,6 @@ process on a one-block-per-stage DDF-ResNet-26 at 32x32 with 4 demo images per c
 import os
 import re
 import shlex
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,6 +13,7 @@ import yaml
 import training
 from ddfnet.cli import UserError, default_workers, resolve_device, run_main
 from training import ROOT, load_script
+from scripts import run_script
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -189,8 +188,7 @@ def test_benchmark_scripts_share_the_device_default_and_show_defaults():
     assert default_device() == ('cuda' if torch.cuda.is_available() else 'cpu')
     helps = {}
     for script in ('benchmark_model.py', 'benchmark_op.py'):
-        proc = subprocess.run([sys.executable, str(ROOT / 'scripts' / script), '--help'], capture_output=True,
-                              text=True)
+        proc = run_script(f'scripts/{script}', '--help')
         assert proc.returncode == 0, proc.stderr
         helps[script] = ' '.join(proc.stdout.split())
         assert 'default: cuda if available, else cpu' in helps[script]

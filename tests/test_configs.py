@@ -2,12 +2,12 @@
 are rejected with one line naming the problem."""
 import glob
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import timm
+
+from scripts import load_script, run_script
 
 import ddfnet  # noqa: F401
 from ddfnet.cli import UserError, parse_args
@@ -110,18 +110,14 @@ def test_bad_config(tmp_path, text, message):
 
 def test_bad_config_is_one_line_from_the_script(tmp_path):
     config = _write(tmp_path, 'model: ddf_resnet26\nlearning_rate: 0.1\n')
-    result = subprocess.run([sys.executable, str(ROOT / 'train.py'), '--config', config, '--output', str(tmp_path)],
-                            capture_output=True, text=True, cwd=tmp_path)
+    result = run_script('train', '--config', config, '--output', tmp_path, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"train.py: error: unknown key 'learning_rate' in config {config}"]
     assert os.listdir(tmp_path) == ['c.yaml']
 
 
 def test_validate_takes_the_configs_val_split_unless_the_command_line_names_one(tmp_path):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location('_ddfnet_validate', ROOT / 'validate.py')
-    validate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(validate)
+    validate = load_script('validate')
     config = tmp_path / 'run.yaml'
     config.write_text('model: ddf_resnet26\nval_split: val\n')
     accepted = {a.dest for a in train_parser()._actions}

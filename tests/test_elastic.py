@@ -5,7 +5,6 @@ rendezvous as two nodes, and the Slurm script on simulated nodes all end with th
 The runs are train.py through tests/elastic_train.py (kill and weight-dump hooks) with a one-block-per-stage
 DDF-ResNet-26 at 32x32, 64 demo images, batch 4 per rank: 2 epochs of 8 steps each. The whole file: ~100-110 CPU
 seconds; 93 s and 125 s wall on the 2-core machine with other jobs running (load average 2.4-3.9)."""
-import importlib.util
 import os
 import re
 import signal
@@ -21,6 +20,7 @@ import torch
 
 from ddfnet.cli import run_main
 from training import ROOT, load_script, tiny_args
+from scripts import run_script
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 STEPS = 8  # 64 images / (2 ranks x 4)
@@ -164,10 +164,7 @@ def test_dist_timeout_must_be_positive(data_dir, tmp_path, capsys):
 # --- Slurm: docs/slurm/torchrun_slurm.py and docs/slurm/train.sbatch -------------------------------------------
 
 def slurm_helper():
-    spec = importlib.util.spec_from_file_location('torchrun_slurm', ROOT / 'docs' / 'slurm' / 'torchrun_slurm.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script('docs/slurm/torchrun_slurm')
 
 
 @pytest.mark.parametrize('hostlist, hosts', [
@@ -215,8 +212,7 @@ def test_slurm_helper_rejects_an_inconsistent_environment(change, message):
 
 def test_slurm_helper_outside_an_allocation_is_one_line(tmp_path):
     env = {k: v for k, v in ENV.items() if not k.startswith('SLURM_')}
-    result = subprocess.run([sys.executable, str(ROOT / 'docs' / 'slurm' / 'torchrun_slurm.py'), 'train.py'],
-                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    result = run_script('docs/slurm/torchrun_slurm', 'train.py', env=env, cwd=tmp_path, timeout=120)
     assert result.returncode == 2 and result.stdout == ''
     assert result.stderr == ('torchrun_slurm.py: error: SLURM_JOB_NODELIST is not set: run this inside a Slurm '
                              'allocation, one task per node (srun --ntasks-per-node=1)\n')

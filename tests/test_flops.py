@@ -1,16 +1,13 @@
 """scripts/count_flops.py: one JSON line per model with the published figures."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / 'scripts' / 'count_flops.py'
+from scripts import run_script
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True)
+    return run_script('scripts/count_flops', *args)
 
 
 @pytest.mark.parametrize('model, params_m, gmacs', (

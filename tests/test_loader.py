@@ -4,8 +4,6 @@ pipelines and suggests --workers."""
 import json
 import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ from timm.data import create_dataset, create_transform
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
 from training import ROOT
+from scripts import run_script
 
 
 def _benchmark_loader():
@@ -93,11 +92,10 @@ def test_enable_jpeg_draft_on_a_training_folder_only(jpegs, tmp_path):
 
 def test_benchmark_loader_measures_and_suggests_workers(tmp_path):
     out = tmp_path / 'rows.jsonl'
-    proc = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'benchmark_loader.py'), '--config',
-                           str(ROOT / 'configs' / 'ddf_resnet50_in1k.yaml'), '--sample-jpegs', '8', '--images', '8',
-                           '--batch-size', '4', '--workers', '1', '--repeats', '1', '--model', 'resnet18', '--img-size', '64',
-                           '--model-batch', '1', '--jpeg-draft', '--json', str(out)],
-                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    proc = run_script('scripts/benchmark_loader', '--config', ROOT / 'configs' / 'ddf_resnet50_in1k.yaml',
+                      '--sample-jpegs', '8', '--images', '8', '--batch-size', '4', '--workers', '1', '--repeats', '1',
+                      '--model', 'resnet18', '--img-size', '64', '--model-batch', '1', '--jpeg-draft', '--json', out,
+                      cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r['stage'], r['workers']) for r in rows if 'workers' in r and r['stage'] != 'suggestion'] == [
@@ -108,7 +106,6 @@ def test_benchmark_loader_measures_and_suggests_workers(tmp_path):
     per_worker = max(r['images_per_sec_per_worker'] for r in rows if r['stage'] == 'train' and r['workers'])
     assert suggestion['workers'] == -(-model['images_per_sec'] // per_worker)
     assert f'needs --workers {suggestion["workers"]}' in proc.stdout
-    bad = subprocess.run([sys.executable, str(ROOT / 'scripts' / 'benchmark_loader.py'), '--workers', '0'],
-                         capture_output=True, text=True, cwd=ROOT)
+    bad = run_script('scripts/benchmark_loader', '--workers', '0', cwd=ROOT)
     assert bad.returncode == 2 and bad.stderr.startswith('benchmark_loader.py: error: ') and len(
         bad.stderr.splitlines()) == 1

@@ -4,7 +4,6 @@ layers, every registered model family, at batch 1 and 3 and, with dynamic_size, 
 
 Many cases share one exported model (one output each) to keep the exports, which dominate the cost, few.
 """
-import importlib.util
 import json
 import os
 import warnings
@@ -15,6 +14,8 @@ import pytest
 import timm
 import torch
 from torch import nn
+
+from scripts import load_script
 
 import ddfnet
 from ddfnet.cli import run_main
@@ -219,10 +220,7 @@ def test_export_onnx_refuses_bad_input_and_keeps_existing_files(tmp_path):
 
 
 def _script(name):
-    spec = importlib.util.spec_from_file_location(f'_ddfnet_{name}', ROOT / 'scripts' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f'scripts/{name}')
 
 
 def _run(module, prog, argv):
@@ -262,10 +260,7 @@ def test_export_then_onnx_validate_scores_like_validate_py(tmp_path, data_dir, c
     assert _run(_script('onnx_export'), 'onnx_export.py',
                 [str(out), *kwargs, '--checkpoint', str(checkpoint), '--check-forward']) == 0
     assert 'max relative error' in capsys.readouterr().out
-    validate = importlib.util.spec_from_file_location('_ddfnet_validate', ROOT / 'validate.py')
-    module = importlib.util.module_from_spec(validate)
-    validate.loader.exec_module(module)
-    assert _run(module, 'validate.py', [*kwargs, '--checkpoint', str(checkpoint), '--data-dir', root, '--device', 'cpu',
+    assert _run(load_script('validate'), 'validate.py', [*kwargs, '--checkpoint', str(checkpoint), '--data-dir', root, '--device', 'cpu',
                                         '--workers', '0', '--results-file', str(tmp_path / 'torch.json')]) == 0
     assert _run(_script('onnx_validate'), 'onnx_validate.py',
                 [root, '--onnx-input', str(out), '--workers', '0', '--results-file', str(tmp_path / 'onnx.json')]) == 0
@@ -307,9 +302,7 @@ def test_readme_export_example_runs(tmp_path, monkeypatch):
 
 
 def test_benchmark_onnx_script_times_both_runtimes(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location('_ddfnet_benchmark_onnx', ROOT / 'scripts' / 'benchmark_onnx.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script('scripts/benchmark_onnx')
     out = tmp_path / 'rows.jsonl'
     assert module.main(['--model', 'resnet18', '--batch-size', '2', '--img-size', '32', '--threads', '1',
                         '--warmup', '0', '--rounds', '1', '--json', str(out)]) == 0

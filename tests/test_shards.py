@@ -2,7 +2,6 @@
 ``wds/`` reader gives every image exactly once per epoch across ranks and workers (or train.py refuses the
 layout), and the demo model trains from shards as from the folder."""
 import csv
-import importlib.util
 import json
 import os
 import sys
@@ -106,9 +105,7 @@ def test_layouts_that_would_repeat_images_are_refused(numbered, tmp_path):
 def test_make_shards_cli_refuses_to_overwrite_and_bad_input(numbered, tmp_path, capsys):
     source, _ = numbered
     out = tmp_path / 'out'
-    spec = importlib.util.spec_from_file_location('make_shards', ROOT / 'scripts' / 'make_shards.py')
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script('scripts/make_shards')
 
     def make(*args):  # the script's main in this process (a subprocess would import timm again)
         try:

@@ -16,6 +16,7 @@ import torch
 
 from ddfnet.cli import run_main
 from training import ROOT, load_script, tiny_args
+from scripts import run_script, script_command
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 EPOCHS, STEPS = 3, 8  # 64 training images / batch 8
@@ -29,13 +30,12 @@ ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
 def run(*command, **kwargs):
     """Run ``python COMMAND`` (a script of the repository, or a wrapper) to completion."""
     script, *args = command
-    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=ROOT,
-                          env=ENV, **kwargs)
+    return run_script(script, *args, cwd=ROOT, env=ENV, **kwargs)
 
 
 def start(script, *args):
-    return subprocess.Popen([sys.executable, str(ROOT / script), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=ENV)
+    return subprocess.Popen(script_command(script, *args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=ROOT, env=ENV)
 
 
 def wait_for(process, text):
@@ -175,12 +175,10 @@ def test_two_ranks_under_torchrun_end_with_identical_weights(data_dir, tmp_path)
     wrapper = tmp_path / 'spy.py'
     wrapper.write_text(textwrap.dedent(f'''
         import os, sys, torch
-        sys.path.insert(0, {str(ROOT)!r})
+        sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]
         sys.argv[0] = {str(ROOT / 'train.py')!r}
-        import importlib.util
-        spec = importlib.util.spec_from_file_location('train', {str(ROOT / 'train.py')!r})
-        train = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(train)
+        from scripts import load_script
+        train = load_script('train')
         evaluate = train.evaluate
         def spy(model, *args, **kwargs):
             torch.save(model.state_dict(), os.path.join({str(tmp_path)!r}, f'rank{{os.environ["RANK"]}}.pt'))

@@ -1,16 +1,6 @@
-"""Helpers of the training tests: the repository's scripts as modules, and the arguments of a tiny run."""
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script(name):
-    """``train.py`` / ``validate.py`` imported as a fresh module (their ``main`` runs in this process)."""
-    spec = importlib.util.spec_from_file_location(f'_ddfnet_{name}', ROOT / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+"""Helpers of the training tests: the arguments of a tiny run (and, from tests/scripts.py, the scripts as
+modules)."""
+from scripts import ROOT, load_script  # noqa: F401  (re-exported: the training tests import them from here)
 
 
 def tiny_args(data_dir, output, *extra, per_class=8, epochs=3, warmup=1):

@@ -1,0 +1,44 @@
+"""The one way the tests reach the repository's scripts (train.py, validate.py, scripts/*.py, docs/slurm/*.py):
+by a path relative to the repository root, '.py' optional ('train', 'scripts/inference'), either imported
+as a fresh module (its ``main`` then runs in the test process, which skips a second start-up of torch and
+timm) or run as ``python SCRIPT ...`` in a subprocess."""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def script_path(name: str | Path) -> Path:
+    """The file of script ``name`` (an absolute path stays as it is); FileNotFoundError when there is none."""
+    name = str(name)
+    path = ROOT / (name if name.endswith('.py') else f'{name}.py')
+    if not path.is_file():
+        raise FileNotFoundError(f'no script {name!r} in {ROOT} (looked for {path})')
+    return path
+
+
+def load_script(name: str | Path) -> ModuleType:
+    """Script ``name`` imported as a new module (``_ddfnet_<file name>``), not registered in sys.modules, so
+    every call gets a fresh copy of its module-level state."""
+    path = script_path(name)
+    spec = importlib.util.spec_from_file_location(f'_ddfnet_{path.stem}', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def script_command(name: str | Path, *args) -> list[str]:
+    """``[python, SCRIPT, *args]`` for subprocess.run / Popen (arguments converted with str)."""
+    return [sys.executable, str(script_path(name)), *map(str, args)]
+
+
+def run_script(name: str | Path, *args, **kwargs) -> subprocess.CompletedProcess:
+    """``python SCRIPT *args`` to completion; output captured as text unless ``kwargs`` say otherwise."""
+    kwargs.setdefault('capture_output', True)
+    kwargs.setdefault('text', True)
+    return subprocess.run(script_command(name, *args), **kwargs)
