@@ -71,3 +71,17 @@ def one_thread():
 def data_dir(tmp_path_factory):
     """A demo-dataset cache folder per test module (generated on first use)."""
     return str(tmp_path_factory.mktemp('demo-cache'))
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging():
+    """train.py run in the test process points the root logger at that test's captured stdout; a later test
+    would then log into a closed stream ("--- Logging error ---" on its stderr). Put the root logger back."""
+    import logging
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            handler.close()
+    root.handlers[:], root.level = handlers, level
