@@ -1,4 +1,4 @@
-// Shared declarations of the native DDF kernels (SPEC §1).
+// Shared declarations of the native DDF kernels.
 //
 // The schema of both operators is declared once, in ddf.cpp (TORCH_LIBRARY(ddfnet, ...)). Each backend
 // registers its kernels with TORCH_LIBRARY_IMPL(ddfnet, <Backend>, ...) in its own folder. Python keeps

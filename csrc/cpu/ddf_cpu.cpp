@@ -1,4 +1,4 @@
-// CPU kernels of the DDF op (SPEC §1): forward and the three gradients, NCHW and channels_last.
+// CPU kernels of the DDF op: forward and the three gradients, NCHW and channels_last.
 //
 // The kernels compute in the accumulation type (double for float64, float otherwise): reduced-precision
 // tensors are converted once on entry and the result rounded once on exit, which keeps the inner loops
