@@ -11,7 +11,7 @@ export CUDA_HOME TORCH_CUDA_ARCH_LIST
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.ddfnet-installed
 
-.PHONY: setup demo test
+.PHONY: setup demo test emulation test-sanitizers
 
 setup: $(INSTALLED)
 
@@ -30,3 +30,13 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+# The CUDA kernels compiled for the CPU (test-only; ddfnet/utils/cuda_emulation.py): built once and
+# cached, then run by tests/test_kernels.py (backend 'emu') and tests/test_cuda_emulation.py.
+emulation: setup
+	$(BIN)/python -c "from ddfnet.utils import cuda_emulation; cuda_emulation.load('plain')"
+
+# The emulated kernels under AddressSanitizer + UndefinedBehaviorSanitizer and under ThreadSanitizer
+# (threads mode): each variant is built on first use, then a subset runs against the reference.
+test-sanitizers: setup
+	DDFNET_TEST_SANITIZERS=1 $(BIN)/python -m pytest -q tests/test_cuda_emulation.py -k sanitizers

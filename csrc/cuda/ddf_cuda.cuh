@@ -80,7 +80,7 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 #ifdef DDFNET_CUDA_EMULATION
 inline cudaStream_t current_stream() { return nullptr; }
 // The emulation sizes grids for a fixed GPU, so launch configurations do not depend on the machine.
-inline int multiprocessor_count() { return ddf_emu::kMultiprocessors; }
+inline int multiprocessor_count() { return ddf_emu::multiprocessors(); }
 #else
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
 int multiprocessor_count();  // of the current device

@@ -39,6 +39,7 @@ VARIANTS: dict[str, tuple[list[str], list[str], str | None]] = {
                  '--param', 'asan-globals=0', '--param', 'asan-memintrin=0'], [], None),
 }
 PREBUILT = 'ddfnet._cuda_emu'
+H200_MULTIPROCESSORS = 132  # the SM count the emulated launchers size grids for, by default
 _loaded: dict[str, ModuleType] = {}
 
 

@@ -78,7 +78,11 @@ constexpr unsigned int kMaxThreadsPerBlock = 1024;
 constexpr unsigned int kMaxBlockDim[3] = {1024, 1024, 64};
 constexpr uint64_t kMaxGridDim[3] = {(uint64_t(1) << 31) - 1, 65535, 65535};
 constexpr size_t kMaxSharedPerBlock = 48 * 1024;
-constexpr int kMultiprocessors = 132;  // an H200: what grid_size() sizes the grid for
+constexpr int kMultiprocessors = 132;  // an H200: what grid_size() sizes grids for, by default
+
+// The SM count the launchers see (tests lower it to force many grid-stride iterations on small inputs).
+int multiprocessors();
+void set_multiprocessors(int count);
 
 enum class Mode { fibers, threads };
 void set_mode(Mode mode);

@@ -141,6 +141,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "Run each block's threads as fibers (deterministic, fast) or as OS threads (for ThreadSanitizer).");
   m.def("mode", [] { return ddf_emu::mode() == ddf_emu::Mode::fibers ? "fibers" : "threads"; });
   m.def("selftest", &selftest, "Run one of the emulation's check kernels (most of them raise).");
-  m.attr("multiprocessors") = ddf_emu::kMultiprocessors;
+  m.def("multiprocessors", &ddf_emu::multiprocessors, "The SM count grids are sized for (default: 132, an H200).");
+  m.def("set_multiprocessors", &ddf_emu::set_multiprocessors);
   ddf_emu::bind_traffic(m);
 }

@@ -479,6 +479,13 @@ struct Untraced {
   ~Untraced() { traffic::resume(saved); }
 };
 
+std::atomic<int> g_multiprocessors{kMultiprocessors};
+int multiprocessors() { return g_multiprocessors; }
+void set_multiprocessors(int count) {
+  if (count < 1) throw std::invalid_argument("the multiprocessor count must be >= 1");
+  g_multiprocessors = count;
+}
+
 void set_mode(Mode m) { g_mode = m; }
 Mode mode() { return g_mode; }
 
