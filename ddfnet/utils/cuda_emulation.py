@@ -53,9 +53,9 @@ def _inputs() -> list[str]:
     return sources() + [str(p) for p in CSRC.rglob('*') if p.suffix in ('.h', '.cuh', '.cu')]
 
 
-def sanitizer_runtime(variant: str) -> str:
-    """Path of the sanitizer runtime a variant's process must preload (gcc's)."""
-    lib = VARIANTS[variant][2]
+def sanitizer_runtime(variant: str, lib: str | None = None) -> str:
+    """Path of the sanitizer runtime a variant's process must preload (gcc's; or of `lib`)."""
+    lib = lib or VARIANTS[variant][2]
     if lib is None:
         raise ValueError(f'the {variant!r} variant needs no sanitizer runtime')
     cxx = os.environ.get('CXX', 'c++')
@@ -69,7 +69,9 @@ def sanitizer_env(variant: str, base: dict[str, str] | None = None) -> dict[str,
     """Environment for a Python process that loads a sanitizer variant: the runtime preloaded, and any
     report fatal (non-zero exit)."""
     env = dict(os.environ if base is None else base)
-    env['LD_PRELOAD'] = sanitizer_runtime(variant)
+    # libstdc++ right after the runtime, so that its interceptors (C++ exceptions) find what they wrap.
+    env['LD_PRELOAD'] = f'{sanitizer_runtime(variant)} {sanitizer_runtime(variant, "libstdc++.so.6")}'
+
     env['ASAN_OPTIONS'] = 'detect_leaks=0:abort_on_error=0:halt_on_error=1:exitcode=66'
     env['UBSAN_OPTIONS'] = 'halt_on_error=1:print_stacktrace=1:exitcode=66'
     env['TSAN_OPTIONS'] = 'halt_on_error=1:exitcode=66:report_signal_unsafe=0'

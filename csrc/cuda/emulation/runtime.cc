@@ -23,7 +23,7 @@
 #include <thread>
 #include <vector>
 
-#if defined(__SANITIZE_ADDRESS__)
+#if defined(__SANITIZE_ADDRESS__) && !defined(DDF_EMU_TRAFFIC)  // the traffic build's callbacks are ours
 #include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #define DDF_EMU_ASAN 1
@@ -363,12 +363,13 @@ class Block {
     try {
       traffic::set_lane(t.linear, t.stack.get(), t.stack ? kStackBytes : 0);
       body_();
-      traffic::resume(nullptr);
     } catch (const Abort&) {
     } catch (const std::exception& e) {
+      traffic::resume(nullptr);
       Lock lock = this->lock();
       fail_noabort(describe(t) + ": " + e.what());
     }
+    traffic::resume(nullptr);
     thread_exit(t);
   }
 

@@ -51,10 +51,14 @@ struct LaunchStats {
 bool g_enabled = false;
 std::vector<LaunchStats> g_launches;
 LaunchStats* g_launch = nullptr;
-std::vector<std::vector<Access>> g_lanes;  // per emulated thread of the running block
+struct Lane {
+  std::vector<Access> log;
+  uintptr_t stack_lo = 0, stack_hi = 0;  // its fiber's stack
+};
+std::vector<Lane> g_lanes;  // per emulated thread of the running block
 std::vector<std::pair<uintptr_t, uintptr_t>> g_excluded;
-thread_local std::vector<Access>* tls_log = nullptr;
-thread_local uintptr_t tls_stack_lo = 0, tls_stack_hi = 0, tls_os_lo = 0, tls_os_hi = 0;
+thread_local Lane* tls_lane = nullptr;  // the lane running on this OS thread, while it runs kernel code
+uintptr_t g_os_lo = 0, g_os_hi = 0;     // the launching thread's stack (the launch's arguments)
 
 void os_stack(uintptr_t& lo, uintptr_t& hi) {
   pthread_attr_t attr;
@@ -67,16 +71,16 @@ void os_stack(uintptr_t& lo, uintptr_t& hi) {
   hi = lo + size;
 }
 
-// Not instrumented itself; what it calls is, and finds tls_log null while it runs.
+// Not instrumented itself; what it calls is, and finds tls_lane null while it runs.
 __attribute__((no_sanitize_address)) void record(uintptr_t addr, uint32_t bytes, bool store, uintptr_t site) {
-  std::vector<Access>* log = tls_log;
-  if (log == nullptr) return;
-  if ((addr >= tls_stack_lo && addr < tls_stack_hi) || (addr >= tls_os_lo && addr < tls_os_hi)) return;
-  tls_log = nullptr;
+  Lane* lane = tls_lane;
+  if (lane == nullptr) return;
+  if ((addr >= lane->stack_lo && addr < lane->stack_hi) || (addr >= g_os_lo && addr < g_os_hi)) return;
+  tls_lane = nullptr;
   bool excluded = false;
   for (const auto& [lo, hi] : g_excluded) excluded = excluded || (addr >= lo && addr < hi);
-  if (!excluded) log->push_back({site, addr, bytes, store});
-  tls_log = log;
+  if (!excluded) lane->log.push_back({site, addr, bytes, store});
+  tls_lane = lane;
 }
 
 void mark(std::unordered_map<uint64_t, uint32_t>& masks, std::unordered_set<uint64_t>& sectors, const Access& a) {
@@ -111,19 +115,19 @@ void begin_block(int threads) {
   if (g_launch == nullptr) return;
   g_lanes.assign(threads, {});
   g_excluded.clear();
-  os_stack(tls_os_lo, tls_os_hi);
+  os_stack(g_os_lo, g_os_hi);
 }
 
 void end_block() {
   if (g_launch == nullptr) return;
-  tls_log = nullptr;
+  tls_lane = nullptr;
   const size_t warps = (g_lanes.size() + 31) / 32;
   for (size_t w = 0; w < warps; ++w) {
     // request (site, n-th execution by a lane) -> its accesses
     std::unordered_map<uintptr_t, std::vector<std::vector<const Access*>>> requests;
     for (size_t lane = w * 32; lane < std::min(g_lanes.size(), w * 32 + 32); ++lane) {
       std::unordered_map<uintptr_t, size_t> seen;
-      for (const Access& a : g_lanes[lane]) {
+      for (const Access& a : g_lanes[lane].log) {
         auto& list = requests[a.site];
         const size_t n = seen[a.site]++;
         if (list.size() <= n) list.resize(n + 1);
@@ -150,18 +154,19 @@ void end_block() {
 
 void set_lane(int linear, const void* stack, size_t stack_bytes) {
   if (g_launch == nullptr) return;
-  tls_log = &g_lanes[linear];
-  tls_stack_lo = reinterpret_cast<uintptr_t>(stack);
-  tls_stack_hi = tls_stack_lo + stack_bytes;
+  Lane& lane = g_lanes[linear];
+  lane.stack_lo = reinterpret_cast<uintptr_t>(stack);
+  lane.stack_hi = lane.stack_lo + stack_bytes;
+  tls_lane = &lane;
 }
 
 void* pause() {
-  void* saved = tls_log;
-  tls_log = nullptr;
+  void* saved = tls_lane;
+  tls_lane = nullptr;
   return saved;
 }
 
-void resume(void* saved) { tls_log = static_cast<std::vector<Access>*>(saved); }
+void resume(void* saved) { tls_lane = static_cast<Lane*>(saved); }
 
 void exclude(const void* data, size_t bytes) {
   if (g_launch == nullptr) return;
@@ -192,6 +197,8 @@ extern "C" __attribute__((no_sanitize_address)) void __asan_storeN_noabort(uintp
   ddf_emu::traffic::record(p, static_cast<uint32_t>(n), true, reinterpret_cast<uintptr_t>(__builtin_return_address(0)));
 }
 extern "C" void __asan_handle_no_return() {}
+extern "C" void __asan_before_dynamic_init(const char*) {}
+extern "C" void __asan_after_dynamic_init() {}
 
 namespace ddf_emu {
 void bind_traffic(pybind11::module_& m) {
