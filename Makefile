@@ -13,7 +13,7 @@ export CUDA_HOME TORCH_CUDA_ARCH_LIST
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.ddfnet-installed
 
-.PHONY: setup demo test test-all
+.PHONY: setup demo test test-all emulation test-sanitizers
 
 setup: $(INSTALLED)
 
@@ -35,15 +35,25 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
-# Runs test-all adds after the test suite, as make targets (e.g. the CUDA kernels under emulation and the
-# sanitizer builds). <- HOOK: name them here.
+# Runs test-all adds after the test suite, as make targets. The sanitizer builds (test-sanitizers) take
+# 15-20 minutes each on 2 cores and are run on their own for now.
 TEST_ALL_EXTRA :=
 
 # Everything: the fast and the slow tier (timm's own model tests, fetched from timm's sdist on the package
 # index; torchrun and elastic runs; export, ONNX and torch.compile; the CUDA suite's CPU stand-in; the dry
 # run of scripts/gpu_check.sh), then TEST_ALL_EXTRA. The extras run even when a test failed; make still
 # fails then.
-test-all: setup
+test-all: emulation
 	status=0; $(BIN)/python -m pytest -q tests || status=$$?; \
 	for target in $(TEST_ALL_EXTRA); do $(MAKE) $$target VENV="$(VENV)" || status=1; done; \
 	exit $$status
+
+# The CUDA kernels compiled for the CPU (test-only; ddfnet/utils/cuda_emulation.py): built once and
+# cached, then run by tests/test_kernels.py (backend 'emu') and tests/test_cuda_emulation.py.
+emulation: setup
+	$(BIN)/python -c "from ddfnet.utils import cuda_emulation; cuda_emulation.load('plain')"
+
+# The emulated kernels under AddressSanitizer + UndefinedBehaviorSanitizer and under ThreadSanitizer
+# (threads mode): each variant is built on first use, then a subset runs against the reference.
+test-sanitizers: setup
+	DDFNET_TEST_SANITIZERS=1 $(BIN)/python -m pytest -q tests/test_cuda_emulation.py -k sanitizers

@@ -142,6 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--no-reference', action='store_true', help='skip the (slow) reference path')
     parser.add_argument('--peak-gbps', type=float, help='peak memory bandwidth in GB/s (default: from the device)')
     parser.add_argument('--json', help='also write the JSON lines to this file')
+    parser.add_argument('--emulated-traffic', action='store_true',
+                        help='instead of timing, count the CUDA kernels\' global-memory traffic on the CPU '
+                             '(scripts/emulated_traffic.py; default shapes: the DDF layers of DDF-ResNet-50)')
+    parser.add_argument('--batch-size', type=int, default=1, help='batch of the --emulated-traffic layer shapes '
+                        '(default: 1)')
     args = parser.parse_args(argv)
     if args.kernel_size < 1 or args.kernel_size % 2 == 0:
         parser.error(f'--kernel-size must be a positive odd int, got {args.kernel_size}')
@@ -150,6 +155,14 @@ def main(argv: list[str] | None = None) -> int:
                      '--warmup non-negative')
     if args.peak_gbps is not None and args.peak_gbps <= 0:
         parser.error(f'--peak-gbps must be positive, got {args.peak_gbps}')
+    if args.emulated_traffic:
+        if args.batch_size < 1:
+            parser.error(f'--batch-size must be positive, got {args.batch_size}')
+        import os.path
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import emulated_traffic  # the traffic model, next to this script
+        args.shapes_given = argv is not None and '--shapes' in argv or argv is None and '--shapes' in sys.argv
+        return emulated_traffic.main(args)
 
     import torch
     import torch.nn.functional as F

@@ -56,13 +56,13 @@ INCOMPLETE=0   # parts that failed, timed out or were skipped for lack of time: 
 
 # The dry run's stand-in for the GPU in the CUDA test part, in this one place: the CUDA kernels' own source
 # compiled against the emulation layer (CPU tensors, torch.ops.ddfnet_emu) when that test-only extension is
-# importable, else the CPU kernel (tests/test_cuda.py's DDFNET_TEST_CUDA_ON=cpu check of the tests themselves);
+# importable, else the CPU kernel (the op grid's cpu backend);
 # a few dozen of the file's cases, since make test-all runs the whole file on both.
-EMULATION_PROBE='import torch, ddfnet; torch.ops.ddfnet_emu.ddf'
-CUDA_TEST_FILES=tests/test_cuda.py   # the CUDA kernels' tests (on the GPU all of them)
+CUDA_TEST_FILES='tests/test_kernels.py tests/test_cuda.py'   # the op grid on every backend, and the GPU-only tests
 DRY_RUN_CUDA_TESTS='matches_reference and float32 and nchw and mul'
-cuda_tests_stand_in() {
-  if "$PY" -c "$EMULATION_PROBE" >/dev/null 2>&1; then echo emu; else echo cpu; fi
+cuda_tests_stand_in() {  # the op grid's backend that stands in for cuda: the emulated CUDA kernels, else the CPU kernel
+  if "$PY" -c "from ddfnet.utils import cuda_emulation; cuda_emulation.load('plain')" >/dev/null 2>&1; then
+    echo emu; else echo cpu; fi
 }
 
 pack() {  # the results so far, replaced atomically (a call cut short still brings back the last parts)
@@ -122,9 +122,9 @@ if [ $DRY_RUN = 1 ]; then
          --demo-per-class 4 --workers 0 --channels-last)
   EPOCHS_NATIVE=2 EPOCHS_REFERENCE=1 STEPS_PER_EPOCH=4
   STAND_IN=$(cuda_tests_stand_in)
-  CUDA_TESTS=(env DDFNET_TEST_CUDA_ON="$STAND_IN" "$PY" -m pytest -q -p no:cacheprovider
-              $CUDA_TEST_FILES -k "$DRY_RUN_CUDA_TESTS" --junitxml="$WORK/test_cuda.xml")
-  NOTES+=("dry run on the CPU: CUDA tests against DDFNET_TEST_CUDA_ON=$STAND_IN")
+  CUDA_TESTS=("$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py
+              -k "$STAND_IN and $DRY_RUN_CUDA_TESTS" --junitxml="$WORK/test_cuda.xml")
+  NOTES+=("dry run on the CPU: the op grid on the $STAND_IN backend in place of cuda")
 else
   DEVICE=cuda
   OP_PAPER=(--shapes 32x256x56x56 32x256x112x112 32x256x224x224 2x256x200x300 --warmup 3 --rounds 10)

@@ -1,6 +1,5 @@
-"""Naive loop implementation of the DDF op (docs/design.md, "The DDF operation"), the oracle for the tests.
-
-Differentiable."""
+"""The tests' oracles and inputs: a naive loop implementation of the DDF op (differentiable), and the one
+input maker every op test uses."""
 import torch
 
 
@@ -30,7 +29,8 @@ def random_inputs(b, c, h, w, k, stride=1, dtype=torch.float64, requires_grad=Fa
                   memory_format=torch.contiguous_format, grad_output=False):
     """input, channel_filter, spatial_filter (and a grad_output when asked) of the op, drawn in float64 and
     rounded to ``dtype`` on ``device``, so every dtype sees the same values up to one rounding; the input,
-    spatial filter and grad_output in ``memory_format``."""
+    spatial filter and grad_output in ``memory_format`` ('nchw' / 'nhwc' name the two formats too)."""
+    memory_format = {'nchw': torch.contiguous_format, 'nhwc': torch.channels_last}.get(memory_format, memory_format)
     g = torch.Generator().manual_seed(seed)
     out_h, out_w = (h - 1) // stride + 1, (w - 1) // stride + 1
     sizes = [(b, c, h, w), (b, c, k, k), (b, k * k, out_h, out_w)] + ([(b, c, out_h, out_w)] if grad_output else [])

@@ -14,11 +14,13 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros_like.h>
+#include <torch/library.h>
+#ifndef DDFNET_CUDA_EMULATION
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime_api.h>
-#include <torch/library.h>
+#endif
 
 #include <algorithm>
 #include <climits>
@@ -28,16 +30,31 @@
 namespace ddfnet {
 namespace ddf_cuda {
 
-unsigned int grid_size(int64_t work, int64_t per_block) {
-  // A few waves of resident blocks is plenty for grid-stride loops. (Queried directly rather than via
-  // ATen/cuda/CUDAContext.h, which needs the cuSPARSE/cuBLAS headers that a bare toolkit may lack.)
+#ifndef DDFNET_CUDA_EMULATION
+int multiprocessor_count() {
+  // Queried directly rather than via ATen/cuda/CUDAContext.h, which needs the cuSPARSE/cuBLAS headers
+  // that a bare toolkit may lack.
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
-  const int64_t most = static_cast<int64_t>(std::max(sms, 1)) * 32;
+  return sms;
+}
+#endif
+
+unsigned int grid_size(int64_t work, int64_t per_block) {
+  // A few waves of resident blocks is plenty for grid-stride loops.
+  const int64_t most = static_cast<int64_t>(std::max(multiprocessor_count(), 1)) * 32;
   return static_cast<unsigned int>(std::max<int64_t>(1, std::min(ceil_div(work, per_block), most)));
 }
 
 namespace {
+
+#ifdef DDFNET_CUDA_EMULATION
+struct DeviceGuard {  // the emulated kernels run on CPU tensors
+  explicit DeviceGuard(c10::Device) {}
+};
+#else
+using DeviceGuard = c10::cuda::CUDAGuard;
+#endif
 
 // Call after the zero-size early returns (H, W >= 1).
 Geometry make_geometry(const at::Tensor& input, int64_t kernel_size, int64_t dilation, int64_t stride, bool mul) {
@@ -77,7 +94,7 @@ at::Tensor forward_entry(const at::Tensor& input, const at::Tensor& channel_filt
                          int64_t kernel_size, int64_t dilation, int64_t stride, c10::string_view kernel_combine) {
   const bool mul = ddfnet::check_ddf_args(input, channel_filter, spatial_filter, kernel_size, dilation, stride,
                                           kernel_combine);
-  const c10::cuda::CUDAGuard guard(input.device());
+  const DeviceGuard guard(input.device());
   const at::MemoryFormat fmt = path_format(input);
   const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
   at::Tensor output = at::empty({input.size(0), input.size(1), ddfnet::out_size(input.size(2), stride),
@@ -98,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_entry(
   const bool mul = ddfnet::check_ddf_args(input, channel_filter, spatial_filter, kernel_size, dilation, stride,
                                           kernel_combine);
   ddfnet::check_grad_output(grad_output, input, stride);
-  const c10::cuda::CUDAGuard guard(input.device());
+  const DeviceGuard guard(input.device());
   if (input.numel() == 0 || grad_output.numel() == 0) {  // B, C, H or W is 0: every gradient is 0
     return {at::zeros_like(input), at::zeros_like(channel_filter), at::zeros_like(spatial_filter)};
   }
@@ -122,7 +139,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_entry(
 }  // namespace ddf_cuda
 }  // namespace ddfnet
 
+#ifdef DDFNET_CUDA_EMULATION
+// The emulated kernels take CPU tensors, under their own namespace (schemas in emulation/module.cc), so
+// they never stand in for the real ddfnet ops.
+TORCH_LIBRARY_IMPL(ddfnet_emu, CPU, m) {
+#else
 TORCH_LIBRARY_IMPL(ddfnet, CUDA, m) {
+#endif
   m.impl("ddf", &ddfnet::ddf_cuda::forward_entry);
   m.impl("ddf_backward", &ddfnet::ddf_cuda::backward_entry);
 }

@@ -4,7 +4,7 @@
 //   ddf_cuda_pixels.cu   forward and grad_input: one output value per (pixel, channel), a sum over taps
 //   ddf_cuda_filters.cu  grad_channel_filter and grad_spatial_filter: reductions over pixels / channels
 //
-// Notation used in every kernel (SPEC §1): input (B, C, H, W), output (B, C, Ho, Wo), kernel size k
+// Notation used in every kernel: input (B, C, H, W), output (B, C, Ho, Wo), kernel size k
 // (odd), half = k / 2, tap t = i * k + j for i, j in [0, k). Output pixel (oy, ox) samples input pixel
 //   iy = oy * stride + (i - half) * dilation,   ix = ox * stride + (j - half) * dilation,
 // and the tap contributes nothing when (iy, ix) is outside the image.
@@ -15,12 +15,27 @@
 //   NHWC path: input/grad_input (B, H, W, C), output/grad_output (B, Ho, Wo, C), channel filter
 //              transposed to (B, k*k, C), spatial filter (B, Ho, Wo, k*k) (i.e. channels_last).
 // Every global offset is computed in int64_t. The grad channel filter is always (B, C, k*k).
+//
+// The kernel files are also compiled as C++ against emulation/cuda_emu.h (DDFNET_CUDA_EMULATION, a
+// test-only build that runs them on the CPU). For that they write two constructs through macros that are
+// the plain CUDA syntax under nvcc: DDF_LAUNCH(grid, block, shmem, stream, kernel)(args...) for
+// kernel<<<grid, block, shmem, stream>>>(args...), and DDF_SHARED(type, name, [dims]) for
+// `__shared__ type name[dims]`; the stream is current_stream().
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
 #include <type_traits>
+
+#ifdef DDFNET_CUDA_EMULATION
+#include "emulation/cuda_emu.h"
+#else
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#define DDF_LAUNCH(grid, block, shmem, stream, ...) __VA_ARGS__<<<grid, block, shmem, stream>>>
+#define DDF_SHARED(type, name, dims) __shared__ type name dims
+#endif
 
 namespace ddfnet {
 namespace ddf_cuda {
@@ -62,11 +77,20 @@ void dispatch_kernel_size(int k, F&& f) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+#ifdef DDFNET_CUDA_EMULATION
+inline cudaStream_t current_stream() { return nullptr; }
+// The emulation sizes grids for a fixed GPU, so launch configurations do not depend on the machine.
+inline int multiprocessor_count() { return ddf_emu::multiprocessors(); }
+#else
+inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
+int multiprocessor_count();  // of the current device
+#endif
+
 // Blocks for a grid-stride loop over `work` items of `per_block` each: enough to fill the GPU a few
 // times over, never more than needed (and never 0). Results never depend on the grid size.
 unsigned int grid_size(int64_t work, int64_t per_block);
 
-#ifdef __CUDACC__
+#if defined(__CUDACC__) || defined(DDFNET_CUDA_EMULATION)
 
 __device__ __forceinline__ int64_t dceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 __device__ __forceinline__ int64_t dmin(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -104,7 +128,7 @@ __device__ __forceinline__ int64_t gather_coord(int64_t in, int i, int half, int
   return o * s == n32 ? o : -1;
 }
 
-#endif  // __CUDACC__
+#endif  // __CUDACC__ || DDFNET_CUDA_EMULATION
 
 }  // namespace ddf_cuda
 }  // namespace ddfnet

@@ -19,8 +19,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
 
@@ -98,7 +96,7 @@ grad_cf_nchw_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict_
                     at::opmath_type<scalar_t>* __restrict__ partial, const Geometry g, const int nsplit) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int TC = K > 0 ? K * K : 1;
-  __shared__ acc_t red[kThreads / kWarp][TC];
+  DDF_SHARED(acc_t, red, [kThreads / kWarp][TC]);
   const int k = K > 0 ? K : g.k, half = k / 2;
   const int64_t kk = static_cast<int64_t>(k) * k;
   const int64_t C = g.channels, Wo = g.out_w;
@@ -156,7 +154,7 @@ grad_cf_nhwc_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict_
                     at::opmath_type<scalar_t>* __restrict__ partial, const Geometry g, const int nsplit) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int TC = K > 0 ? K * K : 1;
-  __shared__ acc_t red[kThreads];
+  DDF_SHARED(acc_t, red, [kThreads]);
   const int k = K > 0 ? K : g.k, half = k / 2;
   const int64_t kk = static_cast<int64_t>(k) * k;
   const int64_t C = g.channels, Wo = g.out_w;
@@ -324,7 +322,7 @@ template <typename scalar_t>
 void finish(const at::Tensor& partial, int nsplit, const at::Tensor& out, cudaStream_t stream) {
   if (nsplit == 1) return;
   const int64_t n = out.numel();
-  sum_partials_kernel<scalar_t><<<grid_size(n, kThreads), kThreads, 0, stream>>>(
+  DDF_LAUNCH(grid_size(n, kThreads), kThreads, 0, stream, sum_partials_kernel<scalar_t>)(
       partial.const_data_ptr<at::opmath_type<scalar_t>>(), out.mutable_data_ptr<scalar_t>(), nsplit, n);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -340,7 +338,7 @@ at::Tensor workspace(const at::Tensor& out, int nsplit) {
 void launch_grad_filters(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& channel_filter,
                          const at::Tensor& spatial_filter, const at::Tensor& grad_channel_filter,
                          const at::Tensor& grad_spatial_filter, const Geometry& g, bool channels_last) {
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   const int64_t B = g.batch, C = g.channels, hwo = g.out_h * g.out_w;
 
   // grad_cf: launch shape and split.
@@ -385,15 +383,18 @@ void launch_grad_filters(const at::Tensor& grad_output, const at::Tensor& input,
     dispatch_kernel_size(g.k, [&](auto kc) {
       constexpr int K = decltype(kc)::value;
       if (channels_last) {
-        grad_cf_nhwc_kernel<scalar_t, K><<<cf_grid, cf_block, 0, stream>>>(go, x, sf, gcf, cfw, g, cf_split);
+        DDF_LAUNCH(cf_grid, cf_block, 0, stream, grad_cf_nhwc_kernel<scalar_t, K>)(
+            go, x, sf, gcf, cfw, g, cf_split);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        grad_sf_nhwc_kernel<scalar_t, K>
-            <<<sf_grid, kThreads, 0, stream>>>(go, x, cf, gsf, sfw, g, sf_split, lanes);
+        DDF_LAUNCH(sf_grid, kThreads, 0, stream, grad_sf_nhwc_kernel<scalar_t, K>)(
+            go, x, cf, gsf, sfw, g, sf_split, lanes);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       } else {
-        grad_cf_nchw_kernel<scalar_t, K><<<cf_grid, cf_block, 0, stream>>>(go, x, sf, gcf, cfw, g, cf_split);
+        DDF_LAUNCH(cf_grid, cf_block, 0, stream, grad_cf_nchw_kernel<scalar_t, K>)(
+            go, x, sf, gcf, cfw, g, cf_split);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        grad_sf_nchw_kernel<scalar_t, K><<<sf_grid, kThreads, 0, stream>>>(go, x, cf, gsf, sfw, g, sf_split);
+        DDF_LAUNCH(sf_grid, kThreads, 0, stream, grad_sf_nchw_kernel<scalar_t, K>)(
+            go, x, cf, gsf, sfw, g, sf_split);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });

@@ -16,8 +16,6 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
 
 namespace ddfnet {
 namespace ddf_cuda {
@@ -257,7 +255,7 @@ grad_input_nhwc_kernel(const scalar_t* __restrict__ go, const scalar_t* __restri
 
 void launch_forward(const at::Tensor& input, const at::Tensor& channel_filter, const at::Tensor& spatial_filter,
                     const at::Tensor& output, const Geometry& g, bool channels_last) {
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   const int64_t hwo = g.out_h * g.out_w;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ddf_forward_cuda", [&] {
     const scalar_t* x = input.const_data_ptr<scalar_t>();
@@ -269,13 +267,13 @@ void launch_forward(const at::Tensor& input, const at::Tensor& channel_filter, c
       if (channels_last) {
         const int ppt = run_length(kMaxPixels, g.batch, g.channels, hwo);
         const int64_t total = g.batch * ceil_div(hwo, ppt) * g.channels;
-        forward_nhwc_kernel<scalar_t, K>
-            <<<grid_size(total, kThreads), kThreads, 0, stream>>>(x, cf, sf, out, g, ppt);
+        DDF_LAUNCH(grid_size(total, kThreads), kThreads, 0, stream, forward_nhwc_kernel<scalar_t, K>)(
+            x, cf, sf, out, g, ppt);
       } else {
         const int cpt = run_length(kMaxChannels, g.batch, hwo, g.channels);
         const int64_t total = g.batch * ceil_div(g.channels, cpt) * hwo;
-        forward_nchw_kernel<scalar_t, K>
-            <<<grid_size(total, kThreads), kThreads, 0, stream>>>(x, cf, sf, out, g, cpt);
+        DDF_LAUNCH(grid_size(total, kThreads), kThreads, 0, stream, forward_nchw_kernel<scalar_t, K>)(
+            x, cf, sf, out, g, cpt);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -285,7 +283,7 @@ void launch_forward(const at::Tensor& input, const at::Tensor& channel_filter, c
 void launch_grad_input(const at::Tensor& grad_output, const at::Tensor& channel_filter,
                        const at::Tensor& spatial_filter, const at::Tensor& grad_input, const Geometry& g,
                        bool channels_last) {
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   const int64_t hw = g.height * g.width;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(), "ddf_grad_input_cuda", [&] {
     const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
@@ -297,13 +295,13 @@ void launch_grad_input(const at::Tensor& grad_output, const at::Tensor& channel_
       if (channels_last) {
         const int ppt = run_length(kMaxPixels, g.batch, g.channels, hw);
         const int64_t total = g.batch * ceil_div(hw, ppt) * g.channels;
-        grad_input_nhwc_kernel<scalar_t, K>
-            <<<grid_size(total, kThreads), kThreads, 0, stream>>>(go, cf, sf, gx, g, ppt);
+        DDF_LAUNCH(grid_size(total, kThreads), kThreads, 0, stream, grad_input_nhwc_kernel<scalar_t, K>)(
+            go, cf, sf, gx, g, ppt);
       } else {
         const int cpt = run_length(kMaxChannels, g.batch, hw, g.channels);
         const int64_t total = g.batch * ceil_div(g.channels, cpt) * hw;
-        grad_input_nchw_kernel<scalar_t, K>
-            <<<grid_size(total, kThreads), kThreads, 0, stream>>>(go, cf, sf, gx, g, cpt);
+        DDF_LAUNCH(grid_size(total, kThreads), kThreads, 0, stream, grad_input_nchw_kernel<scalar_t, K>)(
+            go, cf, sf, gx, g, cpt);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

@@ -1,0 +1,125 @@
+"""The CUDA kernels of ``csrc/cuda`` run on the CPU, for tests and tuning without a GPU.
+
+:func:`load` builds (once, cached) and imports a separate extension that compiles the unchanged kernel
+files against ``csrc/cuda/emulation/cuda_emu.h`` and registers ``torch.ops.ddfnet_emu.ddf`` and
+``torch.ops.ddfnet_emu.ddf_backward`` (the schemas of ``torch.ops.ddfnet.*``) on CPU tensors: the CUDA entry
+points, launch configurations and kernels, executed thread by thread. It never replaces ``torch.ops.ddfnet``.
+
+Variants (one per process, they share the op namespace):
+  plain     the emulation as is (``pip install`` builds it ahead of time as ``ddfnet._cuda_emu`` with
+            ``DDFNET_BUILD_CUDA_EMULATION=1``);
+  asan      AddressSanitizer + UndefinedBehaviorSanitizer; tsan: ThreadSanitizer (threads mode). Both need
+            their runtime preloaded: run Python with :func:`sanitizer_env`;
+  traffic   counts each kernel's global loads and stores (``traffic_start`` / ``traffic_stop``).
+"""
+from __future__ import annotations
+
+import glob
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+CSRC = Path(__file__).resolve().parents[2] / 'csrc'
+EMULATION = CSRC / 'cuda' / 'emulation'
+_BASE = ['-DDDFNET_CUDA_EMULATION', '-Wno-unknown-pragmas']  # nvcc's `#pragma unroll`
+_SANITIZE_UB = ['-fsanitize=address,undefined', '-fno-sanitize=vptr', '-fno-sanitize-recover=all']
+# (compile flags, link flags, sanitizer runtime to preload)
+VARIANTS: dict[str, tuple[list[str], list[str], str | None]] = {
+    'plain': (['-O2'], [], None),
+    'asan': (['-O1', '-g', '-fno-omit-frame-pointer', *_SANITIZE_UB], _SANITIZE_UB, 'libasan.so'),
+    'tsan': (['-O1', '-g', '-fsanitize=thread'], ['-fsanitize=thread'], 'libtsan.so'),
+    # gcc's kernel-address instrumentation as plain calls, which emulation/traffic.cc answers.
+    'traffic': (['-O1', '-fno-tree-vectorize', '-DDDF_EMU_TRAFFIC', '-fsanitize=kernel-address',
+                 '--param', 'asan-instrumentation-with-call-threshold=0', '--param', 'asan-stack=0',
+                 '--param', 'asan-globals=0', '--param', 'asan-memintrin=0'], [], None),
+}
+PREBUILT = 'ddfnet._cuda_emu'
+H200_MULTIPROCESSORS = 132  # the SM count the emulated launchers size grids for, by default
+_loaded: dict[str, ModuleType] = {}
+
+
+def sources() -> list[str]:
+    """The emulation extension's sources: the argument checks and the emulation's wrappers of the
+    ``.cu`` files (``.cc``, so that the user build's ``csrc/**/*.cpp`` glob never picks them up)."""
+    return [str(CSRC / 'ddf_checks.cpp')] + sorted(glob.glob(str(EMULATION / '*.cc')))
+
+
+def _inputs() -> list[str]:
+    return sources() + [str(p) for p in CSRC.rglob('*') if p.suffix in ('.h', '.cuh', '.cu')]
+
+
+def sanitizer_runtime(variant: str, lib: str | None = None) -> str:
+    """Path of the sanitizer runtime a variant's process must preload (gcc's; or of `lib`)."""
+    lib = lib or VARIANTS[variant][2]
+    if lib is None:
+        raise ValueError(f'the {variant!r} variant needs no sanitizer runtime')
+    cxx = os.environ.get('CXX', 'c++')
+    path = subprocess.run([cxx, f'-print-file-name={lib}'], capture_output=True, text=True, check=True).stdout.strip()
+    if not os.path.isabs(path):
+        raise RuntimeError(f'{cxx} has no {lib} (install the compiler\'s sanitizer runtime)')
+    return path
+
+
+def sanitizer_env(variant: str, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a Python process that loads a sanitizer variant: the runtime preloaded, and any
+    report fatal (non-zero exit)."""
+    env = dict(os.environ if base is None else base)
+    # libstdc++ right after the runtime, so that its interceptors (C++ exceptions) find what they wrap.
+    env['LD_PRELOAD'] = f'{sanitizer_runtime(variant)} {sanitizer_runtime(variant, "libstdc++.so.6")}'
+
+    env['ASAN_OPTIONS'] = 'detect_leaks=0:abort_on_error=0:halt_on_error=1:exitcode=66'
+    env['UBSAN_OPTIONS'] = 'halt_on_error=1:print_stacktrace=1:exitcode=66'
+    env['TSAN_OPTIONS'] = 'halt_on_error=1:exitcode=66:report_signal_unsafe=0'
+    env['OMP_NUM_THREADS'] = '1'  # OpenMP's own synchronisation is invisible to ThreadSanitizer
+    return env
+
+
+def load(variant: str = 'plain', verbose: bool = False) -> ModuleType:
+    """The emulation extension of ``variant`` (built on first use, then cached until a source changes)."""
+    if variant not in VARIANTS:
+        raise ValueError(f'variant must be one of {sorted(VARIANTS)}, got {variant!r}')
+    if variant in _loaded:
+        return _loaded[variant]
+    if _loaded:
+        raise RuntimeError(f'the {next(iter(_loaded))!r} emulation is already loaded in this process (one variant '
+                           'per process: they share torch.ops.ddfnet_emu)')
+    cflags, ldflags, runtime = VARIANTS[variant]
+    if runtime is not None and runtime not in os.environ.get('LD_PRELOAD', ''):
+        raise RuntimeError(f'the {variant!r} emulation needs {runtime} preloaded: run Python with '
+                           f'ddfnet.utils.cuda_emulation.sanitizer_env({variant!r})')
+    module = None
+    if variant == 'plain':
+        try:
+            module = importlib.import_module(PREBUILT)
+        except ImportError:
+            pass
+    if module is None:
+        module = _jit_build(variant, cflags, ldflags, verbose)
+    _loaded[variant] = module
+    return module
+
+
+def _jit_build(variant: str, cflags: list[str], ldflags: list[str], verbose: bool) -> ModuleType:
+    from torch.utils import cpp_extension
+
+    name = 'ddfnet_cuda_emu' if variant == 'plain' else f'ddfnet_cuda_emu_{variant}'
+    tag = f'ddfnet-torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}'.replace('+', '_')
+    build_dir = Path(cpp_extension.get_default_build_root()) / tag / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    built = list(build_dir.glob(f'{name}*.so'))
+    fresh = built and min(p.stat().st_mtime for p in built) >= max(os.path.getmtime(p) for p in _inputs())
+    if not fresh:
+        print(f'ddfnet: compiling the CUDA emulation ({variant}) into {build_dir} ...', file=sys.stderr, flush=True)
+    # The compiler must not run with this process's sanitizer runtime preloaded.
+    preload = os.environ.pop('LD_PRELOAD', None)
+    try:
+        return cpp_extension.load(name=name, sources=sources(), build_directory=str(build_dir),
+                                  extra_cflags=_BASE + cflags, extra_ldflags=ldflags, verbose=verbose)
+    finally:
+        if preload is not None:
+            os.environ['LD_PRELOAD'] = preload

@@ -1,0 +1,127 @@
+"""The CUDA emulation itself (csrc/cuda/emulation, ddfnet.utils.cuda_emulation): each of its checks fires,
+shared memory starts poisoned, both modes compute the same bits, the user build never compiles it, and the
+sanitizer builds run the kernels clean. The kernels' grid on the emulation is in test_kernels.py ('emu')."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from backends import require
+from naive import random_inputs
+
+from ddfnet.ops import _native
+from ddfnet.utils import cuda_emulation
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture
+def emu():
+    require('emu')
+    module = cuda_emulation.load('plain')
+    yield module
+    module.set_mode('fibers')
+
+
+# selftest kernel -> the failure it must raise (csrc/cuda/emulation/module.cc)
+FAULTS = {
+    'shuffle_mask': r'mask 0xffff; only the full-warp mask',
+    'shuffle_partial_warp': r'this warp has 16 threads',
+    'shuffle_divergent': r'divergent shuffle: thread \(16, 0, 0\) is at the shuffle at line \d+, other lanes',
+    'shuffle_exited_lane': r'divergent shuffle: thread \(7, 0, 0\) exited while other lanes',
+    'shuffle_vs_syncthreads': r'deadlock: no thread of the block can continue',
+    'syncthreads_exited': r'exited while other threads wait at __syncthreads',
+    'syncthreads_two_sites': r'waits at __syncthreads line \d+ while other threads wait at __syncthreads line',
+    'block_too_large': r'block dimension 0 over its limit 1024',
+    'block_z_too_large': r'block dimension 2 over its limit 64',
+    'grid_zero': r'invalid configuration',
+    'grid_y_too_large': r'grid dimension 1 over its limit 65535',
+    'dynamic_shared_too_large': r'dynamic shared memory over the per-block limit',
+    'shared_too_large': r"53248 bytes with 'big', over the 49152-byte limit",
+    'shared_write_past_end': r"shared array 'small' \(128 bytes\) was written past its end",
+}
+
+
+@pytest.mark.parametrize('mode', ('fibers', 'threads'))
+@pytest.mark.parametrize('name', FAULTS)
+def test_each_check_raises(emu, name, mode):
+    emu.set_mode(mode)
+    with pytest.raises(RuntimeError, match=FAULTS[name]):
+        emu.selftest(name)
+
+
+@pytest.mark.parametrize('mode', ('fibers', 'threads'))
+def test_correct_reduction_and_poisoned_shared_memory(emu, mode):
+    emu.set_mode(mode)
+    torch.testing.assert_close(emu.selftest('block_sum'), torch.arange(1024.).view(4, 256).sum(1))
+    out = emu.selftest('shared_unwritten')  # thread 29 reads the slot thread 30 never wrote
+    assert out[29].isnan() and not out[:29].isnan().any() and not out[30:].isnan().any()
+
+
+def test_modes_agree_bit_for_bit(emu):
+    # Threads mode runs the blocks' threads concurrently; the results must not depend on it.
+    results = {}
+    for mode in ('fibers', 'threads'):
+        emu.set_mode(mode)
+        got = []
+        for layout in ('nchw', 'nhwc'):
+            x, cf, sf, grad = random_inputs(2, 37, 9, 7, 3, 1, dtype=torch.float32, memory_format=layout,
+                                            grad_output=True)
+            got += [torch.ops.ddfnet_emu.ddf(x, cf, sf, 3, 1, 1, 'mul'),
+                    *torch.ops.ddfnet_emu.ddf_backward(grad, x, cf, sf, 3, 1, 1, 'mul')]
+        results[mode] = got
+    for a, b in zip(results['fibers'], results['threads']):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize('layout', ('nchw', 'nhwc'))
+@pytest.mark.parametrize('shape, k, dilation, stride', (((2, 20, 40, 40), 3, 1, 1), ((1, 40, 33, 31), 9, 1, 2),
+                                                        ((1, 64, 30, 30), 5, 2, 1)))
+def test_many_grid_stride_iterations(emu, shape, k, dilation, stride, layout):
+    # Grids sized for a 1-SM GPU (at most 32 blocks): every kernel's grid-stride / block-item loop runs
+    # many times, and the reductions split, on shapes small enough for the emulation.
+    from test_kernels import check, inputs
+    emu.set_multiprocessors(1)
+    try:
+        check(torch.ops.ddfnet_emu, *inputs('emu', shape, k, stride, layout=layout), k, dilation, stride, 'mul',
+              tol=(1e-4, 1e-3))
+    finally:
+        emu.set_multiprocessors(cuda_emulation.H200_MULTIPROCESSORS)
+
+
+def test_emulation_errors_reach_python_as_errors(emu):
+    x, cf, sf = random_inputs(2, 3, 5, 5, 3)
+    with pytest.raises(ValueError, match='kernel_size must be a positive odd int'):
+        torch.ops.ddfnet_emu.ddf(x, cf, sf, 2, 1, 1, 'mul')
+    with pytest.raises(ValueError, match='variant must be one of'):
+        cuda_emulation.load('msan')
+
+
+def test_user_build_never_compiles_the_emulation():
+    cpp, cuda = _native._sources()
+    assert cpp and cuda and not [p for p in cpp + cuda if 'emulation' in p]
+    assert all('emulation' in p or p.endswith('ddf_checks.cpp') for p in cuda_emulation.sources())
+
+
+def run_sanitized(variant):
+    env = cuda_emulation.sanitizer_env(variant)
+    env['PYTHONPATH'] = os.pathsep.join([os.path.dirname(HERE), env.get('PYTHONPATH', '')])
+    return subprocess.run([sys.executable, os.path.join(HERE, 'emu_sanitized.py'), variant], capture_output=True,
+                          text=True, env=env, timeout=3000)
+
+
+# Each builds its own variant (minutes on a small machine): `make test-sanitizers` sets the variable.
+needs_sanitizer_run = pytest.mark.skipif(os.environ.get('DDFNET_TEST_SANITIZERS') != '1',
+                                         reason='set DDFNET_TEST_SANITIZERS=1 (make test-sanitizers)')
+
+
+@needs_sanitizer_run
+@pytest.mark.parametrize('variant', ('asan', 'tsan'))
+def test_sanitizers_find_nothing(variant):
+    result = run_sanitized(variant)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    for report in ('ERROR: AddressSanitizer', 'runtime error:', 'WARNING: ThreadSanitizer'):
+        assert report not in output, output[-6000:]
+    assert ' 0 mismatches' in result.stdout
