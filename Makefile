@@ -43,7 +43,7 @@ TEST_ALL_EXTRA :=
 # index; torchrun and elastic runs; export, ONNX and torch.compile; the CUDA suite's CPU stand-in; the dry
 # run of scripts/gpu_check.sh), then TEST_ALL_EXTRA. The extras run even when a test failed; make still
 # fails then.
-test-all: emulation
+test-all: setup emulation
 	status=0; $(BIN)/python -m pytest -q tests || status=$$?; \
 	for target in $(TEST_ALL_EXTRA); do $(MAKE) $$target VENV="$(VENV)" || status=1; done; \
 	exit $$status
