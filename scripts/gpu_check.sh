@@ -227,7 +227,7 @@ if [ "$IMPL" != native ]; then
   export DDFNET_FORCE_REFERENCE=1
   NOTES+=("NATIVE KERNELS NOT ACTIVE (implementation: ${IMPL:-unknown}): later parts ran the reference path")
 fi
-part test_cuda 120 "${CUDA_TESTS[@]}"
+part test_cuda "$([ "$DRY_RUN" = 1 ] && echo 240 || echo 120)" "${CUDA_TESTS[@]}"  # dry run: collecting the op grid on 2 busy cores
 part op_layers 60 "$PY" scripts/benchmark_op.py --device $DEVICE "${OP_LAYERS[@]}" --peak-gbps 4800 --json "$WORK/op_layers.jsonl"
 part op_paper 60 "$PY" scripts/benchmark_op.py --device $DEVICE "${OP_PAPER[@]}" --peak-gbps 4800 --json "$WORK/op_paper.jsonl"
 part train_native 90 train_run native $EPOCHS_NATIVE
