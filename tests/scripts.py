@@ -42,3 +42,16 @@ def run_script(name: str | Path, *args, **kwargs) -> subprocess.CompletedProcess
     kwargs.setdefault('capture_output', True)
     kwargs.setdefault('text', True)
     return subprocess.run(script_command(name, *args), **kwargs)
+
+
+def call_main(module: ModuleType, prog: str, argv: list[str], capsys) -> tuple[int, str, list[str]]:
+    """(exit status, stdout, stderr lines) of ``module.main(argv)`` run as its command line runs it
+    (``ddfnet.cli.run_main``: one-line errors, exit status 2), in this process."""
+    from ddfnet.cli import run_main
+    try:
+        run_main(lambda: module.main(argv), prog)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err.strip().splitlines()

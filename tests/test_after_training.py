@@ -12,9 +12,9 @@ import timm
 import torch
 import yaml
 
-from ddfnet.cli import run_main
 from ddfnet.data import DEMO_CLASSES
-from training import ROOT, load_script, tiny_args
+from scripts import call_main as call
+from training import load_script, tiny_args
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 TINY = dict(layers=[1, 1, 1, 1])
@@ -23,17 +23,6 @@ TINY = dict(layers=[1, 1, 1, 1])
 def script(name):
     """A script of scripts/ imported as a module."""
     return load_script(f'scripts/{name}')
-
-
-def call(module, prog, argv, capsys):
-    """``module.main(argv)`` as its command line runs it: (exit status, stdout, stderr lines)."""
-    try:
-        run_main(lambda: module.main(argv), prog)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err.strip().splitlines()
 
 
 def load(path):

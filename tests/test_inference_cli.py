@@ -6,29 +6,11 @@ import torch
 import yaml
 from PIL import Image
 
-from ddfnet.cli import run_main
-from training import ROOT, load_script, tiny_args
+from scripts import call_main as call
+from training import load_script, tiny_args
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 MODEL = ['--model', 'ddf_resnet26', '--model-kwargs', '{layers: [1, 1, 1, 1]}', '--img-size', '32']
-
-
-def inference():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location('_ddfnet_inference', ROOT / 'scripts' / 'inference.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def call(module, prog, argv, capsys):
-    try:
-        run_main(lambda: module.main(argv), prog)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err.strip().splitlines()
 
 
 @pytest.fixture(scope='module')
@@ -60,14 +42,14 @@ def argv(files, checkpoint='three.pth.tar', *extra):
     (['--topk', '4'], "--topk 4 is more than the model's 3 classes"),
 ])
 def test_bad_values_are_one_line_before_any_image_is_read(files, extra, message, capsys):
-    code, out, err = call(inference(), 'inference.py', argv(files, 'three.pth.tar', str(files), *extra), capsys)
+    code, out, err = call(load_script('scripts/inference'), 'inference.py', argv(files, 'three.pth.tar', str(files), *extra), capsys)
     assert code == 2 and len(err) == 1 and err[0].startswith(f'inference.py: error: {message}'), err
     assert 'skipped' not in out + ''.join(err)
 
 
 def test_one_image_positional_and_topk_up_to_the_class_count(files, capsys):
     """A single image file (positional, like timm's) is predicted; the default top-5 of a 3-class model is 3."""
-    code, out, err = call(inference(), 'inference.py', argv(files, 'three.pth.tar', str(files / '0.png')), capsys)
+    code, out, err = call(load_script('scripts/inference'), 'inference.py', argv(files, 'three.pth.tar', str(files / '0.png')), capsys)
     assert code == 0, err
     assert '1 images predicted, 0 files skipped' in out
     table = out.splitlines()[0]
@@ -76,7 +58,7 @@ def test_one_image_positional_and_topk_up_to_the_class_count(files, capsys):
 
 def test_a_1000_class_model_without_names_prints_imagenet_names(files, tmp_path, capsys):
     results = tmp_path / 'p.json'
-    code, out, err = call(inference(), 'inference.py',
+    code, out, err = call(load_script('scripts/inference'), 'inference.py',
                           argv(files, 'in1k.pth', '--data-dir', str(files / '1.png'), '--results-file', str(results)),
                           capsys)
     assert code == 0, err

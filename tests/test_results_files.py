@@ -9,30 +9,11 @@ import timm
 import torch
 from PIL import Image
 
-from ddfnet.cli import run_main
-from training import ROOT, load_script
+from scripts import call_main as call
+from training import load_script
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 MODEL = ['--model', 'ddf_resnet26', '--model-kwargs', '{layers: [1, 1, 1, 1]}', '--img-size', '32']
-
-
-def script(name):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(f'_ddfnet_{name}', ROOT / 'scripts' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def call(module, prog, argv, capsys):
-    """(exit status, stdout, stderr lines) of ``module.main(argv)`` run as its command line runs it."""
-    try:
-        run_main(lambda: module.main(argv), prog)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err.strip().splitlines()
 
 
 @pytest.fixture(scope='module')
@@ -65,9 +46,9 @@ def test_a_results_file_in_a_missing_folder_is_refused_before_the_work(prog, fil
     if prog == 'validate':
         module, argv = load_script('validate'), validate_argv(files, results)
     elif prog == 'inference':
-        module, argv = script('inference'), inference_argv(files, results)
+        module, argv = load_script('scripts/inference'), inference_argv(files, results)
     else:  # the ONNX file does not exist either: the results folder is checked first
-        module = script('onnx_validate')
+        module = load_script('scripts/onnx_validate')
         argv = [str(files / 'data'), '--onnx-input', str(tmp_path / 'm.onnx'), '--split', 'val',
                 '--results-file', str(results)]
     code, out, err = call(module, f'{prog}.py', argv, capsys)
@@ -82,7 +63,7 @@ def test_an_existing_json_results_file_is_replaced_only_with_force(prog, files, 
     if prog == 'validate':
         module, argv = load_script('validate'), validate_argv(files, results)
     else:
-        module = script('onnx_validate')
+        module = load_script('scripts/onnx_validate')
         argv = [str(files / 'data'), '--onnx-input', str(tmp_path / 'm.onnx'), '--results-file', str(results)]
     code, out, err = call(module, f'{prog}.py', argv, capsys)
     assert code == 2 and out == '' and err == [f'{prog}.py: error: {results} exists: pass --force to replace it']
@@ -112,6 +93,6 @@ def test_csv_results_add_rows_and_keep_every_column(files, tmp_path, capsys):
 def test_inference_results_file_is_kept_without_force(files, tmp_path, capsys):
     results = tmp_path / 'p.csv'
     results.write_text('keep\n')
-    code, out, err = call(script('inference'), 'inference.py', inference_argv(files, results), capsys)
+    code, out, err = call(load_script('scripts/inference'), 'inference.py', inference_argv(files, results), capsys)
     assert code == 2 and err == [f'inference.py: error: {results} exists: pass --force to replace it']
     assert results.read_text() == 'keep\n'
