@@ -2,7 +2,7 @@
 #   make demo       install into a virtualenv, train a DDF-ResNet-26 on the embedded demo dataset (CPU, minutes), validate it
 #   make test       install into a virtualenv, run the fast tier of the test suite (before every commit)
 # and CI's (.ci/run):
-#   make test-all   the whole suite, the slow tier included, and the runs listed in TEST_ALL_EXTRA
+#   make test-all   the whole suite: the slow tier and the sanitizer runs included
 # VENV (default .venv) is created if missing and reused afterwards; the install is the README's.
 VENV ?= .venv
 PYTHON ?= python3
@@ -35,18 +35,11 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
-# Runs test-all adds after the test suite, as make targets. The sanitizer builds (test-sanitizers) take
-# 15-20 minutes each on 2 cores and are run on their own for now.
-TEST_ALL_EXTRA :=
-
 # Everything: the fast and the slow tier (timm's own model tests, fetched from timm's sdist on the package
-# index; torchrun and elastic runs; export, ONNX and torch.compile; the CUDA suite's CPU stand-in; the dry
-# run of scripts/gpu_check.sh), then TEST_ALL_EXTRA. The extras run even when a test failed; make still
-# fails then.
+# index; torchrun and elastic runs; export, ONNX and torch.compile; the CUDA kernels on the CPU, plain and
+# under the sanitizers; the dry run of scripts/gpu_check.sh). The slowest tests are listed at the end.
 test-all: setup emulation
-	status=0; $(BIN)/python -m pytest -q tests || status=$$?; \
-	for target in $(TEST_ALL_EXTRA); do $(MAKE) $$target VENV="$(VENV)" || status=1; done; \
-	exit $$status
+	DDFNET_TEST_SANITIZERS=1 $(BIN)/python -m pytest -q tests --durations=20
 
 # The CUDA kernels compiled for the CPU (test-only; ddfnet/utils/cuda_emulation.py): built once and
 # cached, then run by tests/test_kernels.py (backend 'emu') and tests/test_cuda_emulation.py.
@@ -54,6 +47,7 @@ emulation: setup
 	$(BIN)/python -c "from ddfnet.utils import cuda_emulation; cuda_emulation.load('plain')"
 
 # The emulated kernels under AddressSanitizer + UndefinedBehaviorSanitizer and under ThreadSanitizer
-# (threads mode): each variant is built on first use, then a subset runs against the reference.
+# (threads mode) alone (test-all runs them too): each variant is built on first use (minutes), then a
+# subset runs against the reference.
 test-sanitizers: setup
 	DDFNET_TEST_SANITIZERS=1 $(BIN)/python -m pytest -q tests/test_cuda_emulation.py -k sanitizers

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import glob
 import logging
+import functools
 import math
 import os
 import sys
@@ -526,7 +527,7 @@ def main(argv: list[str] | None = None) -> None:
                                       loss_scaler, model_ema, notes)
 
     # from here on files are written; a rank 0 that cannot write them stops every rank
-    start_together(args, lambda: open_run(run_dir, config, checkpoint, names, primary))
+    start_together(args, functools.partial(open_run, run_dir, config, checkpoint, names, primary))
     _logger.info(f'{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters, '
                  f'{num_classes} classes, {len(dataset_train)} training images; {args.world_size} process(es) on '
                  f'{device.type}; run folder {run_dir}')

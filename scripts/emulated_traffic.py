@@ -5,7 +5,8 @@ Runs the op's CUDA entry points under the emulation's traffic build (ddfnet.util
 backward:
   requested   bytes the threads load + store;
   sectors     32-byte sectors their warp instructions touch (what moves between L2 and the SMs);
-  eff         requested / (sectors * 32), the coalescing efficiency (1 = every sector byte used);
+  eff         requested / (sectors * 32), the coalescing efficiency (1 = every sector byte used; above 1
+              when lanes of a warp read the same bytes, a broadcast, which costs one sector for all);
   distinct    distinct bytes touched (each byte once: the best any cache could do);
   floor       bytes the kernel must move: each tensor it reads or writes, once;
   x floor     sectors * 32 / floor: how far the L1/L2 traffic is above the floor (>1 means reuse the

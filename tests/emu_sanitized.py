@@ -40,6 +40,7 @@ def main():
     start, bad = time.perf_counter(), 0
     todo = cases(variant)
     for shape, k, d, s, layout, dtype, combine in todo:
+        case_start = time.perf_counter()
         x, cf, sf, grad = random_inputs(*shape, k, s, dtype=dtype, memory_format=layout, grad_output=True)
         got = [ops.ddf(x, cf, sf, k, d, s, combine), *ops.ddf_backward(grad, x, cf, sf, k, d, s, combine)]
         wide = [t.double() for t in (x, cf, sf)]
@@ -51,6 +52,8 @@ def main():
                 bad += 1
                 print(f'MISMATCH {name} {shape} k={k} d={d} s={s} {layout} {dtype} {combine}: max error '
                       f'{(g.double() - w).abs().max().item():.3g}', flush=True)
+        print(f'{shape} k={k} d={d} s={s} {layout} {dtype} {combine}: {time.perf_counter() - case_start:.1f} s',
+              flush=True)
     print(f'{variant}: {len(todo)} cases, {bad} mismatches, {time.perf_counter() - start:.1f} s', flush=True)
     return 1 if bad else 0
 

@@ -40,7 +40,7 @@ VARIANTS: dict[str, tuple[list[str], list[str], str | None]] = {
 }
 PREBUILT = 'ddfnet._cuda_emu'
 H200_MULTIPROCESSORS = 132  # the SM count the emulated launchers size grids for, by default
-_loaded: dict[str, ModuleType] = {}
+_loaded: dict[str, 'Emulation'] = {}
 
 
 def sources() -> list[str]:
@@ -79,7 +79,54 @@ def sanitizer_env(variant: str, base: dict[str, str] | None = None) -> dict[str,
     return env
 
 
-def load(variant: str = 'plain', verbose: bool = False) -> ModuleType:
+class Emulation:
+    """Controls of a loaded emulation (ops of ``torch.ops.ddfnet_emu``, next to ``ddf`` / ``ddf_backward``)."""
+
+    _COUNTERS = ('requests', 'bytes', 'sectors', 'distinct_bytes')
+
+    def __init__(self, module: ModuleType, variant: str):
+        self.module, self.variant = module, variant
+        self._ops = torch.ops.ddfnet_emu
+        self.traffic_available: bool = self._ops.traffic_available()
+
+    def set_mode(self, mode: str) -> None:
+        """Run each block's threads as ``'fibers'`` (deterministic, fast) or ``'threads'`` (for ThreadSanitizer)."""
+        self._ops.set_mode(mode)
+
+    def mode(self) -> str:
+        return self._ops.mode()
+
+    def selftest(self, name: str) -> torch.Tensor:
+        """Run one of the emulation's check kernels (most of them raise)."""
+        return self._ops.selftest(name)
+
+    def multiprocessors(self) -> int:
+        """The SM count the launchers size grids for (default: 132, an H200)."""
+        return self._ops.multiprocessors()
+
+    def set_multiprocessors(self, count: int) -> None:
+        self._ops.set_multiprocessors(count)
+
+    def traffic_start(self) -> None:
+        """Clear the counters and count the global accesses of the following launches ('traffic' variant)."""
+        if not self.traffic_available:
+            raise RuntimeError(f"the {self.variant!r} emulation counts no traffic: load('traffic')")
+        self._ops.traffic_start()
+
+    def traffic_stop(self) -> list[dict]:
+        """Stop counting; one dict per launch since :meth:`traffic_start`: kernel, grid, block, and per side
+        (``load_`` / ``store_``) the warp requests, bytes requested, 32-byte sectors and distinct bytes."""
+        kernels, rows = self._ops.traffic_stop()
+        out = []
+        for kernel, row in zip(kernels, rows.tolist()):
+            launch = {'kernel': kernel, 'grid': row[0], 'block': row[1]}
+            for i, side in enumerate(('load', 'store')):
+                launch.update({f'{side}_{c}': v for c, v in zip(self._COUNTERS, row[2 + 4 * i:6 + 4 * i])})
+            out.append(launch)
+        return out
+
+
+def load(variant: str = 'plain', verbose: bool = False) -> Emulation:
     """The emulation extension of ``variant`` (built on first use, then cached until a source changes)."""
     if variant not in VARIANTS:
         raise ValueError(f'variant must be one of {sorted(VARIANTS)}, got {variant!r}')
@@ -100,8 +147,8 @@ def load(variant: str = 'plain', verbose: bool = False) -> ModuleType:
             pass
     if module is None:
         module = _jit_build(variant, cflags, ldflags, verbose)
-    _loaded[variant] = module
-    return module
+    _loaded[variant] = Emulation(module, variant)
+    return _loaded[variant]
 
 
 def _jit_build(variant: str, cflags: list[str], ldflags: list[str], verbose: bool) -> ModuleType:

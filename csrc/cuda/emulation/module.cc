@@ -2,23 +2,28 @@
 //
 // torch.ops.ddfnet_emu.ddf / ddf_backward have the schemas of torch.ops.ddfnet.ddf / ddf_backward and take
 // CPU tensors; they run the CUDA entry points, launchers and kernels (registered in ../ddf_cuda.cu). The
-// Python module adds set_mode / mode (fibers or threads), the traffic counters (traffic.h) and
-// `selftest`, small faulty kernels that show each check of the emulation firing.
+// other ops (wrapped by ddfnet.utils.cuda_emulation) control the emulation: set_mode / mode (fibers or
+// threads), the SM count, the traffic counters (traffic.h) and `selftest`, small faulty kernels that show
+// each check of the emulation firing. Everything is an op rather than a pybind11 binding because
+// <torch/extension.h> alone takes minutes to compile per file, and the sanitizer builds compile this file
+// with instrumentation.
 #include "cuda_emu.h"
 #include "traffic.h"
 
-#include <torch/extension.h>
+#include <Python.h>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
 
 #include <cmath>
-#include <stdexcept>
+#include <cstdint>
 #include <string>
-
-TORCH_LIBRARY(ddfnet_emu, m) {
-  m.def("ddf(Tensor input, Tensor channel_filter, Tensor spatial_filter, int kernel_size, int dilation, "
-        "int stride, str kernel_combine) -> Tensor");
-  m.def("ddf_backward(Tensor grad_output, Tensor input, Tensor channel_filter, Tensor spatial_filter, "
-        "int kernel_size, int dilation, int stride, str kernel_combine) -> (Tensor, Tensor, Tensor)");
-}
+#include <tuple>
+#include <vector>
 
 namespace {
 
@@ -104,6 +109,9 @@ __global__ void shared_unwritten_kernel(float* out) {
   out[threadIdx.x] = slots[(threadIdx.x + 1) % 32];
 }
 
+// For the traffic model: each of 256 threads copies one float, from every `stride`-th one.
+__global__ void copy_kernel(const float* in, float* out, int stride) { out[threadIdx.x] = in[threadIdx.x * stride]; }
+
 at::Tensor selftest(const std::string& name) {
   at::Tensor out = at::zeros({256}, at::kFloat);
   float* o = out.mutable_data_ptr<float>();
@@ -112,6 +120,11 @@ at::Tensor selftest(const std::string& name) {
     at::Tensor sums = at::empty({4}, at::kFloat);
     DDF_LAUNCH(4, 256, 0, nullptr, block_sum_kernel)(in.const_data_ptr<float>(), sums.mutable_data_ptr<float>());
     return sums;
+  }
+  if (name == "copy_coalesced" || name == "copy_strided") {
+    const at::Tensor in = at::arange(8 * 256, at::kFloat);
+    DDF_LAUNCH(1, 256, 0, nullptr, copy_kernel)(in.const_data_ptr<float>(), o, name == "copy_strided" ? 8 : 1);
+    return out;
   }
   if (name == "shuffle_mask") DDF_LAUNCH(1, 64, 0, nullptr, shuffle_mask_kernel)(o);
   else if (name == "shuffle_partial_warp") DDF_LAUNCH(1, 48, 0, nullptr, shuffle_kernel)(o);
@@ -128,20 +141,69 @@ at::Tensor selftest(const std::string& name) {
   else if (name == "shared_too_large") DDF_LAUNCH(1, 32, 0, nullptr, shared_too_large_kernel)(o);
   else if (name == "shared_write_past_end") DDF_LAUNCH(1, 64, 0, nullptr, shared_write_past_end_kernel)(o);
   else if (name == "shared_unwritten") DDF_LAUNCH(2, 32, 0, nullptr, shared_unwritten_kernel)(o);
-  else throw std::invalid_argument("unknown selftest '" + name + "'");
+  else TORCH_CHECK_VALUE(false, "unknown selftest '", name, "'");
   return out;
+}
+
+
+void set_mode(const std::string& mode) {
+  TORCH_CHECK_VALUE(mode == "fibers" || mode == "threads", "mode must be 'fibers' or 'threads', got '", mode, "'");
+  ddf_emu::set_mode(mode == "fibers" ? ddf_emu::Mode::fibers : ddf_emu::Mode::threads);
+}
+
+std::string mode() { return ddf_emu::mode() == ddf_emu::Mode::fibers ? "fibers" : "threads"; }
+
+int64_t multiprocessors() { return ddf_emu::multiprocessors(); }
+
+void set_multiprocessors(int64_t count) { ddf_emu::set_multiprocessors(static_cast<int>(count)); }
+
+bool traffic_available() { return ddf_emu::traffic::available(); }
+
+void traffic_start() { ddf_emu::traffic::start(); }
+
+// The kernels' names, and per launch one row: grid, block, then load and store {requests, bytes, sectors,
+// distinct bytes}.
+std::tuple<std::vector<std::string>, at::Tensor> traffic_stop() {
+  const auto launches = ddf_emu::traffic::stop();
+  std::vector<std::string> names;
+  at::Tensor rows = at::empty({static_cast<int64_t>(launches.size()), 10}, at::kLong);
+  int64_t* row = rows.mutable_data_ptr<int64_t>();
+  for (const auto& l : launches) {
+    names.push_back(l.kernel);
+    row[0] = l.grid;
+    row[1] = l.block;
+    for (int i = 0; i < 4; ++i) {
+      row[2 + i] = static_cast<int64_t>(l.load[i]);
+      row[6 + i] = static_cast<int64_t>(l.store[i]);
+    }
+    row += 10;
+  }
+  return {names, rows};
 }
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("set_mode", [](const std::string& mode) {
-    if (mode != "fibers" && mode != "threads") throw std::invalid_argument("mode must be 'fibers' or 'threads'");
-    ddf_emu::set_mode(mode == "fibers" ? ddf_emu::Mode::fibers : ddf_emu::Mode::threads);
-  }, "Run each block's threads as fibers (deterministic, fast) or as OS threads (for ThreadSanitizer).");
-  m.def("mode", [] { return ddf_emu::mode() == ddf_emu::Mode::fibers ? "fibers" : "threads"; });
-  m.def("selftest", &selftest, "Run one of the emulation's check kernels (most of them raise).");
-  m.def("multiprocessors", &ddf_emu::multiprocessors, "The SM count grids are sized for (default: 132, an H200).");
-  m.def("set_multiprocessors", &ddf_emu::set_multiprocessors);
-  ddf_emu::bind_traffic(m);
+TORCH_LIBRARY(ddfnet_emu, m) {
+  m.def("ddf(Tensor input, Tensor channel_filter, Tensor spatial_filter, int kernel_size, int dilation, "
+        "int stride, str kernel_combine) -> Tensor");
+  m.def("ddf_backward(Tensor grad_output, Tensor input, Tensor channel_filter, Tensor spatial_filter, "
+        "int kernel_size, int dilation, int stride, str kernel_combine) -> (Tensor, Tensor, Tensor)");
+  m.def("selftest(str name) -> Tensor", &selftest);
+  m.def("set_mode(str mode) -> ()", &set_mode);
+  m.def("mode() -> str", &mode);
+  m.def("multiprocessors() -> int", &multiprocessors);
+  m.def("set_multiprocessors(int count) -> ()", &set_multiprocessors);
+  m.def("traffic_available() -> bool", &traffic_available);
+  m.def("traffic_start() -> ()", &traffic_start);
+  m.def("traffic_stop() -> (str[] kernels, Tensor counts)", &traffic_stop);
+}
+
+// An importable module (no contents): importing it loads the library, which registers the ops above.
+#define DDF_EMU_CONCAT(a, b) a##b
+#define DDF_EMU_INIT(name) DDF_EMU_CONCAT(PyInit_, name)
+#define DDF_EMU_STR2(x) #x
+#define DDF_EMU_STR(x) DDF_EMU_STR2(x)
+PyMODINIT_FUNC DDF_EMU_INIT(TORCH_EXTENSION_NAME)() {
+  static PyModuleDef def = {PyModuleDef_HEAD_INIT, DDF_EMU_STR(TORCH_EXTENSION_NAME), nullptr, -1, nullptr};
+  return PyModule_Create(&def);
 }

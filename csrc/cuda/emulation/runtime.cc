@@ -51,7 +51,10 @@ std::mutex g_launch_mutex;        // one launch at a time: blocks and shared slo
 uint64_t g_block_serial = 0;      // bumped at every block start (under g_launch_mutex)
 
 #ifdef DDF_EMU_ASAN
-constexpr size_t kStackBytes = 512 * 1024;  // ASan's redzones make frames larger
+// ASan's swapcontext interceptor clears the shadow of the whole target stack at every switch, so the time
+// of a fiber switch grows with the stack: 64 KiB (512 KiB made the runs 10x slower) still holds the kernels'
+// frames with their redzones several times over (they also run with 16 KiB).
+constexpr size_t kStackBytes = 64 * 1024;
 constexpr size_t kGuardBytes = 0;           // ASan guards the arrays itself
 #else
 constexpr size_t kStackBytes = 128 * 1024;
@@ -82,6 +85,7 @@ struct Warp {
   int lanes = 0;        // threads in this warp (the last warp of a block may be partial)
   int arrived = 0;
   int exited = 0;
+  int first_exited = -1;  // linear index of the first lane that exited
   int line = 0;
   Shuffle kind = Shuffle::down;
   uint64_t gen = 0;
@@ -121,7 +125,10 @@ class Block {
       t.wait = Wait::none;
       t.exited = t.started = false;
     }
-    for (Warp& w : warps_) w.arrived = w.exited = 0;
+    for (Warp& w : warps_) {
+      w.arrived = w.exited = 0;
+      w.first_exited = -1;
+    }
     barrier_arrived_ = exited_ = 0;
     shared_bytes_ = shmem_;
     arrays_.clear();
@@ -143,8 +150,8 @@ class Block {
   void syncthreads(Thread& t, int line) {
     Lock lock = this->lock();
     if (exited_ > 0) {
-      fail(lock, describe(t) + " reached __syncthreads (line " + std::to_string(line) + ") but " +
-                     describe(first_exited()) + " has exited: it can never be reached by all threads");
+      fail(lock, describe(first_exited()) + " exited while other threads wait at __syncthreads line " +
+                     std::to_string(line) + ": it is never reached by all threads");
     }
     if (barrier_arrived_ == 0) {
       barrier_line_ = line;
@@ -175,7 +182,8 @@ class Block {
                      " threads (block size not a multiple of 32)");
     }
     if (w.exited > 0) {
-      fail(lock, describe(t) + ": " + where + " needs all 32 lanes, but a lane of its warp has exited");
+      fail(lock, "divergent shuffle: " + describe(threads_[w.first_exited]) + " exited while other lanes of its "
+                     "warp wait at the " + where);
     }
     if (w.arrived == 0) {
       w.line = line;
@@ -227,7 +235,7 @@ class Block {
     t.exited = true;
     ++exited_;
     Warp& w = warps_[t.linear / kWarpSize];
-    ++w.exited;
+    if (w.exited++ == 0) w.first_exited = t.linear;
     if (aborted_) return;
     if (barrier_arrived_ > 0) {
       fail_noabort(describe(t) + " exited while other threads wait at __syncthreads line " +

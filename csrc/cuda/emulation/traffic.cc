@@ -13,17 +13,13 @@
 // best any cache could do).
 #include "traffic.h"
 
-#include <torch/extension.h>
-
 #ifdef DDF_EMU_TRAFFIC
 #include <pthread.h>
 
 #include <algorithm>
-#include <string>
 #include <unordered_map>
 #include <unordered_set>
 #include <utility>
-#include <vector>
 #endif
 
 #ifdef DDF_EMU_TRAFFIC
@@ -201,36 +197,41 @@ extern "C" void __asan_before_dynamic_init(const char*) {}
 extern "C" void __asan_after_dynamic_init() {}
 
 namespace ddf_emu {
-void bind_traffic(pybind11::module_& m) {
-  m.attr("traffic_available") = true;
-  m.def("traffic_start", [] {
-    traffic::g_launches.clear();
-    traffic::g_enabled = true;
-  }, "Clear the counters and count the global accesses of the following launches.");
-  m.def("traffic_stop", [] {
-    traffic::g_enabled = false;
-    pybind11::list out;
-    for (const auto& l : traffic::g_launches) {
-      pybind11::dict d;
-      d["kernel"] = l.kernel;
-      d["grid"] = l.grid;
-      d["block"] = l.block;
-      for (const auto& [name, c] : {std::pair{"load", &l.load}, std::pair{"store", &l.store}}) {
-        const std::string n = name;
-        d[(n + "_requests").c_str()] = c->requests;
-        d[(n + "_bytes").c_str()] = c->bytes;
-        d[(n + "_sectors").c_str()] = c->sectors;
-        d[(n + "_distinct_bytes").c_str()] = c->distinct;
-      }
-      out.append(d);
-    }
-    traffic::g_launches.clear();
-    return out;
-  }, "Stop counting; one dict per launch since traffic_start.");
+namespace traffic {
+bool available() { return true; }
+
+void start() {
+  g_launches.clear();
+  g_enabled = true;
 }
+
+std::vector<LaunchReport> stop() {
+  g_enabled = false;
+  std::vector<LaunchReport> out;
+  for (const auto& l : g_launches) {
+    LaunchReport r;
+    r.kernel = l.kernel;
+    r.grid = l.grid;
+    r.block = l.block;
+    for (const auto& [c, to] : {std::pair{&l.load, r.load}, std::pair{&l.store, r.store}}) {
+      to[0] = c->requests;
+      to[1] = c->bytes;
+      to[2] = c->sectors;
+      to[3] = c->distinct;
+    }
+    out.push_back(std::move(r));
+  }
+  g_launches.clear();
+  return out;
+}
+}  // namespace traffic
 }  // namespace ddf_emu
 #else
 namespace ddf_emu {
-void bind_traffic(pybind11::module_& m) { m.attr("traffic_available") = false; }
+namespace traffic {
+bool available() { return false; }
+void start() {}
+std::vector<LaunchReport> stop() { return {}; }
+}  // namespace traffic
 }  // namespace ddf_emu
 #endif

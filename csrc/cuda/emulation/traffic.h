@@ -3,10 +3,8 @@
 
 #include <cstddef>
 #include <cstdint>
-
-namespace pybind11 {
-class module_;
-}
+#include <string>
+#include <vector>
 
 namespace ddf_emu {
 namespace traffic {
@@ -36,7 +34,16 @@ inline void exclude(const void*, size_t) {}
 
 }  // namespace traffic
 
-// Adds the module's `traffic` functions (or traffic_available = False in other builds).
-void bind_traffic(pybind11::module_& m);
+namespace traffic {
+// What one launch moved: per side, {warp requests, bytes requested, 32-byte sectors, distinct bytes}.
+struct LaunchReport {
+  std::string kernel;
+  unsigned int grid = 0, block = 0;
+  uint64_t load[4] = {}, store[4] = {};
+};
+bool available();  // false unless built with DDF_EMU_TRAFFIC
+void start();      // clear the counters and count the following launches
+std::vector<LaunchReport> stop();
+}  // namespace traffic
 
 }  // namespace ddf_emu
