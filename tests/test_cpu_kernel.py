@@ -4,6 +4,7 @@ import itertools
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,3 +65,16 @@ def test_forced_reference_path_in_a_subprocess(tmp_path):
     assert result.stdout.split() == ['reference', '1']
     x, cf, sf, out = torch.load(tmp_path / 'ref.pt')
     torch.testing.assert_close(torch.ops.ddfnet.ddf(x, cf, sf, 3, 1, 2, 'mul'), out)
+
+
+def test_jit_builds_go_under_torch_extensions_dir(tmp_path, monkeypatch):
+    # The native kernels' and the emulation's just-in-time builds honour TORCH_EXTENSIONS_DIR as torch's own
+    # do (a cluster's local disk; a test that must not share the user's cache).
+    from ddfnet.utils.io import extension_build_dir
+
+    monkeypatch.setenv('TORCH_EXTENSIONS_DIR', str(tmp_path))
+    path = extension_build_dir('ddfnet_native')
+    assert path.is_dir() and path.parent.parent == tmp_path and path.parent.name.startswith('ddfnet-torch')
+    monkeypatch.delenv('TORCH_EXTENSIONS_DIR')
+    from torch.utils import cpp_extension
+    assert extension_build_dir('ddfnet_native').parent.parent == Path(cpp_extension.get_default_build_root())

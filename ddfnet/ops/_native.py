@@ -16,6 +16,8 @@ from types import ModuleType
 
 import torch
 
+from ddfnet.utils.io import extension_build_dir
+
 FORCE_REFERENCE_ENV = 'DDFNET_FORCE_REFERENCE'
 CSRC = Path(__file__).resolve().parents[2] / 'csrc'
 
@@ -52,10 +54,7 @@ def _jit_build(prebuilt_error: str) -> ModuleType:
     cpp, cuda = _sources()
     with_cuda = bool(cuda) and torch.cuda.is_available() and cuda_toolkit_root(cpp_extension.CUDA_HOME)
     name = 'ddfnet_native_cuda' if with_cuda else 'ddfnet_native'
-    # One build folder per torch/Python version, so switching environments never loads a stale binary.
-    tag = f'ddfnet-torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}'.replace('+', '_')
-    build_dir = Path(cpp_extension.get_default_build_root()) / tag / name
-    build_dir.mkdir(parents=True, exist_ok=True)
+    build_dir = extension_build_dir(name)
     inputs = cpp + (cuda if with_cuda else []) + glob.glob(str(CSRC / '**' / '*.h'), recursive=True) \
         + glob.glob(str(CSRC / '**' / '*.cuh'), recursive=True)
     built = list(build_dir.glob(f'{name}*.so')) + list(build_dir.glob(f'{name}*.pyd'))

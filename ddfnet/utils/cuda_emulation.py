@@ -24,6 +24,8 @@ from types import ModuleType
 
 import torch
 
+from ddfnet.utils.io import extension_build_dir
+
 CSRC = Path(__file__).resolve().parents[2] / 'csrc'
 EMULATION = CSRC / 'cuda' / 'emulation'
 _BASE = ['-DDDFNET_CUDA_EMULATION', '-Wno-unknown-pragmas']  # nvcc's `#pragma unroll`
@@ -155,9 +157,7 @@ def _jit_build(variant: str, cflags: list[str], ldflags: list[str], verbose: boo
     from torch.utils import cpp_extension
 
     name = 'ddfnet_cuda_emu' if variant == 'plain' else f'ddfnet_cuda_emu_{variant}'
-    tag = f'ddfnet-torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}'.replace('+', '_')
-    build_dir = Path(cpp_extension.get_default_build_root()) / tag / name
-    build_dir.mkdir(parents=True, exist_ok=True)
+    build_dir = extension_build_dir(name)
     built = list(build_dir.glob(f'{name}*.so'))
     fresh = built and min(p.stat().st_mtime for p in built) >= max(os.path.getmtime(p) for p in _inputs())
     if not fresh:

@@ -5,6 +5,8 @@ import csv
 import io
 import json
 import os
+import sys
+from pathlib import Path
 from typing import IO, Any, Callable
 
 import yaml
@@ -57,3 +59,17 @@ def write_results(results: dict[str, Any], path: str) -> None:
     writer.writeheader()
     writer.writerows([*rows, results])
     atomic_write_text(buffer.getvalue(), path)
+
+
+def extension_build_dir(name: str) -> Path:
+    """Build folder of the just-in-time extension `name`: under ``$TORCH_EXTENSIONS_DIR`` when set (as for
+    torch's own JIT builds; clusters point it at a local disk), else torch's default cache, one folder per
+    torch/Python version so that switching environments never loads a stale binary."""
+    import torch
+    from torch.utils import cpp_extension
+
+    root = os.environ.get('TORCH_EXTENSIONS_DIR') or cpp_extension.get_default_build_root()
+    tag = f'ddfnet-torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}'.replace('+', '_')
+    path = Path(root) / tag / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
