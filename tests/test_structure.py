@@ -1,5 +1,6 @@
 """The package's layering, read from its source: the op registers itself in one place, imports of ddfnet's
-own modules form no cycle, and no lower layer imports a higher one. Reads files only (no import), fast."""
+own modules form no cycle, no lower layer imports a higher one, and setup.py can load the native-kernel loader
+without ddfnet. Reads files, imports nothing heavy: fast."""
 import ast
 from pathlib import Path
 
@@ -93,3 +94,18 @@ def test_register_all_registers_every_kernel_once():
 def test_ddf_scripts_to_the_bare_operator():
     calls = [node.kind() for node in torch.jit.script(ddfnet.ops.ddf).graph.nodes()]
     assert calls == ['ddfnet::ddf']
+
+
+
+def test_setup_loads_the_native_module_without_ddfnet(monkeypatch):
+    # setup.py runs ddfnet/ops/_native.py by its path before ddfnet is installed (shared compiler flags): its
+    # top level may import torch and the standard library only.
+    import importlib.util
+    import sys
+
+    for name in [n for n in sys.modules if n == 'ddfnet' or n.startswith('ddfnet.')]:
+        monkeypatch.setitem(sys.modules, name, None)  # any import of ddfnet now fails
+    spec = importlib.util.spec_from_file_location('_ddfnet_native', PACKAGE / 'ops' / '_native.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.cxx_flags()

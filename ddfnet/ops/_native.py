@@ -16,8 +16,6 @@ from types import ModuleType
 
 import torch
 
-from ddfnet.utils.io import extension_build_dir
-
 FORCE_REFERENCE_ENV = 'DDFNET_FORCE_REFERENCE'
 CSRC = Path(__file__).resolve().parents[2] / 'csrc'
 
@@ -50,6 +48,8 @@ def _sources() -> tuple[list[str], list[str]]:
 
 def _jit_build(prebuilt_error: str) -> ModuleType:
     from torch.utils import cpp_extension
+
+    from ddfnet.utils.io import extension_build_dir  # here: setup.py loads this file by path, without ddfnet
 
     cpp, cuda = _sources()
     with_cuda = bool(cuda) and torch.cuda.is_available() and cuda_toolkit_root(cpp_extension.CUDA_HOME)
