@@ -66,6 +66,8 @@ def test_correct_reduction_and_poisoned_shared_memory(emu, mode):
     torch.testing.assert_close(emu.selftest('block_sum'), torch.arange(1024.).view(4, 256).sum(1))
     out = emu.selftest('shared_unwritten')  # thread 29 reads the slot thread 30 never wrote
     assert out[29].isnan() and not out[:29].isnan().any() and not out[30:].isnan().any()
+    if mode == 'fibers':  # without its __syncthreads thread 0 reads the later warps' slots before they are written
+        assert emu.selftest('block_sum_no_barrier').isnan().all()
 
 
 def test_modes_agree_bit_for_bit(emu):
@@ -135,6 +137,30 @@ def test_sanitizers_find_nothing(variant):
     for report in ('ERROR: AddressSanitizer', 'runtime error:', 'WARNING: ThreadSanitizer'):
         assert report not in output, output[-6000:]
     assert ' 0 mismatches' in result.stdout
+
+
+RACE = """
+import torch
+from ddfnet.utils import cuda_emulation
+emu = cuda_emulation.load('tsan')
+emu.selftest('block_sum')
+print('block_sum: clean', flush=True)
+emu.selftest('block_sum_no_barrier')
+print('block_sum_no_barrier: not reported', flush=True)
+"""
+
+
+@needs_sanitizer_run
+def test_thread_sanitizer_sees_a_missing_syncthreads():
+    # Only __syncthreads orders the threads' shared-memory accesses for ThreadSanitizer: the runtime's own
+    # locking at shuffles and exits must not hide the race of a reduction without its barrier.
+    env = cuda_emulation.sanitizer_env('tsan')
+    env['PYTHONPATH'] = os.pathsep.join([os.path.dirname(HERE), env.get('PYTHONPATH', '')])
+    result = subprocess.run([sys.executable, '-c', RACE], capture_output=True, text=True, env=env, timeout=3000)
+    output = result.stdout + result.stderr
+    assert 'block_sum: clean' in result.stdout and 'not reported' not in result.stdout, output[-6000:]
+    assert result.returncode == 66 and 'WARNING: ThreadSanitizer: data race' in output, output[-6000:]
+    assert 'block_sum_kernel' in output, output[-6000:]
 
 
 TRAFFIC = """

@@ -29,14 +29,15 @@ namespace {
 
 constexpr unsigned int kFull = 0xffffffffu;
 
-// Sum of `v` over the block (a multiple of 32 threads): the pattern of the filter-gradient kernels.
-__global__ void block_sum_kernel(const float* in, float* out) {
+// Sum of `v` over the block (a multiple of 32 threads): the pattern of the filter-gradient kernels. Without
+// its `barrier`, thread 0 reads the other warps' partial sums unordered with their writes (a race).
+__global__ void block_sum_kernel(const float* in, float* out, bool barrier) {
   DDF_SHARED(float, partial, [32]);
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   float v = in[blockIdx.x * blockDim.x + tid];
   for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(kFull, v, offset);
   if (lane == 0) partial[warp] = v;
-  __syncthreads();
+  if (barrier) __syncthreads();
   if (tid == 0) {
     float sum = 0;
     for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) sum += partial[w];
@@ -115,10 +116,11 @@ __global__ void copy_kernel(const float* in, float* out, int stride) { out[threa
 at::Tensor selftest(const std::string& name) {
   at::Tensor out = at::zeros({256}, at::kFloat);
   float* o = out.mutable_data_ptr<float>();
-  if (name == "block_sum") {
+  if (name == "block_sum" || name == "block_sum_no_barrier") {
     const at::Tensor in = at::arange(1024, at::kFloat);
     at::Tensor sums = at::empty({4}, at::kFloat);
-    DDF_LAUNCH(4, 256, 0, nullptr, block_sum_kernel)(in.const_data_ptr<float>(), sums.mutable_data_ptr<float>());
+    DDF_LAUNCH(4, 256, 0, nullptr, block_sum_kernel)(in.const_data_ptr<float>(), sums.mutable_data_ptr<float>(),
+                                                     name == "block_sum");
     return sums;
   }
   if (name == "copy_coalesced" || name == "copy_strided") {
