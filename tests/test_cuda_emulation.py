@@ -115,11 +115,15 @@ def test_user_build_never_compiles_the_emulation():
     assert all('emulation' in p or p.endswith('ddf_checks.cpp') for p in cuda_emulation.sources())
 
 
-def run_sanitized(variant):
-    env = cuda_emulation.sanitizer_env(variant)
+def run_python(args, variant=None, timeout=3000):
+    """Python on `args` with the repository importable, under a sanitizer variant's runtime if given."""
+    env = cuda_emulation.sanitizer_env(variant) if variant else dict(os.environ)
     env['PYTHONPATH'] = os.pathsep.join([os.path.dirname(HERE), env.get('PYTHONPATH', '')])
-    return subprocess.run([sys.executable, os.path.join(HERE, 'emu_sanitized.py'), variant], capture_output=True,
-                          text=True, env=env, timeout=3000)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def run_sanitized(variant):
+    return run_python([os.path.join(HERE, 'emu_sanitized.py'), variant], variant)
 
 
 # Each builds its own variant (minutes on a small machine): `make test-all` and `make test-sanitizers` set
@@ -154,9 +158,7 @@ print('block_sum_no_barrier: not reported', flush=True)
 def test_thread_sanitizer_sees_a_missing_syncthreads():
     # Only __syncthreads orders the threads' shared-memory accesses for ThreadSanitizer: the runtime's own
     # locking at shuffles and exits must not hide the race of a reduction without its barrier.
-    env = cuda_emulation.sanitizer_env('tsan')
-    env['PYTHONPATH'] = os.pathsep.join([os.path.dirname(HERE), env.get('PYTHONPATH', '')])
-    result = subprocess.run([sys.executable, '-c', RACE], capture_output=True, text=True, env=env, timeout=3000)
+    result = run_python(['-c', RACE], 'tsan')
     output = result.stdout + result.stderr
     assert 'block_sum: clean' in result.stdout and 'not reported' not in result.stdout, output[-6000:]
     assert result.returncode == 66 and 'WARNING: ThreadSanitizer: data race' in output, output[-6000:]
@@ -180,8 +182,7 @@ print(json.dumps(report))
 def test_traffic_model_counts_requests_and_sectors():
     # 256 threads copy one float each: 8 warp requests per side; coalesced, a warp's 128 bytes are 4 sectors,
     # with every 8th float read each lane's load touches its own sector (efficiency 1/8).
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get('PYTHONPATH', '')]))
-    result = subprocess.run([sys.executable, '-c', TRAFFIC], capture_output=True, text=True, env=env, timeout=1800)
+    result = run_python(['-c', TRAFFIC], timeout=1800)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(result.stdout.splitlines()[-1])
     for name, load_sectors, step in (('copy_coalesced', 32, 1), ('copy_strided', 256, 8)):
@@ -195,10 +196,8 @@ def test_traffic_model_counts_requests_and_sectors():
 
 
 def test_emulated_traffic_script_prints_each_kernel():
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get('PYTHONPATH', '')]))
     script = os.path.join(os.path.dirname(HERE), 'scripts', 'benchmark_op.py')
-    result = subprocess.run([sys.executable, script, '--emulated-traffic', '--shapes', '1x32x12x12', '--dtypes', 'fp32'],
-                            capture_output=True, text=True, env=env, timeout=1800)
+    result = run_python([script, '--emulated-traffic', '--shapes', '1x32x12x12', '--dtypes', 'fp32'], timeout=1800)
     assert result.returncode == 0, result.stderr[-4000:]
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{')]
     kernels = {r['kernel'] for r in rows}
