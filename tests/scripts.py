@@ -5,6 +5,7 @@ timm) or run as ``python SCRIPT ...`` in a subprocess."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,14 @@ def load_script(name: str | Path) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def repo_env(base: dict[str, str] | None = None, **extra: str) -> dict[str, str]:
+    """The environment ``base`` (default: this process's) plus ``extra``, with the repository first on PYTHONPATH,
+    so a subprocess imports this checkout's ddfnet whether it is installed or not."""
+    env = {**(os.environ if base is None else base), **extra}
+    env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(ROOT), env.get('PYTHONPATH')]))
+    return env
 
 
 def script_command(name: str | Path, *args) -> list[str]:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from backends import require
 from naive import random_inputs
+from scripts import repo_env, script_path
 
 from ddfnet.ops import _native
 from ddfnet.utils import cuda_emulation
@@ -117,8 +118,7 @@ def test_user_build_never_compiles_the_emulation():
 
 def run_python(args, variant=None, timeout=3000):
     """Python on `args` with the repository importable, under a sanitizer variant's runtime if given."""
-    env = cuda_emulation.sanitizer_env(variant) if variant else dict(os.environ)
-    env['PYTHONPATH'] = os.pathsep.join([os.path.dirname(HERE), env.get('PYTHONPATH', '')])
+    env = repo_env(cuda_emulation.sanitizer_env(variant) if variant else None)
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout)
 
 
@@ -196,8 +196,7 @@ def test_traffic_model_counts_requests_and_sectors():
 
 
 def test_emulated_traffic_script_prints_each_kernel():
-    script = os.path.join(os.path.dirname(HERE), 'scripts', 'benchmark_op.py')
-    result = run_python([script, '--emulated-traffic', '--shapes', '1x32x12x12', '--dtypes', 'fp32'], timeout=1800)
+    result = run_python([str(script_path('scripts/benchmark_op')), '--emulated-traffic', '--shapes', '1x32x12x12', '--dtypes', 'fp32'], timeout=1800)
     assert result.returncode == 0, result.stderr[-4000:]
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{')]
     kernels = {r['kernel'] for r in rows}

@@ -20,15 +20,14 @@ import torch
 
 from ddfnet.cli import run_main
 from training import ROOT, load_script, tiny_args
-from scripts import run_script
+from scripts import repo_env, run_script
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 STEPS = 8  # 64 images / (2 ranks x 4)
 TIMEOUT = 300  # any torchrun run here takes seconds; a hang fails the test instead of blocking CI
 # One thread per process (bitwise comparisons need equal thread counts); our ddfnet in every worker; a fresh
 # rendezvous store per torchrun attempt (docs/distributed.md, "Pre-emptible and elastic runs").
-ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'TORCH_DISABLE_SHARE_RDZV_TCP_STORE': '1',
-       'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')])}
+ENV = repo_env(OMP_NUM_THREADS='1', TORCH_DISABLE_SHARE_RDZV_TCP_STORE='1')
 
 
 def free_port() -> int:

@@ -13,7 +13,7 @@ import torch
 from timm.models import save_for_hf
 
 from ddfnet.cli import run_main
-from training import ROOT
+from scripts import load_script, repo_env
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 CLASSES = ['ant', 'bee', 'cow']
@@ -89,8 +89,7 @@ for name in {ddfnet_models()!r}:
     assert torch.equal(out, expected[name]), name
 print('ok', len(expected))
 '''
-    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(root / 'cache'), PYTHONPATH=str(ROOT),
-               OMP_NUM_THREADS='1')
+    env = repo_env(HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(root / 'cache'), OMP_NUM_THREADS='1')
     done = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == f'ok {len(ddfnet_models())}'
@@ -108,11 +107,7 @@ def test_a_file_that_is_not_weights_is_a_one_line_value_error(tmp_path):
 
 
 def _clean_checkpoint():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location('_ddfnet_clean', ROOT / 'scripts' / 'clean_checkpoint.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script('scripts/clean_checkpoint')
 
 
 def _call(argv, capsys):

@@ -1,22 +1,18 @@
 """Small defects, each fixed: range checks before train.py's trial forward, ONNX exports that cannot be
 honoured leave no file, Ctrl-C exits 130, a damaged ``last.pth.tar`` names the run's intact checkpoint,
 out-of-memory errors are not read as bad options, one-line errors are not cut mid-word."""
-import importlib.util
-
 import pytest
 import torch
 
 from ddfnet.cli import UserError, rejected_as, run_main, short_reason
 from training import ROOT, load_script, tiny_args
+from scripts import repo_env, script_command
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def script(name):
-    spec = importlib.util.spec_from_file_location(f'_ddfnet_{name}', ROOT / 'scripts' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f'scripts/{name}')
 
 
 def call(main, prog, capsys):
@@ -125,10 +121,8 @@ def test_a_start_error_on_rank_0_stops_the_other_rank_at_once(data_dir, tmp_path
     MASTER_ADDR in the environment, so no agent stops the others): rank 0 cannot write the run folder (a
     folder where its args.yaml goes), and rank 1 stops too instead of waiting in DDP's first broadcast
     until --dist-timeout (300 s here; the test allows 150)."""
-    import os
     import socket
     import subprocess
-    import sys
     (tmp_path / 'run' / 'args.yaml').mkdir(parents=True)
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
@@ -136,10 +130,9 @@ def test_a_start_error_on_rank_0_stops_the_other_rank_at_once(data_dir, tmp_path
     argv = tiny_args(data_dir, tmp_path, '--epochs', '1', '--batch-size', '4', '--dist-timeout', '300')
     ranks = []
     for rank in range(2):
-        env = {**os.environ, 'OMP_NUM_THREADS': '1', 'RANK': str(rank), 'LOCAL_RANK': str(rank), 'WORLD_SIZE': '2',
-               'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(port),
-               'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')])}
-        ranks.append(subprocess.Popen([sys.executable, str(ROOT / 'train.py'), *argv], stdout=subprocess.PIPE,
+        env = repo_env(OMP_NUM_THREADS='1', RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2',
+                       MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+        ranks.append(subprocess.Popen(script_command('train', *argv), stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env))
     logs = []
     try:

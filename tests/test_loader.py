@@ -14,16 +14,12 @@ from timm.data import create_dataset, create_transform
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
 from training import ROOT
-from scripts import run_script
+from scripts import load_script, run_script
 
 
 def _benchmark_loader():
     """scripts/benchmark_loader.py, which holds the JPEG draft decoding and sample JPEGs it measures."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location('_ddfnet_benchmark_loader', ROOT / 'scripts' / 'benchmark_loader.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script('scripts/benchmark_loader')
 
 
 _bench = _benchmark_loader()
