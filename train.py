@@ -12,9 +12,9 @@ status 128 + signal number; errors in the input are one line and exit status 2.
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import logging
-import functools
 import math
 import os
 import sys
@@ -30,21 +30,21 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, NativeScaler, distribute_bn, update_summary
 
 import ddfnet  # noqa: F401  (registers the DDF models with timm)
-from ddfnet.cli import (UserError, check_image_options, parse_args, rejected_as, resolve_device, resolved_config,
-                        run_main)
+from ddfnet.cli import UserError, parse_args, rejected_as, resolved_config, run_main
 from ddfnet.data import class_count, class_names, create_split, resolve_data_root
-from ddfnet.data.images import report_unreadable
+from ddfnet.data.images import check_image_options, report_unreadable
 from ddfnet.data.labels import match_labels
 from ddfnet.training import run_epoch_hooks
 from ddfnet.training.args import train_parser
-from ddfnet.training.checkpoint import (CLASS_NAMES_FILE, LAST, holds_checkpoint, load_weights,
-                                        newest_readable_checkpoint, remove_partial_files, rng_state, save_checkpoint)
+from ddfnet.training.checkpoint import (CLASS_NAMES_FILE, LAST, holds_checkpoint, newest_readable_checkpoint,
+                                        remove_partial_files, rng_state, save_checkpoint)
 from ddfnet.training.distributed import init_distributed, start_together
 from ddfnet.training.engine import (SignalFlag, StopRequested, TrainingStopped, TrainState, autocast_context, evaluate,
                                     seed_epoch, train_one_epoch)
 from ddfnet.training.resume import resume_step
+from ddfnet.utils.device import resolve_device
 from ddfnet.utils.io import atomic_write_text, write_yaml
-from ddfnet.utils.weights import WeightsFileError, load_checkpoint, model_state_dict
+from ddfnet.utils.weights import WeightsFileError, load_checkpoint, load_weights, model_state_dict
 
 _logger = logging.getLogger('train')
 SCHEDULE_KEYS = ('sched', 'sched_on_updates', 'lr', 'epochs', 'warmup_epochs', 'warmup_lr', 'min_lr',

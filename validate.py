@@ -21,16 +21,16 @@ import torch
 from timm.data import create_loader, resolve_data_config
 
 import ddfnet  # noqa: F401  (registers the DDF models with timm)
-from ddfnet.cli import (OneLineArgumentParser, UserError, check_image_options, check_output_file, data_path,
-                        default_workers, parse_args, rejected_as, resolve_device, run_main, yaml_mapping)
+from ddfnet.cli import OneLineArgumentParser, UserError, parse_args, rejected_as, run_main, yaml_mapping
 from ddfnet.data import class_count, create_split, resolve_data_root
-from ddfnet.data.images import report_unreadable
+from ddfnet.data.datasets import default_workers
+from ddfnet.data.images import check_image_options, data_path, report_unreadable
 from ddfnet.data.labels import match_labels
 from ddfnet.training.args import train_parser
 from ddfnet.training.engine import autocast_context, evaluate
-from ddfnet.training.loading import classifier_size, create_model_with_weights
-from ddfnet.utils.io import write_results
-from ddfnet.utils.weights import load_checkpoint, model_state_dict
+from ddfnet.utils.device import resolve_device
+from ddfnet.utils.io import check_output_file, write_results
+from ddfnet.utils.weights import classifier_size, create_model_with_weights, load_checkpoint, model_state_dict
 
 
 def validate_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""Command-line pieces shared by every script: one-line errors, argument and config-file parsing, devices.
+"""Command-line pieces shared by every script: one-line errors, argument and config-file parsing.
 
 A script's ``main`` raises :class:`UserError` for bad input and runs under :func:`run_main`, which prints
 it as one line and exits with status 2. Config files (``--config``) are YAML whose keys are the scripts'
@@ -9,7 +9,6 @@ error naming the key.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
@@ -84,32 +83,6 @@ def rejected_as(option: str) -> Iterator[None]:
         if is_out_of_memory(e):  # no bad option value: a smaller batch or model may fit
             raise
         raise UserError(f'{option}: {first_line(e)}') from None
-
-
-def resolve_device(name: str) -> str:
-    """``--device`` checked: ``'auto'`` becomes cuda when available, else cpu; anything that is not cpu or an
-    available cuda device raises :class:`UserError` (torch would fail later, with a traceback)."""
-    if name == 'auto':
-        return 'cuda' if torch.cuda.is_available() else 'cpu'
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device: use cpu, cuda, cuda:N or auto") from None
-    if device.type not in ('cpu', 'cuda'):
-        raise UserError(f'--device {name}: only cpu and cuda devices are supported')
-    if device.type == 'cuda':
-        if not torch.cuda.is_available():
-            raise UserError(f'--device {name} asked for, but no CUDA device is available (use --device cpu)')
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f'--device {name}: there are only {torch.cuda.device_count()} CUDA device(s)')
-    return name
-
-
-def default_workers() -> int:
-    """Default data loading processes: 4, or fewer on a machine with fewer cores available to this process
-    (more would only compete for them; torch's DataLoader warns about it)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
-    return max(1, min(4, cores))
 
 
 def yaml_mapping(text: str) -> dict:
@@ -209,46 +182,3 @@ def resolved_config(args: argparse.Namespace, keys: Sequence[str]) -> dict[str, 
     def plain(value):
         return list(value) if isinstance(value, tuple) else value
     return {key: plain(getattr(args, key)) for key in keys}
-
-
-def check_output_file(path: str, force: bool = False, append: bool = False) -> str:
-    """Before any work: ``path`` can be written (its folder exists and is writable, it is not a folder) and
-    holds nothing that would be lost (an existing file is replaced only with ``force``; with ``append`` an
-    existing file is fine, as the caller adds to it). Raises :class:`UserError` in one line."""
-    if os.path.isdir(path):
-        raise UserError(f'{path} is a folder, not a file name')
-    if os.path.exists(path) and not (force or append):
-        raise UserError(f'{path} exists: pass --force to replace it')
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UserError(f'cannot write {path}: the folder {folder} does not exist')
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f'cannot write {path}: the folder {folder} is not writable')
-    return path
-
-
-def data_path(positional: str | None, option: str | None) -> str | None:
-    """The data to read, given as timm's positional ``DATA`` or as ``--data-dir``: the positional one wins,
-    as it is always the command line's, where ``--data-dir`` may come from a ``--config`` file."""
-    return positional or option
-
-
-# The interpolations timm's evaluation transforms take ('random' is a training-only augmentation).
-EVAL_INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos')
-
-
-def check_image_options(img_size: int | None = None, crop_pct: float | None = None,
-                        interpolation: str | None = None) -> None:
-    """Range-check ``--img-size`` (at least 1), ``--crop-pct`` (in (0, 1]: above 1 the centre crop is larger
-    than the resized image and torchvision pads it with black) and ``--interpolation`` (an evaluation
-    interpolation, '' for the model's), so that a bad value is one line before any work, not a library
-    traceback or every image reported unreadable. None (and '') means not given."""
-    if img_size is not None and img_size < 1:
-        raise UserError(f'--img-size must be at least 1, not {img_size}')
-    if crop_pct is not None and crop_pct <= 0:
-        raise UserError(f'--crop-pct must be positive, not {crop_pct}')
-    if crop_pct is not None and crop_pct > 1:
-        raise UserError(f'--crop-pct must be at most 1 (the crop cannot be larger than the resized image), '
-                        f'not {crop_pct}')
-    if interpolation and interpolation not in EVAL_INTERPOLATIONS:
-        raise UserError(f'--interpolation {interpolation!r}: use one of {", ".join(EVAL_INTERPOLATIONS)}')

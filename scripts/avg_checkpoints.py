@@ -18,9 +18,10 @@ import glob
 import os
 import re
 
-from ddfnet.cli import OneLineArgumentParser, UserError, check_output_file, run_main
-from ddfnet.training.checkpoint import atomic_save, average_state_dicts, release_bytes
-from ddfnet.utils.io import atomic_write
+from ddfnet.cli import OneLineArgumentParser, UserError, run_main
+from ddfnet.training.checkpoint import atomic_save
+from ddfnet.training.release import average_state_dicts, release_bytes
+from ddfnet.utils.io import atomic_write, check_output_file
 from ddfnet.utils.weights import load_checkpoint, model_state_dict
 
 

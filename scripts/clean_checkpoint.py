@@ -29,11 +29,10 @@ import shutil
 from torch import nn
 
 import ddfnet  # noqa: F401  (registers the DDF models with timm)
-from ddfnet.cli import OneLineArgumentParser, UserError, check_output_file, run_main, yaml_mapping
-from ddfnet.training.checkpoint import release_bytes, release_name
-from ddfnet.training.loading import classifier_size, create_model_with_weights
-from ddfnet.utils.io import TMP_SUFFIX, atomic_write
-from ddfnet.utils.weights import load_checkpoint, model_state_dict
+from ddfnet.cli import OneLineArgumentParser, UserError, run_main, yaml_mapping
+from ddfnet.training.release import release_bytes, release_name
+from ddfnet.utils.io import TMP_SUFFIX, atomic_write, check_output_file
+from ddfnet.utils.weights import classifier_size, create_model_with_weights, load_checkpoint, model_state_dict
 
 # The run config's image settings that a Hub config.json carries (timm reads them as the model's data config).
 DATA_CONFIG_KEYS = ('img_size', 'crop_pct', 'interpolation', 'mean', 'std')

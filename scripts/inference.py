@@ -31,16 +31,15 @@ from timm.data import ImageNetInfo, create_transform, resolve_data_config
 from timm.data.readers.img_extensions import get_img_extensions
 
 import ddfnet  # noqa: F401  (registers the DDF models with timm)
-from ddfnet.cli import (OneLineArgumentParser, UserError, check_image_options, check_output_file, data_path, parse_args,
-                        resolve_device, run_main, yaml_mapping)
+from ddfnet.cli import OneLineArgumentParser, UserError, parse_args, run_main, yaml_mapping
 from ddfnet.data import create_split
-from ddfnet.data.images import READ_EXTENSIONS, open_rgb
+from ddfnet.data.images import READ_EXTENSIONS, check_image_options, data_path, open_rgb
 from ddfnet.data.labels import label_table, missing_note, read_class_map
 from ddfnet.training.args import train_parser
 from ddfnet.training.engine import autocast_context
-from ddfnet.training.loading import classifier_size, create_model_with_weights
-from ddfnet.utils.io import atomic_write_text
-from ddfnet.utils.weights import load_checkpoint, model_state_dict
+from ddfnet.utils.device import resolve_device
+from ddfnet.utils.io import atomic_write_text, check_output_file
+from ddfnet.utils.weights import classifier_size, create_model_with_weights, load_checkpoint, model_state_dict
 
 FORMATS = ('csv', 'json', 'jsonl')
 TABLE_ROWS = 20  # rows of the stdout table when the results also go to a file

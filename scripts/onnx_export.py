@@ -21,12 +21,11 @@ import torch
 from timm.data import resolve_data_config
 
 import ddfnet
-from ddfnet.cli import OneLineArgumentParser, UserError, check_output_file, run_main, yaml_mapping
+from ddfnet.cli import OneLineArgumentParser, UserError, run_main, yaml_mapping
 from ddfnet.export import onnxruntime_relative_error
 from ddfnet.export.metadata import data_config_metadata
-from ddfnet.training.loading import classifier_size, create_model_with_weights
-from ddfnet.utils.io import TMP_SUFFIX
-from ddfnet.utils.weights import load_checkpoint, model_state_dict
+from ddfnet.utils.io import TMP_SUFFIX, check_output_file
+from ddfnet.utils.weights import classifier_size, create_model_with_weights, load_checkpoint, model_state_dict
 
 TOLERANCE = 1e-4  # relative error of onnxruntime vs PyTorch eval output accepted by --check-forward
 

@@ -18,14 +18,14 @@ import time
 import torch
 from timm.data import create_loader
 
-from ddfnet.cli import OneLineArgumentParser, UserError, check_image_options, check_output_file, run_main
+from ddfnet.cli import OneLineArgumentParser, UserError, run_main
 from ddfnet.data import class_count, create_split, resolve_data_root
-from ddfnet.data.images import report_unreadable
+from ddfnet.data.images import check_image_options, report_unreadable
 from ddfnet.data.labels import match_labels, read_class_map
 from ddfnet.export import OnnxRuntimeModel
 from ddfnet.export.metadata import read_class_names, read_data_config
 from ddfnet.training.engine import evaluate
-from ddfnet.utils.io import write_results
+from ddfnet.utils.io import check_output_file, write_results
 
 
 def onnx_validate_parser() -> OneLineArgumentParser:

@@ -8,11 +8,13 @@ import shlex
 
 import pytest
 import torch
-import yaml
-
 import training
-from ddfnet.cli import UserError, default_workers, resolve_device, run_main
+import yaml
 from training import ROOT, load_script
+
+from ddfnet.cli import UserError, run_main
+from ddfnet.data.datasets import default_workers
+from ddfnet.utils.device import resolve_device
 from scripts import run_script
 
 pytestmark = pytest.mark.usefixtures('one_thread')

@@ -94,3 +94,10 @@ def create_split(dataset: str, root: str, split: str, is_training: bool, batch_s
         check_layout(data, world_size, workers, batch_size, is_training)
     data.notes = notes
     return data
+
+
+def default_workers() -> int:
+    """Default data loading processes: 4, or fewer on a machine with fewer cores available to this process
+    (more would only compete for them; torch's DataLoader warns about it)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    return max(1, min(4, cores))

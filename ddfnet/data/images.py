@@ -206,3 +206,29 @@ def _other_files_note(folder: str) -> list[str]:
     return [f'{folder}: ignored {sum(counts.values())} file(s) that are not images it reads ({listed}; it reads '
             f'{" ".join(READ_EXTENSIONS)})']
 
+
+def data_path(positional: str | None, option: str | None) -> str | None:
+    """The data to read, given as timm's positional ``DATA`` or as ``--data-dir``: the positional one wins,
+    as it is always the command line's, where ``--data-dir`` may come from a ``--config`` file."""
+    return positional or option
+
+
+# The interpolations timm's evaluation transforms take ('random' is a training-only augmentation).
+EVAL_INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos')
+
+
+def check_image_options(img_size: int | None = None, crop_pct: float | None = None,
+                        interpolation: str | None = None) -> None:
+    """Range-check ``--img-size`` (at least 1), ``--crop-pct`` (in (0, 1]: above 1 the centre crop is larger
+    than the resized image and torchvision pads it with black) and ``--interpolation`` (an evaluation
+    interpolation, '' for the model's), so that a bad value is one line before any work, not a library
+    traceback or every image reported unreadable. None (and '') means not given."""
+    if img_size is not None and img_size < 1:
+        raise UserError(f'--img-size must be at least 1, not {img_size}')
+    if crop_pct is not None and crop_pct <= 0:
+        raise UserError(f'--crop-pct must be positive, not {crop_pct}')
+    if crop_pct is not None and crop_pct > 1:
+        raise UserError(f'--crop-pct must be at most 1 (the crop cannot be larger than the resized image), '
+                        f'not {crop_pct}')
+    if interpolation and interpolation not in EVAL_INTERPOLATIONS:
+        raise UserError(f'--interpolation {interpolation!r}: use one of {", ".join(EVAL_INTERPOLATIONS)}')

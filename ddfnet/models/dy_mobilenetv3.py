@@ -17,7 +17,7 @@ from timm.models.mobilenetv3 import MobileNetV3, _gen_mobilenet_v3
 from torch import nn
 
 from ..layers import DynamicConv2d
-from .builder import require_local_weights
+from ..utils.weights import require_local_weights
 from .dy_resnet import DYCONV_CFG
 
 __all__ = ['make_block_convs_dynamic']

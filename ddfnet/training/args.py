@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import OneLineArgumentParser, default_workers, yaml_mapping
+from ..cli import OneLineArgumentParser, yaml_mapping
+from ..data.datasets import default_workers
 
 
 def train_parser() -> argparse.ArgumentParser:

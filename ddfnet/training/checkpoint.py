@@ -10,8 +10,6 @@ epoch it ends, numbered from 0 like the log and ``summary.csv`` (``checkpoint-4`
 from __future__ import annotations
 
 import glob
-import hashlib
-import io
 import os
 import random
 import re
@@ -20,9 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from ..cli import UserError
 from ..utils.io import TMP_SUFFIX as _TMP_SUFFIX
 from ..utils.io import atomic_write
 from ..utils.weights import WeightsFileError, load_checkpoint
@@ -95,33 +91,6 @@ def save_checkpoint(run_dir: str, state: dict[str, Any], *, is_best: bool = Fals
             os.remove(path)
 
 
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str, model_name: str,
-                 drop_classifier: bool = False) -> list[str]:
-    """Load ``state`` into ``model`` strictly; a mismatch raises :class:`UserError` in one line.
-
-    ``drop_classifier`` (fine-tuning) skips the classifier's tensors when their shapes differ (or when the
-    file has none); returns the names of the model's tensors that were left at their initial values.
-    """
-    own = model.state_dict()
-    if drop_classifier:
-        head = getattr(model, 'pretrained_cfg', {}).get('classifier', 'fc')
-        state = {k: v for k, v in state.items()
-                 if not (k.startswith(head + '.') and k in own and own[k].shape != v.shape)}
-        missing_ok = {k for k in own if k.startswith(head + '.')}
-    else:
-        missing_ok = set()
-    missing = [k for k in own if k not in state and k not in missing_ok]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f'{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}'
-              for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        parts = [f'{len(items)} {what} (e.g. {items[0]})' for what, items in
-                 (('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', shapes)) if items]
-        raise UserError(f'checkpoint {path} does not fit model {model_name}: ' + ', '.join(parts))
-    model.load_state_dict(state, strict=not missing_ok)
-    return [k for k in own if k not in state]
-
-
 def rng_state() -> dict[str, Any]:
     """This process's random number generator states, as weights-only-loadable values."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -138,50 +107,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state['torch'])
     if state['cuda'] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state['cuda'])
-
-
-def average_state_dicts(states: list[dict[str, torch.Tensor]], names: list[str]) -> dict[str, torch.Tensor]:
-    """The mean of ``states`` (oldest first; ``names`` label them in errors): floating-point tensors,
-    BatchNorm statistics included, are averaged in float64 and cast back; integer tensors (BatchNorm's
-    ``num_batches_tracked``) are the newest state's, since a mean of counters is no count."""
-    if not states:
-        raise UserError('no checkpoints to average')
-    first, newest = states[0], states[-1]
-    for state, name in zip(states[1:], names[1:]):
-        if state.keys() != first.keys():
-            different = sorted(state.keys() ^ first.keys())
-            raise UserError(f'{name} and {names[0]} hold different tensors (e.g. {different[0]}): not one model')
-        for key, value in state.items():
-            if value.shape != first[key].shape or value.dtype != first[key].dtype:
-                raise UserError(f'{name} and {names[0]} differ in {key}: {tuple(value.shape)} {value.dtype} vs '
-                                f'{tuple(first[key].shape)} {first[key].dtype}')
-    averaged = {}
-    for key, value in newest.items():
-        if value.is_floating_point() or value.is_complex():
-            total = sum(state[key].to(torch.float64 if value.is_floating_point() else torch.complex128)
-                        for state in states)
-            averaged[key] = (total / len(states)).to(value.dtype)
-        else:
-            averaged[key] = value.clone()
-    return averaged
-
-
-def release_bytes(state: dict[str, torch.Tensor], fmt: str) -> bytes:
-    """``state`` serialised as a release file: ``fmt`` 'pth' (``torch.save`` of a plain state_dict) or
-    'safetensors'. Tensors are made contiguous and given their own storage (safetensors refuses shared or
-    strided ones; a slice saved by ``torch.save`` would carry its whole base tensor)."""
-    state = {key: value.detach().contiguous().clone() for key, value in state.items()}
-    if fmt == 'safetensors':
-        from safetensors.torch import save
-        return save(state)
-    if fmt != 'pth':
-        raise ValueError(f"release format must be 'pth' or 'safetensors', not {fmt!r}")
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    return buffer.getvalue()
-
-
-def release_name(data: bytes, base: str, ext: str, add_hash: bool = True) -> str:
-    """``BASE-<first 8 hex digits of the SHA-256 of data>.EXT``, timm's release naming (``BASE.EXT``
-    without ``add_hash``)."""
-    return f'{base}-{hashlib.sha256(data).hexdigest()[:8]}.{ext}' if add_hash else f'{base}.{ext}'

@@ -1,4 +1,5 @@
-"""File helpers: writes that never leave a truncated file behind, and the scripts' results files."""
+"""File helpers: writes that never leave a truncated file behind, the scripts' output-file checks and results
+files."""
 from __future__ import annotations
 
 import csv
@@ -10,6 +11,8 @@ from pathlib import Path
 from typing import IO, Any, Callable
 
 import yaml
+
+from ..cli import UserError
 
 TMP_SUFFIX = '.partial'  # of the temporary files atomic writes rename into place
 
@@ -72,4 +75,20 @@ def extension_build_dir(name: str) -> Path:
     tag = f'ddfnet-torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}'.replace('+', '_')
     path = Path(root) / tag / name
     path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def check_output_file(path: str, force: bool = False, append: bool = False) -> str:
+    """Before any work: ``path`` can be written (its folder exists and is writable, it is not a folder) and
+    holds nothing that would be lost (an existing file is replaced only with ``force``; with ``append`` an
+    existing file is fine, as the caller adds to it). Raises :class:`UserError` in one line."""
+    if os.path.isdir(path):
+        raise UserError(f'{path} is a folder, not a file name')
+    if os.path.exists(path) and not (force or append):
+        raise UserError(f'{path} exists: pass --force to replace it')
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f'cannot write {path}: the folder {folder} does not exist')
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f'cannot write {path}: the folder {folder} is not writable')
     return path
