@@ -228,8 +228,8 @@ if [ "$IMPL" != native ]; then
   NOTES+=("NATIVE KERNELS NOT ACTIVE (implementation: ${IMPL:-unknown}): later parts ran the reference path")
 fi
 part test_cuda "$([ "$DRY_RUN" = 1 ] && echo 240 || echo 120)" "${CUDA_TESTS[@]}"  # dry run: collecting the op grid on 2 busy cores
-part op_layers 60 "$PY" scripts/benchmark_op.py --device $DEVICE "${OP_LAYERS[@]}" --peak-gbps 4800 --json "$WORK/op_layers.jsonl"
-part op_paper 60 "$PY" scripts/benchmark_op.py --device $DEVICE "${OP_PAPER[@]}" --peak-gbps 4800 --json "$WORK/op_paper.jsonl"
+part op_layers 60 "$PY" scripts/benchmarks/benchmark_op.py --device $DEVICE "${OP_LAYERS[@]}" --peak-gbps 4800 --json "$WORK/op_layers.jsonl"
+part op_paper 60 "$PY" scripts/benchmarks/benchmark_op.py --device $DEVICE "${OP_PAPER[@]}" --peak-gbps 4800 --json "$WORK/op_paper.jsonl"
 part train_native 90 train_run native $EPOCHS_NATIVE
 part train_reference 80 train_run reference $EPOCHS_REFERENCE
 part train_compare 20 compare_training
@@ -242,12 +242,12 @@ models() {  # models NAME CAP MODELS... [-- OPTIONS]: benchmark_model.py, traini
     SUMMARY+=("$(printf '%-18s %-26s %5s s' "$name" 'skipped (dry run)' 0)")
     return
   fi
-  part "$name" "$cap" "$PY" scripts/benchmark_model.py --device $DEVICE --models "${list[@]}" --mode train infer \
+  part "$name" "$cap" "$PY" scripts/benchmarks/benchmark_model.py --device $DEVICE --models "${list[@]}" --mode train infer \
     "${MODEL[@]}" "$@" --json "$WORK/$name.jsonl"
 }
 models model_50 60 "${PAIR50[@]}"
 models compile_50 150 "${PAIR50[@]}" -- --compile $COMPILE
-part profile 45 "$PY" scripts/benchmark_model.py --device $DEVICE --models "${PAIR50[0]}" --mode train "${MODEL[@]}" \
+part profile 45 "$PY" scripts/benchmarks/benchmark_model.py --device $DEVICE --models "${PAIR50[0]}" --mode train "${MODEL[@]}" \
   --warmup 1 --rounds 2 --profile "$WORK/profile_train_step.txt" --json "$WORK/profile_step.jsonl"
 models model_101 60 "${PAIR101[@]}"
 models compile_101 150 "${PAIR101[@]}" -- --compile $COMPILE

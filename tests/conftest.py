@@ -29,7 +29,6 @@ SLOW = {
     # Each of these starts Python with torch and timm in a subprocess, or runs whole models: 10-30 s apiece.
     'test_benchmark_scripts.py': 'the benchmark scripts as subprocesses',
     'test_flops.py': 'scripts/count_flops.py as a subprocess per case',
-    'test_loader.py::test_benchmark_loader_measures_and_suggests_workers': 'a subprocess',
     'test_configs.py::test_bad_config_is_one_line_from_the_script': 'a subprocess',
     'test_cpu_kernel.py::test_forced_reference_path_in_a_subprocess': 'a subprocess',
     'test_double_backward.py::test_gradient_penalty_native_equals_reference': 'a subprocess',

@@ -1,16 +1,17 @@
-"""scripts/benchmark_model.py and scripts/benchmark_op.py run end to end on tiny CPU problems (the figures
-themselves belong in docs/benchmarks.md, not in tests) and refuse bad input in one line."""
+"""scripts/benchmarks/benchmark_model.py, benchmark_op.py and benchmark_loader.py run end to end on tiny CPU
+problems (the figures themselves belong in docs/benchmarks.md, not in tests) and refuse bad input in one line."""
 import json
+import os
 
 import pytest
 
-from scripts import run_script
+from scripts import ROOT, run_script
 
 ENV_KEYS = {'device', 'device_name', 'torch', 'threads', 'date'}
 
 
 def _run(script, *args):
-    return run_script(f'scripts/{script}', *args)
+    return run_script(f'scripts/benchmarks/{script}', *args)
 
 
 def test_benchmark_model_times_models_side_by_side(tmp_path):
@@ -47,3 +48,24 @@ def test_benchmark_op_covers_dtypes_formats_and_modes(tmp_path):
 def test_benchmark_scripts_reject_bad_input(script, args, message):
     proc = _run(script, *args)
     assert proc.returncode == 2 and message in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_benchmark_loader_measures_and_suggests_workers(tmp_path):
+    out = tmp_path / 'rows.jsonl'
+    proc = run_script('scripts/benchmarks/benchmark_loader', '--config', ROOT / 'configs' / 'ddf_resnet50_in1k.yaml',
+                      '--sample-jpegs', '8', '--images', '8', '--batch-size', '4', '--workers', '1', '--repeats', '1',
+                      '--model', 'resnet18', '--img-size', '64', '--model-batch', '1', '--json', out,
+                      cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r['stage'], r['workers']) for r in rows if 'workers' in r and r['stage'] != 'suggestion'] == [
+        ('decode', 1), ('train', 0), ('train', 1), ('eval', 0), ('eval', 1)]
+    assert all(r['images_per_sec'] > 0 for r in rows if r['stage'] != 'suggestion')
+    model, suggestion = rows[-2], rows[-1]
+    assert model['stage'] == 'model_train_step' and suggestion['stage'] == 'suggestion'
+    per_worker = max(r['images_per_sec_per_worker'] for r in rows if r['stage'] == 'train' and r['workers'])
+    assert suggestion['workers'] == -(-model['images_per_sec'] // per_worker)
+    assert f'needs --workers {suggestion["workers"]}' in proc.stdout
+    bad = run_script('scripts/benchmarks/benchmark_loader', '--workers', '0', cwd=ROOT)
+    assert bad.returncode == 2 and bad.stderr.startswith('benchmark_loader.py: error: ') and len(
+        bad.stderr.splitlines()) == 1

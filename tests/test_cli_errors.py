@@ -186,11 +186,11 @@ def test_resolve_device():
 
 
 def test_benchmark_scripts_share_the_device_default_and_show_defaults():
-    from ddfnet.utils.bench import default_device
+    default_device = load_script('scripts/benchmarks/benchmark_common').default_device
     assert default_device() == ('cuda' if torch.cuda.is_available() else 'cpu')
     helps = {}
     for script in ('benchmark_model.py', 'benchmark_op.py'):
-        proc = run_script(f'scripts/{script}', '--help')
+        proc = run_script(f'scripts/benchmarks/{script}', '--help')
         assert proc.returncode == 0, proc.stderr
         helps[script] = ' '.join(proc.stdout.split())
         assert 'default: cuda if available, else cpu' in helps[script]

@@ -302,7 +302,7 @@ def test_readme_export_example_runs(tmp_path, monkeypatch):
 
 
 def test_benchmark_onnx_script_times_both_runtimes(tmp_path, capsys):
-    module = load_script('scripts/benchmark_onnx')
+    module = load_script('scripts/benchmarks/benchmark_onnx')
     out = tmp_path / 'rows.jsonl'
     assert module.main(['--model', 'resnet18', '--batch-size', '2', '--img-size', '32', '--threads', '1',
                         '--warmup', '0', '--rounds', '1', '--json', str(out)]) == 0

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Inference time of a model in onnxruntime (CPU) next to PyTorch eager, on the same input and thread count.
 
-    python scripts/benchmark_onnx.py --model ddf_resnet50 --batch-size 8 --img-size 224 --threads 2
+    python scripts/benchmarks/benchmark_onnx.py --model ddf_resnet50 --batch-size 8 --img-size 224 --threads 2
 
 The model is exported with ``ddfnet.export_onnx`` to a temporary file; each runtime is timed in blocks of
 ``--rounds`` calls, alternating, twice over (2 x rounds samples each). Min and median ms per batch are reported
@@ -14,7 +14,6 @@ import argparse
 import os
 import statistics
 import tempfile
-import time
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ddfnet
     from ddfnet.export import OnnxRuntimeModel
-    from ddfnet.utils.bench import emit_json_lines, environment
+    from benchmark_common import emit_json_lines, environment, timed
 
     if not timm.is_model(args.model):
         parser.error(f'unknown model {args.model!r}')
@@ -44,9 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, 'model.onnx')
-        start = time.perf_counter()
-        ddfnet.export_onnx(model, x, path)
-        export_s = time.perf_counter() - start
+        export_s = timed(lambda: ddfnet.export_onnx(model, x, path))
         session = OnnxRuntimeModel(path, threads=args.threads)
 
         def run_torch():
@@ -63,10 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(2):
             for name, run in runners.items():
                 for round_index in range(args.warmup + args.rounds):
-                    start = time.perf_counter()
-                    run()
+                    elapsed = timed(run)
                     if round_index >= args.warmup:
-                        times[name].append((time.perf_counter() - start) * 1000)
+                        times[name].append(elapsed * 1000)
     env = environment(torch.device('cpu'))
     rows = []
     for name, samples in times.items():

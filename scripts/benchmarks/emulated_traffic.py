@@ -1,4 +1,7 @@
-"""Global-memory traffic of the CUDA kernels, counted on the CPU (`benchmark_op.py --emulated-traffic`).
+"""Global-memory traffic of the CUDA kernels, counted on the CPU.
+
+    python scripts/benchmarks/emulated_traffic.py --dtypes fp32 --json traffic.jsonl
+    python scripts/benchmarks/emulated_traffic.py --shapes 1x32x12x12 --formats nhwc
 
 Runs the op's CUDA entry points under the emulation's traffic build (ddfnet.utils.cuda_emulation, variant
 'traffic', launch configurations sized for an H200) and prints, per kernel launch of one forward and one
@@ -11,12 +14,16 @@ backward:
   floor       bytes the kernel must move: each tensor it reads or writes, once;
   x floor     sectors * 32 / floor: how far the L1/L2 traffic is above the floor (>1 means reuse the
               caches must catch; DRAM traffic lies between distinct and this).
-Shapes default to the 3x3 DDF layers of DDF-ResNet-50 at 224 x 224 (one sample: the counts scale with
-the batch).
+Shapes default to the 3x3 DDF layers of DDF-ResNet-50 at 224 x 224, at --batch-size (default one sample:
+the counts scale with the batch).
 """
 from __future__ import annotations
 
+import argparse
 import json
+import sys
+
+from benchmark_common import parse_shape
 
 RESNET50_LAYERS = [  # (C, H, W, stride) of the DDF layers (conv2 of each bottleneck)
     (64, 56, 56, 1), (128, 56, 56, 2), (128, 28, 28, 1), (256, 28, 28, 2), (256, 14, 14, 1), (512, 14, 14, 2),
@@ -64,14 +71,34 @@ def measure(torch, emu, shape, k, dilation, stride, combine, dtype, layout):
     return rows
 
 
-def main(args) -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], epilog=__doc__.split('\n\n', 2)[2],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--shapes', nargs='+', type=parse_shape, metavar='BxCxHxW',
+                        help="input shapes, at --stride (default: DDF-ResNet-50's DDF layers, each at its stride)")
+    parser.add_argument('--batch-size', type=int, default=1, help='batch of the default layer shapes (default: 1)')
+    parser.add_argument('--dtypes', nargs='+', choices=('fp32', 'bf16', 'fp16'), default=['fp32', 'bf16'],
+                        help='(default: fp32 bf16)')
+    parser.add_argument('--formats', nargs='+', choices=('nchw', 'nhwc'), default=['nchw', 'nhwc'],
+                        help='nhwc = channels_last (default: both)')
+    parser.add_argument('--kernel-size', type=int, default=3, help='odd k (default: 3)')
+    parser.add_argument('--stride', type=int, default=1, help='stride of the --shapes (default: 1)')
+    parser.add_argument('--dilation', type=int, default=1, help='(default: 1)')
+    parser.add_argument('--combine', choices=('mul', 'add'), default='mul', help="kernel_combine (default: 'mul')")
+    parser.add_argument('--json', help='also write the JSON lines to this file')
+    args = parser.parse_args(argv)
+    if args.kernel_size < 1 or args.kernel_size % 2 == 0:
+        parser.error(f'--kernel-size must be a positive odd int, got {args.kernel_size}')
+    if min(args.batch_size, args.stride, args.dilation) < 1:
+        parser.error('--batch-size, --stride and --dilation must be positive')
+
     import torch
 
     from ddfnet.utils import cuda_emulation
 
     emu = cuda_emulation.load('traffic')
     dtypes = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
-    if args.shapes_given:
+    if args.shapes:
         cases = [(s, args.stride) for s in args.shapes]
     else:
         cases = [((args.batch_size, c, h, w), s) for c, h, w, s in RESNET50_LAYERS]
@@ -94,3 +121,7 @@ def main(args) -> int:
         from pathlib import Path
         Path(args.json).write_text('\n'.join(lines) + '\n')
     return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

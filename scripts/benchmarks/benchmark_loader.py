@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Images/s of a training config's input pipelines on this machine, and the --workers that would feed it.
 
-    python scripts/benchmark_loader.py --config configs/ddf_resnet50_in1k.yaml --data-dir /data/imagenet
-    python scripts/benchmark_loader.py --config configs/ddf_resnet50_in1k.yaml --target 3000 --workers 1 2 4
+    python scripts/benchmarks/benchmark_loader.py --config configs/ddf_resnet50_in1k.yaml --data-dir /data/imagenet
+    python scripts/benchmarks/benchmark_loader.py --config configs/ddf_resnet50_in1k.yaml --target 3000 --workers 1 2 4
 
 Measures, on the first ``--images`` images of ``--split`` (an image folder, or shards with ``--dataset wds/NAME``):
 decoding alone, then the config's train and eval pipelines as train.py builds them (timm's ``create_loader``;
@@ -18,75 +18,14 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import random
 import tempfile
 import time
 
 import numpy as np
 from PIL import Image
-from timm.data.transforms import RandomResizedCropAndInterpolation
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as F
 
+from benchmark_common import emit_json_lines, environment, timed, usable_device
 from ddfnet.data.demo import CLASSES, render
-
-# --jpeg-draft: JPEG draft decoding for the training crop: decode at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, through
-# PIL's ``Image.draft``) when the random-resized crop would shrink the region anyway.
-#
-# The crop box and interpolation are drawn exactly as timm's ``RandomResizedCropAndInterpolation`` draws them
-# (the same calls on the same generator, in full-resolution coordinates), so the augmentation's distribution
-# of boxes and sizes is unchanged; only the pixels come from a reduced decode. A reduction is used only when
-# the box still holds at least the output's pixels in both directions at that scale, so the final resize
-# remains a downscale (by 1x to 2x) and no detail the output could show is lost.
-
-_PIL_FILTERS = {InterpolationMode.NEAREST: Image.Resampling.NEAREST, InterpolationMode.BILINEAR: Image.Resampling.BILINEAR,
-                InterpolationMode.BICUBIC: Image.Resampling.BICUBIC, InterpolationMode.LANCZOS: Image.Resampling.LANCZOS,
-                InterpolationMode.BOX: Image.Resampling.BOX, InterpolationMode.HAMMING: Image.Resampling.HAMMING}
-
-
-def draft_scale(box_height: int, box_width: int, out_height: int, out_width: int) -> int:
-    """The largest JPEG reduction (8, 4, 2, else 1) at which a ``box_height x box_width`` crop still holds
-    ``out_height x out_width`` pixels."""
-    return next((s for s in (8, 4, 2) if box_height >= s * out_height and box_width >= s * out_width), 1)
-
-
-class DraftRandomResizedCrop(RandomResizedCropAndInterpolation):
-    """timm's random-resized crop (same parameters, same random draws) that decodes a not yet loaded JPEG at
-    the reduced scale :func:`draft_scale` allows; other images, and loaded ones, are cropped as timm does.
-    Returns RGB images (the dataset hands over files undecoded, see :func:`enable_jpeg_draft`)."""
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        i, j, h, w = self.get_params(img, self.scale, self.ratio)  # full-resolution coordinates, as timm
-        interpolation = (random.choice(self.interpolation) if isinstance(self.interpolation, (tuple, list))
-                         else self.interpolation)
-        scale = draft_scale(h, w, *self.size) if img.format == 'JPEG' and img.tile else 1
-        if scale > 1:
-            full_width = img.width
-            drafted = img.draft('RGB', (img.width // scale, img.height // scale))
-            if drafted is not None:
-                reduction = full_width / drafted[1][2]  # what libjpeg applies; the box in reduced pixels:
-                box = (j / reduction, i / reduction, (j + w) / reduction, (i + h) / reduction)
-                return img.convert('RGB').resize(self.size[::-1], _PIL_FILTERS[interpolation], box=box)
-        return F.resized_crop(img.convert('RGB'), i, j, h, w, self.size, interpolation)
-
-
-def enable_jpeg_draft(dataset) -> None:
-    """Make a timm image-folder ``dataset`` whose transform starts with timm's random-resized crop (a training
-    pipeline) decode JPEGs through :class:`DraftRandomResizedCrop`: the dataset passes files undecoded and
-    the crop decodes them. Raises ``ValueError`` for any other dataset or pipeline (WebDataset shards are
-    decoded by timm's reader before any transform)."""
-    transforms = getattr(getattr(dataset, 'transform', None), 'transforms', None)
-    if not hasattr(dataset, 'input_img_mode') or not hasattr(dataset, '__getitem__'):
-        raise ValueError('JPEG draft decoding needs an image-folder dataset (shards are decoded by the reader)')
-    if not transforms or type(transforms[0]) is not RandomResizedCropAndInterpolation:
-        raise ValueError("JPEG draft decoding applies to a training pipeline that starts with timm's "
-                         'random-resized crop')
-    crop = transforms[0]
-    draft = DraftRandomResizedCrop(crop.size, scale=crop.scale, ratio=crop.ratio)
-    draft.interpolation = crop.interpolation
-    transforms[0] = draft
-    dataset.input_img_mode = None  # the crop decodes (and converts to RGB)
-
 
 # --sample-jpegs: photo-sized JPEGs for timing input pipelines where no real data is at hand: the demo
 # dataset's drawings upscaled (bicubic) to ImageNet's typical 500x375, with mild pixel noise so they compress
@@ -115,9 +54,7 @@ def best_rate(run, count: int, repeats: int, warmup: bool = True) -> float:
         run()
     best = math.inf
     for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
+        best = min(best, timed(run))
     return count / best
 
 
@@ -138,8 +75,6 @@ def main(argv: list[str] | None = None) -> None:
     add('--workers', type=int, nargs='+', default=[1, 2], help='loader worker counts to measure')
     add('--prefetcher', action=argparse.BooleanOptionalAction, default=True,
         help="workers' share as on GPUs (default) or on CPU (--no-prefetcher: normalise and erase in the workers)")
-    add('--jpeg-draft', action='store_true', help='train pipeline with JPEG draft decoding where the crop allows it '
-        '(in-process: side by side with the plain one)')
     add('--batch-size', type=int, default=32, help='loader batch size')
     add('--repeats', type=int, default=3)
     add('--img-size', type=int, help="training/eval image size (default: the config's)")
@@ -162,7 +97,6 @@ def main(argv: list[str] | None = None) -> None:
     from ddfnet.cli import parse_args
     from ddfnet.data import class_count, create_split, resolve_data_root
     from ddfnet.training.args import train_parser
-    from ddfnet.utils.bench import emit_json_lines, environment, usable_device
 
     config = parse_args(train_parser(), ['--config', args.config])
     dataset_name = config.dataset if args.dataset is None else args.dataset
@@ -185,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(dict(stage=stage, workers=workers, images_per_sec=round(rate, 1),
                          images_per_sec_per_worker=round(rate / max(1, workers), 1), **extra))
 
-    def loader(is_training: bool, workers: int, draft: bool = False):
+    def loader(is_training: bool, workers: int):
         # The arguments train.py passes (train.py builds its loaders the same way).
         dataset = create_split(dataset_name, data_root, args.split, is_training, args.batch_size, workers=workers)
         common = dict(input_size=data_config['input_size'], batch_size=args.batch_size, mean=data_config['mean'],
@@ -201,11 +135,6 @@ def main(argv: list[str] | None = None) -> None:
         if args.prefetcher:  # timm's GPU layout: the workers stop at uint8 tensors (erasing runs on the GPU)
             made.dataset.transform = create_transform(data_config['input_size'], is_training=is_training,
                                                       use_prefetcher=True, **augment)
-        if draft:
-            try:
-                enable_jpeg_draft(made.dataset)
-            except ValueError as e:
-                raise UserError(str(e)) from None
         return made
 
     def take(iterable, count: int) -> int:
@@ -227,20 +156,10 @@ def main(argv: list[str] | None = None) -> None:
                                       args.repeats))
     for stage, is_training in (('train', True), ('eval', False)):
         # One worker = the main process doing the work; the DataLoader's own worker start-up is not counted.
-        draft = args.jpeg_draft and is_training
         single = loader(is_training, 0)
-        if draft:  # side by side: passes with and without draft decoding alternate, so load hits both alike
-            drafted = loader(is_training, 0, draft=True)
-            plain_rate = draft_rate = 0.0
-            for repeat in range(args.repeats):
-                plain_rate = max(plain_rate, best_rate(lambda: take(single, count), count, 1, warmup=not repeat))
-                draft_rate = max(draft_rate, best_rate(lambda: take(drafted, count), count, 1, warmup=not repeat))
-            record(stage, 0, plain_rate)
-            record(f'{stage}_jpeg_draft', 0, draft_rate)
-        else:
-            record(stage, 0, best_rate(lambda: take(single, count), count, args.repeats))
+        record(stage, 0, best_rate(lambda: take(single, count), count, args.repeats))
         for workers in args.workers:
-            made = loader(is_training, workers, draft=draft)
+            made = loader(is_training, workers)
 
             def one_pass():
                 batches = iter(made)
@@ -276,7 +195,6 @@ def main(argv: list[str] | None = None) -> None:
 
     target = args.target or model_rate
     per_worker = max(r['images_per_sec_per_worker'] for r in rows if r['stage'] == 'train' and r['workers'] > 0)
-    # (with --jpeg-draft the worker rows are the draft pipeline's)
     print(f'{"stage":<18}{"workers":>8}{"images/s":>11}{"per worker":>12}   (workers 0: in the main process)')
     for r in rows:
         print(f'{r["stage"]:<18}{r.get("workers", ""):>8}{r["images_per_sec"]:>11.1f}'
@@ -288,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(dict(stage='suggestion', target_images_per_sec=round(target, 1), workers=workers))
     environment_row = environment(torch.device('cpu'))
     emit_json_lines([dict(r, config=args.config, img_size=data_config['input_size'][-1], prefetcher=args.prefetcher,
-                          jpeg_draft=args.jpeg_draft, images=count,
+                          images=count,
                           **environment_row) for r in rows], args.json)
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Training memory and time of DynamicConv2d implementations in dy_resnet18, against resnet18.
 
-    python scripts/benchmark_dyconv.py --batch-size 32 --img-size 224 --steps 3
+    python scripts/benchmarks/benchmark_dyconv.py --batch-size 32 --img-size 224 --steps 3
 
 Each configuration runs in its own process: build the model, then time ``--steps`` SGD steps (forward,
 backward, momentum update) after one warm-up step. Reported per configuration:
@@ -27,7 +27,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 
 CONFIGS = ('resnet18', 'grouped', 'outputs_saved', 'kernels', 'outputs', 'auto')
 
@@ -47,6 +46,7 @@ def _worker(config: str, batch_size: int, img_size: int, steps: int) -> dict:
 
     import ddfnet  # noqa: F401  (registers the models)
     from ddfnet.layers import DynamicConv2d
+    from benchmark_common import timed
 
     torch.manual_seed(0)
     model = timm.create_model('resnet18' if config == 'resnet18' else 'dy_resnet18').train()
@@ -87,10 +87,9 @@ def _worker(config: str, batch_size: int, img_size: int, steps: int) -> dict:
         peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # noqa: E731
     times = []
     for i in range(steps + 1):
-        start = time.perf_counter()
-        step()
+        elapsed = timed(step)
         if i:  # the first step allocates momentum buffers and warms up kernels
-            times.append(time.perf_counter() - start)
+            times.append(elapsed)
     return {'config': config, 'batch_size': batch_size, 'img_size': img_size,
             'params_m': round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
             'saved_mib': round(sum(saved.values()) / 2 ** 20, 1),
@@ -150,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f'  {config:<14}{value:>10.0f}{ratio}')
     import torch
 
-    from ddfnet.utils.bench import emit_json_lines, environment
+    from benchmark_common import emit_json_lines, environment
     emit_json_lines([dict(r, **environment(torch.device('cpu'))) for r in results], args.json)
     return 0
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Time whole models side by side: inference and/or a training step per batch.
 
-    python scripts/benchmark_model.py --models ddf_resnet50 resnet50 --batch-size 8 --img-size 224
-    python scripts/benchmark_model.py --models ddf_resnet50 resnet50 --mode train infer --amp bf16 \\
+    python scripts/benchmarks/benchmark_model.py --models ddf_resnet50 resnet50 --batch-size 8 --img-size 224
+    python scripts/benchmarks/benchmark_model.py --models ddf_resnet50 resnet50 --mode train infer --amp bf16 \\
         --channels-last --compile --batch-size 256 --profile step.txt
 
 Per mode, models are timed interleaved, round by round, so machine noise hits them alike; the median over
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 import warnings
 from contextlib import nullcontext
 
@@ -55,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import ddfnet  # noqa: F401  (registers the DDF models)
-    from ddfnet.utils.bench import default_device, emit_json_lines, environment, usable_device
+    from benchmark_common import default_device, emit_json_lines, environment, timed, usable_device
 
     for name in args.models:
         if not timm.is_model(name):
@@ -116,14 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         steps = {name: make_step(name, mode) for name in args.models}
         first_step = {}
         for name, step in steps.items():  # one untimed call each: a model that cannot run this input says so
-            sync()
-            start = time.perf_counter()
             try:
-                step()
-                sync()
+                first_step[name] = timed(step, device)
             except (RuntimeError, ValueError) as e:
                 parser.error(f'{name} cannot run this input: {str(e).strip().splitlines()[0]}')
-            first_step[name] = time.perf_counter() - start
         for _ in range(args.warmup):
             for step in steps.values():
                 step()
@@ -135,10 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                 if cuda:
                     before = torch.cuda.memory_allocated(device)
                     torch.cuda.reset_peak_memory_stats(device)
-                start = time.perf_counter()
-                step()
-                sync()
-                times[name].append(time.perf_counter() - start)
+                times[name].append(timed(step, device))
                 if cuda:
                     extra[name] = max(extra[name], torch.cuda.max_memory_allocated(device) - before)
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Time the DDF op against a depth-wise conv (the paper's cost reference) and the reference path.
 
-    python scripts/benchmark_op.py --dtypes fp32 bf16 --formats nchw nhwc --json ddf_op.jsonl
-    python scripts/benchmark_op.py --model-layers ddf_resnet50 --layer-batch 256 --peak-gbps 4800
+    python scripts/benchmarks/benchmark_op.py --dtypes fp32 bf16 --formats nchw nhwc --json ddf_op.jsonl
+    python scripts/benchmarks/benchmark_op.py --model-layers ddf_resnet50 --layer-batch 256 --peak-gbps 4800
 
 Problems: each --shapes entry at --kernel-size / --stride / --dilation / --combine, and with
 --model-layers MODEL the op calls of that timm model's DDF layers (found by running it once on the meta
@@ -35,13 +35,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import re
 import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from typing import NamedTuple
+
+from benchmark_common import parse_shape
 
 DTYPES = ('fp32', 'bf16', 'fp16')
 DEFAULT_SHAPES = [(32, 256, s, s) for s in (7, 14, 28, 56, 112)] + [(2, 256, 200, 300)]
@@ -51,14 +51,6 @@ REFERENCE_CPU_LIMIT = 10 ** 8  # B*C*Ho*Wo*k*k above which the CPU reference tak
 PEAK_GBPS = (('H200', 4800.0), ('H100 PCIe', 2000.0), ('H100', 3350.0), ('A100-SXM4-80GB', 2039.0),
              ('A100 80GB PCIe', 1935.0),
              ('A100 80GB', 2039.0), ('A100', 1555.0))
-
-
-def parse_shape(text: str) -> tuple[int, int, int, int]:
-    match = re.fullmatch(r'(\d+)x(\d+)x(\d+)x(\d+)', text.strip().lower())
-    if not match or min(int(g) for g in match.groups()) < 1:
-        raise argparse.ArgumentTypeError(f'shape must be BxCxHxW with positive sizes, e.g. 32x256x56x56, '
-                                          f'got {text!r}')
-    return tuple(int(g) for g in match.groups())  # type: ignore[return-value]
 
 
 class Problem(NamedTuple):
@@ -142,11 +134,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--no-reference', action='store_true', help='skip the (slow) reference path')
     parser.add_argument('--peak-gbps', type=float, help='peak memory bandwidth in GB/s (default: from the device)')
     parser.add_argument('--json', help='also write the JSON lines to this file')
-    parser.add_argument('--emulated-traffic', action='store_true',
-                        help='instead of timing, count the CUDA kernels\' global-memory traffic on the CPU '
-                             '(scripts/emulated_traffic.py; default shapes: the DDF layers of DDF-ResNet-50)')
-    parser.add_argument('--batch-size', type=int, default=1, help='batch of the --emulated-traffic layer shapes '
-                        '(default: 1)')
     args = parser.parse_args(argv)
     if args.kernel_size < 1 or args.kernel_size % 2 == 0:
         parser.error(f'--kernel-size must be a positive odd int, got {args.kernel_size}')
@@ -155,21 +142,12 @@ def main(argv: list[str] | None = None) -> int:
                      '--warmup non-negative')
     if args.peak_gbps is not None and args.peak_gbps <= 0:
         parser.error(f'--peak-gbps must be positive, got {args.peak_gbps}')
-    if args.emulated_traffic:
-        if args.batch_size < 1:
-            parser.error(f'--batch-size must be positive, got {args.batch_size}')
-        import os.path
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        import emulated_traffic  # the traffic model, next to this script
-        args.shapes_given = argv is not None and '--shapes' in argv or argv is None and '--shapes' in sys.argv
-        return emulated_traffic.main(args)
-
     import torch
     import torch.nn.functional as F
 
     import ddfnet
     from ddfnet.ops import DDFSlowPathWarning, ddf_backward_reference, ddf_forward_reference
-    from ddfnet.utils.bench import default_device, emit_json_lines, environment, usable_device
+    from benchmark_common import default_device, emit_json_lines, environment, timed, usable_device
 
     try:
         device = usable_device(args.device or default_device())
@@ -214,9 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                     end.record()
                     samples[name].append((start, end))
                 else:
-                    begin = time.perf_counter()
-                    fn()
-                    samples[name].append((time.perf_counter() - begin) * 1e3)
+                    samples[name].append(timed(fn) * 1e3)
         if cuda:  # one sync at the end: the events carry the GPU timeline, no host stalls in between
             torch.cuda.synchronize(device)
             samples = {name: [s.elapsed_time(e) for s, e in pairs] for name, pairs in samples.items()}
