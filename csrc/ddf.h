@@ -2,7 +2,8 @@
 //
 // The schema of both operators is declared once, in ddf.cpp (TORCH_LIBRARY(ddfnet, ...)). Each backend
 // registers its kernels with TORCH_LIBRARY_IMPL(ddfnet, <Backend>, ...) in its own folder. Python keeps
-// the fake kernels, the autograd formula and the autocast rule (ddfnet/ops/ddf_op.py).
+// the fake kernels and FLOP formulas (ddfnet/ops/registrations.py), the autograd formula
+// (ddfnet/ops/autograd.py) and the autocast rule (ddfnet/ops/autocast.py).
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -28,7 +28,7 @@ bool is_supported_float(at::ScalarType t) {
 bool check_ddf_args(const at::Tensor& input, const at::Tensor& channel_filter,
                     const at::Tensor& spatial_filter, int64_t kernel_size, int64_t dilation,
                     int64_t stride, std::string_view kernel_combine) {
-  // Messages and exception types match ddfnet/ops/ddf_op.py:check_ddf_args, so a user sees the same
+  // Messages and exception types match ddfnet/ops/checks.py:check_ddf_args, so a user sees the same
   // error whichever path validated first.
   TORCH_CHECK_VALUE(kernel_size >= 1 && kernel_size % 2 == 1,
                     "ddf: kernel_size must be a positive odd int, got ", kernel_size);

@@ -54,7 +54,7 @@ def test_equals_per_sample_loop(case, aggregation):
 @pytest.mark.parametrize('aggregate', (aggregate_kernels, aggregate_outputs))
 @pytest.mark.parametrize('case', sorted(CASES))
 def test_both_orders_equal_the_definition_without_recomputation(case, aggregate):
-    # aggregate_kernels alone is the common grouped-conv implementation scripts/benchmark_dyconv.py compares.
+    # aggregate_kernels alone is the common grouped-conv implementation scripts/benchmarks/benchmark_dyconv.py compares.
     layer, x = _layer(case)
     got = aggregate(x, layer.weight, layer.bias, layer.attention_weights(x), layer.stride, layer.padding,
                     layer.dilation, layer.groups)

@@ -1,6 +1,6 @@
-"""What the benchmark scripts share (it sits beside them, so ``python scripts/benchmarks/X.py`` imports it): a
-usable device or a one-line error, the one wall-clock timer, the environment recorded next to each figure,
-the JSON-lines output and the ``BxCxHxW`` shape option."""
+"""What the benchmark scripts share: a usable device or a one-line error, the one wall-clock timer, the
+environment recorded next to each figure, the JSON-lines output and the ``BxCxHxW`` shape option. It sits
+beside them, where Python finds it for a script run as ``python scripts/benchmarks/benchmark_op.py``."""
 from __future__ import annotations
 
 import argparse
