@@ -6,9 +6,16 @@
 // __syncthreads, its warp's when it arrives at a shuffle; the last arrival moves it. A failure (a check, or
 // no thread able to move) marks the block aborted; every waiting thread then unwinds with `Abort`, and
 // run_grid raises the first message.
+//
+// Fiber switches: swapcontext saves and restores the signal mask, a system call at every switch (about
+// two thirds of the time of a shuffle-heavy kernel). A fiber is therefore entered once with swapcontext
+// (its own stack) and afterwards switched with _setjmp/_longjmp, which keep the signal mask alone. The
+// ASan build switches with swapcontext throughout: its fiber annotations are made for it.
+#undef _FORTIFY_SOURCE  // glibc's checked longjmp refuses a jump to another stack
 #include "cuda_emu.h"
 #include "traffic.h"
 
+#include <setjmp.h>
 #include <ucontext.h>
 
 #include <algorithm>
@@ -27,6 +34,9 @@
 #include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #define DDF_EMU_ASAN 1
+#endif
+#ifndef DDF_EMU_ASAN
+#define DDF_EMU_JMP 1  // switch started fibers with _setjmp/_longjmp (see the top)
 #endif
 
 namespace ddf_emu {
@@ -108,6 +118,9 @@ struct Thread {
   std::unique_ptr<char[]> stack;
 #ifdef DDF_EMU_ASAN
   void* fake_stack = nullptr;
+#endif
+#ifdef DDF_EMU_JMP
+  jmp_buf jb;  // where a suspended fiber continues
 #endif
 };
 
@@ -203,24 +216,24 @@ class Block {
     Lock lock = this->lock();
     Warp& w = warps_[t.linear / kWarpSize];
     const int lane = t.linear % kWarpSize;
-    const std::string where = "shuffle at line " + std::to_string(line);
+    const auto where = [line] { return "shuffle at line " + std::to_string(line); };  // built on failure only
     if (mask != 0xffffffffu) {
-      fail(lock, describe(t) + ": " + where + " has mask " + hex(mask) + "; only the full-warp mask 0xffffffff "
+      fail(lock, describe(t) + ": " + where() + " has mask " + hex(mask) + "; only the full-warp mask 0xffffffff "
                      "is supported");
     }
     if (w.lanes < static_cast<int>(kWarpSize)) {
-      fail(lock, describe(t) + ": " + where + " names all 32 lanes, but this warp has " + std::to_string(w.lanes) +
+      fail(lock, describe(t) + ": " + where() + " names all 32 lanes, but this warp has " + std::to_string(w.lanes) +
                      " threads (block size not a multiple of 32)");
     }
     if (w.exited > 0) {
       fail(lock, "divergent shuffle: " + describe(threads_[w.first_exited]) + " exited while other lanes of its "
-                     "warp wait at the " + where);
+                     "warp wait at the " + where());
     }
     if (w.arrived == 0) {
       w.line = line;
       w.kind = kind;
     } else if (w.line != line || w.kind != kind) {
-      fail(lock, "divergent shuffle: " + describe(t) + " is at the " + where + ", other lanes of its warp at the "
+      fail(lock, "divergent shuffle: " + describe(t) + " is at the " + where() + ", other lanes of its warp at the "
                      "shuffle at line " + std::to_string(w.line));
     }
     const uint64_t gen = w.gen;
@@ -391,10 +404,14 @@ class Block {
 #endif
     self->run_body(t);
     self->progressed_ = true;
+#ifdef DDF_EMU_JMP
+    _longjmp(self->main_jb_, 1);
+#else
 #ifdef DDF_EMU_ASAN
     __sanitizer_start_switch_fiber(nullptr, self->main_stack_bottom_, self->main_stack_size_);
 #endif
     swapcontext(&t.uc, &self->main_);
+#endif
   }
 
   void run_body(Thread& t) {
@@ -414,12 +431,16 @@ class Block {
   }
 
   void yield(Thread& t) {
+#ifdef DDF_EMU_JMP
+    if (_setjmp(t.jb) == 0) _longjmp(main_jb_, 1);
+#else
 #ifdef DDF_EMU_ASAN
     __sanitizer_start_switch_fiber(&t.fake_stack, main_stack_bottom_, main_stack_size_);
 #endif
     swapcontext(&t.uc, &main_);
 #ifdef DDF_EMU_ASAN
     __sanitizer_finish_switch_fiber(t.fake_stack, &main_stack_bottom_, &main_stack_size_);
+#endif
 #endif
     tls_thread = &t.ctx;
     tls_self = &t;
@@ -428,6 +449,14 @@ class Block {
   void resume(int i) {
     Thread& t = threads_[i];
     current_ = i;
+#ifdef DDF_EMU_JMP
+    if (t.started) {
+      if (_setjmp(main_jb_) == 0) _longjmp(t.jb, 1);
+      tls_thread = nullptr;
+      tls_self = nullptr;
+      return;
+    }
+#endif
     if (!t.started) {
       t.started = true;
 #ifdef DDF_EMU_ASAN
@@ -446,7 +475,11 @@ class Block {
     void* fake = nullptr;
     __sanitizer_start_switch_fiber(&fake, t.stack.get(), kStackBytes);
 #endif
+#ifdef DDF_EMU_JMP
+    if (_setjmp(main_jb_) == 0) swapcontext(&main_, &t.uc);  // the fiber comes back with _longjmp
+#else
     swapcontext(&main_, &t.uc);
+#endif
 #ifdef DDF_EMU_ASAN
     __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 #endif
@@ -505,6 +538,9 @@ class Block {
   std::condition_variable cv_;
   // fibers
   ucontext_t main_;
+#ifdef DDF_EMU_JMP
+  jmp_buf main_jb_;  // where run_fibers continues when the running fiber yields or ends
+#endif
   int current_ = 0;
 #ifdef DDF_EMU_ASAN
   const void* main_stack_bottom_ = nullptr;
