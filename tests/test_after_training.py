@@ -253,7 +253,7 @@ def test_clean_checkpoint_release_files_load_in_timm_and_validate_with_the_same_
         '--checkpoint', str(run / 'last.pth.tar'), '--output', str(tmp_path / 'ddf_resnet26_tiny'),
         '--format', 'both'], capsys)
     assert code == 0, err
-    files = sorted(p for p in tmp_path.iterdir() if p.name.startswith('ddf_resnet26_tiny-'))
+    files = sorted((p for p in tmp_path.iterdir() if p.name.startswith('ddf_resnet26_tiny-')), key=lambda p: p.suffix)
     assert [p.suffix for p in files] == ['.pth', '.safetensors']
     expected = _logits(_trained(run))
     for path in files:
