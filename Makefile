@@ -41,10 +41,10 @@ test: setup
 test-all: setup emulation
 	DDFNET_TEST_SANITIZERS=1 $(BIN)/python -m pytest -q tests --durations=20
 
-# The CUDA kernels compiled for the CPU (test-only; ddfnet/utils/cuda_emulation.py): built once and
+# The CUDA kernels compiled for the CPU (test-only; tests/support/cuda_emulation): built once and
 # cached, then run by tests/test_kernels.py (backend 'emu') and tests/test_cuda_emulation.py.
 emulation: setup
-	$(BIN)/python -c "from ddfnet.utils import cuda_emulation; cuda_emulation.load('plain')"
+	PYTHONPATH=tests $(BIN)/python -c "import support.cuda_emulation as emulation; emulation.load('plain')"
 
 # The emulated kernels under AddressSanitizer + UndefinedBehaviorSanitizer and under ThreadSanitizer
 # (threads mode) alone (test-all runs them too): each variant is built on first use (minutes), then a

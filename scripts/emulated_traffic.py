@@ -1,6 +1,6 @@
 """Global-memory traffic of the CUDA kernels, counted on the CPU (`benchmark_op.py --emulated-traffic`).
 
-Runs the op's CUDA entry points under the emulation's traffic build (ddfnet.utils.cuda_emulation, variant
+Runs the op's CUDA entry points under the emulation's traffic build (tests/support/cuda_emulation, variant
 'traffic', launch configurations sized for an H200) and prints, per kernel launch of one forward and one
 backward:
   requested   bytes the threads load + store;
@@ -65,9 +65,13 @@ def measure(torch, emu, shape, k, dilation, stride, combine, dtype, layout):
 
 
 def main(args) -> int:
+    import os
+    import sys
+
     import torch
 
-    from ddfnet.utils import cuda_emulation
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests'))
+    from support import cuda_emulation  # the emulation is test support: <repository>/tests/support
 
     emu = cuda_emulation.load('traffic')
     dtypes = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}

@@ -3,8 +3,8 @@
   cpu   csrc/cpu through torch.ops.ddfnet on CPU tensors (must be the native kernel, not the reference);
   cuda  csrc/cuda through torch.ops.ddfnet on CUDA tensors (skipped without a GPU; with one, the CUDA
         kernels must be active);
-  emu   the same csrc/cuda sources compiled for the CPU against csrc/cuda/emulation (torch.ops.ddfnet_emu,
-        ddfnet.utils.cuda_emulation): launch configurations and kernels executed thread by thread.
+  emu   the same csrc/cuda sources compiled for the CPU against the emulation (torch.ops.ddfnet_emu,
+        support.cuda_emulation): launch configurations and kernels executed thread by thread.
 """
 import pytest
 import torch
@@ -23,7 +23,7 @@ def device(backend):
 def require(backend):
     """Skips or fails unless `backend`'s kernels are what the test will run; returns its op namespace."""
     if backend == 'emu':
-        from ddfnet.utils import cuda_emulation
+        from support import cuda_emulation
         cuda_emulation.load('plain')
         return torch.ops.ddfnet_emu
     if backend == 'cuda' and not torch.cuda.is_available():

@@ -12,6 +12,7 @@ from pathlib import Path
 from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[1]
+TESTS = ROOT / 'tests'
 
 
 def script_path(name: str | Path) -> Path:
@@ -34,10 +35,11 @@ def load_script(name: str | Path) -> ModuleType:
 
 
 def repo_env(base: dict[str, str] | None = None, **extra: str) -> dict[str, str]:
-    """The environment ``base`` (default: this process's) plus ``extra``, with the repository first on PYTHONPATH,
-    so a subprocess imports this checkout's ddfnet whether it is installed or not."""
+    """The environment ``base`` (default: this process's) plus ``extra``, with the repository and ``tests/``
+    first on PYTHONPATH, so a subprocess imports this checkout's ddfnet whether it is installed or not, and
+    the test support (``support.*``)."""
     env = {**(os.environ if base is None else base), **extra}
-    env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(ROOT), env.get('PYTHONPATH')]))
+    env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(ROOT), str(TESTS), env.get('PYTHONPATH')]))
     return env
 
 

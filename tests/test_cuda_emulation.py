@@ -1,4 +1,4 @@
-"""The CUDA emulation itself (csrc/cuda/emulation, ddfnet.utils.cuda_emulation): each of its checks fires,
+"""The CUDA emulation itself (tests/support/cuda_emulation): each of its checks fires,
 shared memory starts poisoned, both modes compute the same bits, the user build never compiles it, and the
 sanitizer builds run the kernels clean. The kernels' grid on the emulation is in test_kernels.py ('emu')."""
 import json
@@ -11,9 +11,9 @@ import torch
 from backends import require
 from naive import random_inputs
 from scripts import repo_env, script_path
+from support import cuda_emulation
 
 from ddfnet.ops import _native
-from ddfnet.utils import cuda_emulation
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -26,7 +26,7 @@ def emu():
     module.set_mode('fibers')
 
 
-# selftest kernel -> the failure it must raise (csrc/cuda/emulation/module.cc)
+# selftest kernel -> the failure it must raise (support/cuda_emulation/csrc/module.cc)
 FAULTS = {
     'shuffle_mask': r'mask 0xffff; only the full-warp mask',
     'shuffle_partial_warp': r'this warp has 16 threads',
@@ -145,7 +145,7 @@ def test_sanitizers_find_nothing(variant):
 
 RACE = """
 import torch
-from ddfnet.utils import cuda_emulation
+from support import cuda_emulation
 emu = cuda_emulation.load('tsan')
 emu.selftest('block_sum')
 print('block_sum: clean', flush=True)
@@ -168,7 +168,7 @@ def test_thread_sanitizer_sees_a_missing_syncthreads():
 TRAFFIC = """
 import json, sys
 import torch
-from ddfnet.utils import cuda_emulation
+from support import cuda_emulation
 emu = cuda_emulation.load('traffic')
 report = {}
 for name in ('copy_coalesced', 'copy_strided'):
