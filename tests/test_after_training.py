@@ -13,8 +13,8 @@ import torch
 import yaml
 
 from ddfnet.data import DEMO_CLASSES
-from scripts import call_main as call
-from training import load_script, tiny_args
+from support.runner import call_main as call, load_script
+from support.tiny_run import tiny_args
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 TINY = dict(layers=[1, 1, 1, 1])

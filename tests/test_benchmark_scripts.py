@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from scripts import run_script
+from support.runner import run_script
 
 ENV_KEYS = {'device', 'device_name', 'torch', 'threads', 'date'}
 

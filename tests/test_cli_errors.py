@@ -10,16 +10,16 @@ import pytest
 import torch
 import yaml
 
-import training
+from support import tiny_run
+from support.runner import ROOT, load_script, run_script
+
 from ddfnet.cli import UserError, default_workers, resolve_device, run_main
-from training import ROOT, load_script
-from scripts import run_script
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def tiny_args(data_dir, output, *extra):
-    return training.tiny_args(data_dir, output, *extra, per_class=4, epochs=1, warmup=0)
+    return tiny_run.tiny_args(data_dir, output, *extra, per_class=4, epochs=1, warmup=0)
 
 
 def fails(script, argv, capsys):

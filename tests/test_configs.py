@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import timm
 
-from scripts import load_script, run_script
+from support.runner import load_script, run_script
 
 import ddfnet  # noqa: F401
 from ddfnet.cli import UserError, parse_args

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from naive import random_inputs
+from support.oracles import random_inputs
 
 import ddfnet
 from ddfnet.ops.registrations import SCHEMAS

@@ -6,8 +6,7 @@ import copy
 
 import pytest
 import torch
-from backends import require
-from test_kernels import COMBINES, LAYOUTS, NAMES, dtype_id, inputs, run
+from support.backends import COMBINES, LAYOUTS, NAMES, dtype_id, inputs, require, run
 
 import ddfnet
 

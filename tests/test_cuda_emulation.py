@@ -1,6 +1,6 @@
-"""The CUDA emulation itself (tests/support/cuda_emulation): each of its checks fires,
-shared memory starts poisoned, both modes compute the same bits, the user build never compiles it, and the
-sanitizer builds run the kernels clean. The kernels' grid on the emulation is in test_kernels.py ('emu')."""
+"""The CUDA emulation itself (tests/support/cuda_emulation): each of its checks fires, shared memory starts
+poisoned, both modes compute the same bits, the user build never compiles it, and the sanitizer builds run
+the kernels clean. The kernels' grid on the emulation is in test_kernels.py ('emu')."""
 import json
 import os
 import subprocess
@@ -8,14 +8,12 @@ import sys
 
 import pytest
 import torch
-from backends import require
-from naive import random_inputs
-from scripts import repo_env, script_path
 from support import cuda_emulation
+from support.backends import check, inputs, require
+from support.oracles import random_inputs
+from support.runner import TESTS, repo_env, script_path
 
 from ddfnet.ops import _native
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture
@@ -93,7 +91,6 @@ def test_modes_agree_bit_for_bit(emu):
 def test_many_grid_stride_iterations(emu, shape, k, dilation, stride, layout):
     # Grids sized for a 1-SM GPU (at most 32 blocks): every kernel's grid-stride / block-item loop runs
     # many times, and the reductions split, on shapes small enough for the emulation.
-    from test_kernels import check, inputs
     emu.set_multiprocessors(1)
     try:
         check(torch.ops.ddfnet_emu, *inputs('emu', shape, k, stride, layout=layout), k, dilation, stride, 'mul',
@@ -123,7 +120,7 @@ def run_python(args, variant=None, timeout=3000):
 
 
 def run_sanitized(variant):
-    return run_python([os.path.join(HERE, 'emu_sanitized.py'), variant], variant)
+    return run_python([str(TESTS / 'support' / 'emu_sanitized.py'), variant], variant)
 
 
 # Each builds its own variant (minutes on a small machine): `make test-all` and `make test-sanitizers` set

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from scripts import run_script
+from support.runner import run_script
 
 
 def _run(*args):

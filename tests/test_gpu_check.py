@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ElementTree
 
 import pytest
 
-from scripts import ROOT
+from support.runner import ROOT
 
 SCRIPT = ROOT / 'scripts' / 'gpu_check.sh'
 PARTS = ('environment', 'build', 'test_cuda', 'op_layers', 'op_paper', 'train_native', 'train_reference',

@@ -1,6 +1,6 @@
 """The native kernels of every backend against the float64 reference: one grid, run on the CPU kernel,
 on the CUDA kernels when a GPU is present, and on the same CUDA kernels executed on the CPU under the
-emulation (backends.py). Low-precision results are compared with the reference evaluated on the same
+emulation (support/backends.py). Low-precision results are compared with the reference evaluated on the same
 (rounded) inputs, so the tolerance covers only float32 accumulation and the final rounding.
 
 The tests that go through ddfnet.ddf (autograd, opcheck, autocast) run on the device backends; what
@@ -10,52 +10,11 @@ import itertools
 
 import pytest
 import torch
-from backends import BACKENDS, DEVICE_BACKENDS, device, require
-from naive import random_inputs
+from support.backends import (BACKENDS, COMBINES, DEVICE_BACKENDS, LAYOUTS, NAMES, TOLERANCES, check, dtype_id,
+                              inputs, require, run)
 
 import ddfnet
 from ddfnet.ops import ddf_backward_reference, ddf_forward_reference
-
-COMBINES = ('mul', 'add')
-LAYOUTS = ('nchw', 'nhwc')
-NAMES = ('output', 'grad_input', 'grad_channel_filter', 'grad_spatial_filter')
-# Per dtype (rtol, atol) for values of order 1-10 (sums of up to 81 products of standard normals); the
-# filter gradients, sums over pixels or channels, scale atol with the square root of the term count.
-TOLERANCES = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-4, 1e-4), torch.float16: (2e-3, 1e-2),
-              torch.bfloat16: (1.6e-2, 5e-2)}
-
-
-def dtype_id(dtype):
-    return str(dtype).removeprefix('torch.')
-
-
-def inputs(backend, shape, k, stride, dtype=torch.float32, layout='nchw', seed=0):
-    """input, channel_filter, spatial_filter, grad_output on the backend's device."""
-    return random_inputs(*shape, k, stride, dtype=dtype, seed=seed, device=device(backend), memory_format=layout,
-                         grad_output=True)
-
-
-def run(ops, x, cf, sf, grad, k, dilation, stride, combine):
-    """[output, grad_input, grad_channel_filter, grad_spatial_filter] of the backend's kernels."""
-    return [ops.ddf(x, cf, sf, k, dilation, stride, combine),
-            *ops.ddf_backward(grad, x, cf, sf, k, dilation, stride, combine)]
-
-
-def check(ops, x, cf, sf, grad, k, dilation, stride, combine, tol=None):
-    """Runs the kernels, checks dtypes, shapes, the layout contract and values against the reference."""
-    rtol, atol = tol or TOLERANCES[x.dtype]
-    got = run(ops, x, cf, sf, grad, k, dilation, stride, combine)
-    wide = [t.double() for t in (x, cf, sf)]
-    want = [ddf_forward_reference(*wide, k, dilation, stride, combine),
-            *ddf_backward_reference(grad.double(), *wide, k, dilation, stride, combine)]
-    terms = (1, 1, grad.shape[2] * grad.shape[3], x.shape[1])
-    for name, g, w, n in zip(NAMES, got, want, terms):
-        assert g.dtype == x.dtype and g.shape == w.shape and g.device == x.device, name
-        torch.testing.assert_close(g.double(), w.to(g.device), rtol=rtol, atol=atol * max(1, n) ** 0.5,
-                                   msg=lambda m, name=name: f'{name}: {m}')
-    for name, g, arg in zip(NAMES[1:], got[1:], (x, cf, sf)):
-        assert g.stride() == torch.empty_like(arg).stride(), name
-    return got
 
 
 # Odd sizes. C = 37 in NHWC gives a full and a partial group of 32 channels; C = 3, W = 11 leaves

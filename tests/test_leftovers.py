@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from ddfnet.cli import UserError, rejected_as, run_main, short_reason
-from training import ROOT, load_script, tiny_args
-from scripts import repo_env, script_command
+from support.runner import ROOT, load_script, repo_env, script_command
+from support.tiny_run import tiny_args
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 

@@ -13,8 +13,7 @@ from PIL.JpegImagePlugin import JpegImageFile
 from timm.data import create_dataset, create_transform
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
-from training import ROOT
-from scripts import load_script, run_script
+from support.runner import ROOT, load_script, run_script
 
 
 def _benchmark_loader():

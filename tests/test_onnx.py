@@ -15,7 +15,7 @@ import timm
 import torch
 from torch import nn
 
-from scripts import load_script
+from support.runner import load_script
 
 import ddfnet
 from ddfnet.cli import run_main

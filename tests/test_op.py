@@ -4,7 +4,7 @@ import sys
 
 import pytest
 import torch
-from naive import naive_ddf, random_inputs
+from support.oracles import naive_ddf, random_inputs
 from torch.utils.flop_counter import FlopCounterMode
 
 import ddfnet

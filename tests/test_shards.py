@@ -16,7 +16,8 @@ from PIL import Image
 from ddfnet.cli import UserError, run_main
 from ddfnet.data import create_split, ensure_demo_dataset
 from ddfnet.data.shards import layout_error, write_shards
-from training import load_script, tiny_args
+from support.runner import load_script
+from support.tiny_run import tiny_args
 
 pytest.importorskip('webdataset')
 pytestmark = pytest.mark.usefixtures('one_thread')

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from ddfnet.cli import run_main
-from training import ROOT, load_script, tiny_args
-from scripts import run_script, script_command
+from support.runner import ROOT, load_script, run_script, script_command
+from support.tiny_run import tiny_args
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 EPOCHS, STEPS = 3, 8  # 64 training images / batch 8

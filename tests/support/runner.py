@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TESTS = ROOT / 'tests'
 
 
@@ -55,14 +55,19 @@ def run_script(name: str | Path, *args, **kwargs) -> subprocess.CompletedProcess
     return subprocess.run(script_command(name, *args), **kwargs)
 
 
-def call_main(module: ModuleType, prog: str, argv: list[str], capsys) -> tuple[int, str, list[str]]:
-    """(exit status, stdout, stderr lines) of ``module.main(argv)`` run as its command line runs it
-    (``ddfnet.cli.run_main``: one-line errors, exit status 2), in this process."""
+def call(main, prog: str, capsys) -> tuple[int, str, list[str]]:
+    """(exit status, stdout, stderr lines) of ``main()`` run as a command line runs it (``ddfnet.cli.run_main``:
+    one-line errors, exit status 2), in this process."""
     from ddfnet.cli import run_main
     try:
-        run_main(lambda: module.main(argv), prog)
+        run_main(main, prog)
         code = 0
     except SystemExit as e:
         code = e.code
     out, err = capsys.readouterr()
     return code, out, err.strip().splitlines()
+
+
+def call_main(module: ModuleType, prog: str, argv: list[str], capsys) -> tuple[int, str, list[str]]:
+    """:func:`call` of ``module.main(argv)``."""
+    return call(lambda: module.main(argv), prog, capsys)
