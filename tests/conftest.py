@@ -34,9 +34,6 @@ SLOW = {
     'test_cpu_kernel.py::test_forced_reference_path_in_a_subprocess': 'a subprocess',
     'test_double_backward.py::test_gradient_penalty_native_equals_reference': 'a subprocess',
     'test_op.py::test_reference_memory_stays_near_output_size': 'a subprocess',
-    'test_leftovers.py::test_onnx_export_removes_a_file_that_failed_the_forward_check': 'an ONNX export',
-    'test_leftovers.py::test_onnx_export_refuses_an_opset_it_cannot_honour_and_writes_nothing': 'an ONNX export',
-    'test_leftovers.py::test_a_start_error_on_rank_0_stops_the_other_rank_at_once': 'two ranks under torchrun',
     'test_dynamic_conv.py::test_models_convert_to_channels_last': 'whole DyConv models, 20-30 s each',
     'test_ablation_models.py::test_forward_backward_small': 'forward+backward of each ablation model, 8-20 s each',
 }
