@@ -30,8 +30,8 @@ demo: setup
 	$(BIN)/python train.py --config configs/demo.yaml --resume auto
 	$(BIN)/python validate.py --config configs/demo.yaml --checkpoint output/demo/best.pth.tar
 
-# The fast tier: every test not marked slow (tests/conftest.py lists the slow ones); under 3 minutes on 2
-# cores, and no network.
+# The fast tier: every test not marked slow (the marks are beside the tests: a file's pytestmark, a test's
+# decorator, a parameter's marks); under 3 minutes on 2 cores, and no network.
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow" tests
 

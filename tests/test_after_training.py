@@ -16,7 +16,8 @@ from ddfnet.data import DEMO_CLASSES
 from support.runner import call_main as call, load_script
 from support.tiny_run import tiny_args
 
-pytestmark = pytest.mark.usefixtures('one_thread')
+pytestmark = [pytest.mark.slow,  # a 3-epoch training run, then the after-training scripts on it
+              pytest.mark.usefixtures('one_thread')]
 TINY = dict(layers=[1, 1, 1, 1])
 
 

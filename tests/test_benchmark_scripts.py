@@ -6,6 +6,8 @@ import pytest
 
 from support.runner import run_script
 
+pytestmark = pytest.mark.slow  # the benchmark scripts as subprocesses, each starting Python with torch and timm
+
 ENV_KEYS = {'device', 'device_name', 'torch', 'threads', 'date'}
 
 

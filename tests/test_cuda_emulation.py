@@ -1,6 +1,7 @@
 """The CUDA emulation itself (tests/support/cuda_emulation): each of its checks fires, shared memory starts
 poisoned, both modes compute the same bits, the user build never compiles it, and the sanitizer builds run
-the kernels clean. The kernels' grid on the emulation is in test_kernels.py ('emu')."""
+the kernels clean. The kernels' grid on the emulation is in test_kernels.py ('emu'). All slow: the emulation
+is an extension built on first use (minutes)."""
 import json
 import os
 import subprocess
@@ -14,6 +15,8 @@ from support.oracles import random_inputs
 from support.runner import TESTS, repo_env, script_path
 
 from ddfnet.ops import _native
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture

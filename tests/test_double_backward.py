@@ -212,6 +212,7 @@ def test_layers_under_torch_func(name):
         torch.testing.assert_close(vmap(layer)(x[:, None]).squeeze(1), layer(x), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.slow  # a subprocess
 @pytest.mark.skipif(ddfnet.ops.implementation('cpu') != 'native', reason='needs the native CPU kernel')
 def test_gradient_penalty_native_equals_reference():
     native = gradient_penalty_grads()

@@ -23,7 +23,8 @@ from ddfnet.cli import run_main
 from support.runner import ROOT, load_script, repo_env, run_script
 from support.tiny_run import tiny_args
 
-pytestmark = pytest.mark.usefixtures('one_thread')
+pytestmark = [pytest.mark.slow,  # torchrun runs: kills, restarts, two agents, the Slurm script on simulated nodes
+              pytest.mark.usefixtures('one_thread')]
 STEPS = 8  # 64 images / (2 ranks x 4)
 TIMEOUT = 300  # any torchrun run here takes seconds; a hang fails the test instead of blocking CI
 # One thread per process (bitwise comparisons need equal thread counts); our ddfnet in every worker; a fresh

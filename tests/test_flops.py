@@ -5,6 +5,8 @@ import pytest
 
 from support.runner import run_script
 
+pytestmark = pytest.mark.slow  # scripts/count_flops.py as a subprocess per case
+
 
 def _run(*args):
     return run_script('scripts/count_flops', *args)

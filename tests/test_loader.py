@@ -85,6 +85,7 @@ def test_enable_jpeg_draft_on_a_training_folder_only(jpegs, tmp_path):
         enable_jpeg_draft(dataset)
 
 
+@pytest.mark.slow  # a subprocess
 def test_benchmark_loader_measures_and_suggests_workers(tmp_path):
     out = tmp_path / 'rows.jsonl'
     proc = run_script('scripts/benchmark_loader', '--config', ROOT / 'configs' / 'ddf_resnet50_in1k.yaml',

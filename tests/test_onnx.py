@@ -25,6 +25,8 @@ from ddfnet.export import (STANDARD_DOMAINS, OnnxRuntimeModel, ddf_standard_ops,
 from ddfnet.layers import DDFBranchPack
 from ddfnet.ops import ddf_forward_reference, output_size
 
+pytestmark = pytest.mark.slow  # ONNX exports of every model family and the op grid, onnxruntime parity
+
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4
 # The op's cases: every kernel size 1/3/5/7 x dilation 1/2 x stride 1/2 x 'mul'/'add'.

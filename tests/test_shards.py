@@ -20,7 +20,8 @@ from support.runner import load_script
 from support.tiny_run import tiny_args
 
 pytest.importorskip('webdataset')
-pytestmark = pytest.mark.usefixtures('one_thread')
+pytestmark = [pytest.mark.slow,  # writes WebDataset shards and trains from them
+              pytest.mark.usefixtures('one_thread')]
 CLASSES, PER_CLASS = ('ant', 'bee', 'cat'), 16  # 48 numbered images
 
 

@@ -19,7 +19,8 @@ from ddfnet.cli import run_main
 from support.runner import ROOT, load_script, repo_env, run_script, script_command
 from support.tiny_run import tiny_args
 
-pytestmark = pytest.mark.usefixtures('one_thread')
+pytestmark = [pytest.mark.slow,  # train.py subprocesses, kills and resumes, two ranks under torchrun
+              pytest.mark.usefixtures('one_thread')]
 EPOCHS, STEPS = 3, 8  # 64 training images / batch 8
 
 

@@ -26,6 +26,17 @@ TOLERANCES = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-4, 1e-4), torch.
               torch.bfloat16: (1.6e-2, 5e-2)}
 
 
+def marks(backend):
+    """The marks of a test case on ``backend``: the emulation is an extension built on first use (minutes),
+    then about 0.15 s of CPU per case, so its cases are slow (make test-all builds it first: make emulation)."""
+    return [pytest.mark.slow] if backend == 'emu' else []
+
+
+def params(*backends):
+    """``backends`` (default: all) as parametrize values, each with its :func:`marks`."""
+    return [pytest.param(backend, marks=marks(backend), id=backend) for backend in backends or BACKENDS]
+
+
 def device(backend):
     return 'cuda' if backend == 'cuda' else 'cpu'
 
