@@ -5,6 +5,7 @@ timm) or run as ``python SCRIPT ...`` in a subprocess."""
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[2]
 TESTS = ROOT / 'tests'
+_loads = itertools.count()
 
 
 def script_path(name: str | Path) -> Path:
@@ -25,12 +27,19 @@ def script_path(name: str | Path) -> Path:
 
 
 def load_script(name: str | Path) -> ModuleType:
-    """Script ``name`` imported as a new module (``_ddfnet_<file name>``), not registered in sys.modules, so
-    every call gets a fresh copy of its module-level state."""
+    """Script ``name`` imported as a new module, registered in sys.modules under a name of its own
+    (``_ddfnet_<file name>_<N>``, as an import would, so that dataclasses and pickling find it), so every call
+    gets a fresh copy of its module-level state. A script that fails to load leaves no entry."""
     path = script_path(name)
-    spec = importlib.util.spec_from_file_location(f'_ddfnet_{path.stem}', path)
+    module_name = f'_ddfnet_{path.stem}_{next(_loads)}'
+    spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
     return module
 
 
