@@ -2,9 +2,10 @@
 part of the ddfnet package: import it as ``support.cuda_emulation`` with ``tests/`` on the import path).
 
 :func:`load` builds (once, cached under ``ddfnet.utils.io.extension_build_dir``) and imports a separate
-extension that compiles the unchanged kernel files against ``csrc/cuda_emu.h`` (here) and registers ``torch.ops.ddfnet_emu.ddf`` and
-``torch.ops.ddfnet_emu.ddf_backward`` (the schemas of ``torch.ops.ddfnet.*``) on CPU tensors: the CUDA entry
-points, launch configurations and kernels, executed thread by thread. It never replaces ``torch.ops.ddfnet``.
+extension that compiles the unchanged kernel files against ``csrc/cuda_emu.h`` (of this folder) and
+registers ``torch.ops.ddfnet_emu.ddf`` and ``torch.ops.ddfnet_emu.ddf_backward`` (the schemas of
+``torch.ops.ddfnet.*``) on CPU tensors: the CUDA entry points, launch configurations and kernels, executed
+thread by thread. It never replaces ``torch.ops.ddfnet``.
 
 Variants (one per process, they share the op namespace):
   plain     the emulation as is;
