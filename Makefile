@@ -30,21 +30,25 @@ demo: setup
 	$(BIN)/python train.py --config configs/demo.yaml --resume auto
 	$(BIN)/python validate.py --config configs/demo.yaml --checkpoint output/demo/best.pth.tar
 
-# The fast tier: every test not marked slow (tests/conftest.py lists the slow ones); under 3 minutes on 2
-# cores, and no network.
+# The fast tier: every test not marked slow (the marks are beside the tests: a file's pytestmark, a test's
+# decorator, a parameter's marks); under 3 minutes on 2 cores, and no network.
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 # Everything: the fast and the slow tier (timm's own model tests, fetched from timm's sdist on the package
 # index; torchrun and elastic runs; export, ONNX and torch.compile; the CUDA kernels on the CPU, plain and
 # under the sanitizers; the dry run of scripts/gpu_check.sh). The slowest tests are listed at the end.
+# TEST_WORKERS pytest-xdist processes (default 2, the CI machine's cores), one intra-op thread each; a
+# worker takes the next test when it is free (worksteal), so the long ones do not queue behind each other.
+TEST_WORKERS ?= 2
 test-all: setup emulation
-	DDFNET_TEST_SANITIZERS=1 $(BIN)/python -m pytest -q tests --durations=20
+	DDFNET_TEST_SANITIZERS=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests \
+		--durations=25
 
-# The CUDA kernels compiled for the CPU (test-only; ddfnet/utils/cuda_emulation.py): built once and
+# The CUDA kernels compiled for the CPU (test-only; tests/support/cuda_emulation): built once and
 # cached, then run by tests/test_kernels.py (backend 'emu') and tests/test_cuda_emulation.py.
 emulation: setup
-	$(BIN)/python -c "from ddfnet.utils import cuda_emulation; cuda_emulation.load('plain')"
+	PYTHONPATH=tests $(BIN)/python -c "import support.cuda_emulation as emulation; emulation.load('plain')"
 
 # The emulated kernels under AddressSanitizer + UndefinedBehaviorSanitizer and under ThreadSanitizer
 # (threads mode) alone (test-all runs them too): each variant is built on first use (minutes), then a

@@ -9,9 +9,8 @@ kernels are included when nvcc (``CUDA_HOME``) and a CUDA build of torch are pre
 newer GPUs compile at load time). Set
 ``DDFNET_NO_EXTENSION=1`` to skip the ahead-of-time build.
 
-Test-only: ``DDFNET_BUILD_CUDA_EMULATION=1`` also builds ``ddfnet._cuda_emu``, the CUDA kernels compiled for
-the CPU against ``csrc/cuda/emulation`` (``torch.ops.ddfnet_emu``; see ``ddfnet/utils/cuda_emulation.py``).
-Its sources are ``.cc`` files, which the ``*.cpp`` glob of the user extension never picks up.
+The CUDA kernels compiled for the CPU (the tests' emulation, ``tests/support/cuda_emulation``) are no part of
+the install: the tests JIT-compile them on first use.
 """
 import glob
 import importlib.util
@@ -54,21 +53,7 @@ def native_extension():
                             extra_compile_args={'cxx': cxx, 'nvcc': nvcc})
     else:
         ext = CppExtension('ddfnet._C', cpp, extra_compile_args={'cxx': cxx})
-    exts = [ext]
-    if os.environ.get('DDFNET_BUILD_CUDA_EMULATION') == '1':
-        exts.append(emulation_extension(CppExtension))
-    return exts, {'build_ext': BuildExtension.with_options(use_ninja=True)}
-
-
-def emulation_extension(CppExtension):
-    """``ddfnet._cuda_emu``: the flags and sources of ddfnet.utils.cuda_emulation's 'plain' variant."""
-    path = os.path.join(ROOT, 'ddfnet', 'utils', 'cuda_emulation.py')
-    spec = importlib.util.spec_from_file_location('_ddfnet_emu', path)
-    emu = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(emu)
-    cflags = emu._BASE + emu.VARIANTS['plain'][0]
-    sources = [os.path.relpath(p, ROOT) for p in emu.sources()]
-    return CppExtension(emu.PREBUILT, sources, extra_compile_args={'cxx': cflags})
+    return [ext], {'build_ext': BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = native_extension()
@@ -86,7 +71,7 @@ setup(
     python_requires='>=3.10',
     packages=find_packages(include=['ddfnet', 'ddfnet.*']),
     install_requires=['torch>=2.4', 'torchvision', 'timm>=1.0', 'pyyaml', 'tensorboard', 'ninja'],
-    extras_require={'test': ['pytest>=7'],
+    extras_require={'test': ['pytest>=7', 'pytest-xdist>=3.2'],  # make test-all runs in two workers
                     'onnx': ['onnx>=1.16', 'onnxscript>=0.2', 'onnxruntime>=1.18'],  # ddfnet.export_onnx
                     'wds': ['webdataset>=1.0']},  # --dataset wds/NAME shards
     ext_modules=ext_modules,

@@ -18,7 +18,8 @@ import logging
 import math
 import os
 import sys
-from typing import Any, Callable, NamedTuple
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import timm
 import torch
@@ -322,9 +323,9 @@ def open_run(run_dir: str, config: dict, checkpoint: dict | None, names: list[st
         _logger.info(f'{run_dir} held no checkpoint: replaced the files of a failed start ({", ".join(removed)})')
 
 
-class Run(NamedTuple):
-    """Everything the epoch loop works on, built by :func:`main`. (A NamedTuple, not a dataclass: the tests
-    load this script by path, without the ``sys.modules`` entry a dataclass's annotations are resolved in.)"""
+@dataclass
+class Run:
+    """Everything the epoch loop works on, built by :func:`main`."""
     args: argparse.Namespace
     run_dir: str
     primary: bool

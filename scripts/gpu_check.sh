@@ -61,7 +61,8 @@ INCOMPLETE=0   # parts that failed, timed out or were skipped for lack of time: 
 CUDA_TEST_FILES='tests/test_kernels.py tests/test_cuda.py'   # the op grid on every backend, and the GPU-only tests
 DRY_RUN_CUDA_TESTS='matches_reference and float32 and nchw and mul'
 cuda_tests_stand_in() {  # the op grid's backend that stands in for cuda: the emulated CUDA kernels, else the CPU kernel
-  if "$PY" -c "from ddfnet.utils import cuda_emulation; cuda_emulation.load('plain')" >/dev/null 2>&1; then
+  if PYTHONPATH="tests${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c "import support.cuda_emulation as emulation; emulation.load('plain')" \
+      >/dev/null 2>&1; then
     echo emu; else echo cpu; fi
 }
 

@@ -45,6 +45,7 @@ def test_dynamic_convs_replace_exactly_the_chosen_static_convs(name):
             (conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
+@pytest.mark.slow  # forward+backward of each ablation model, 8-20 s each
 @pytest.mark.parametrize('name', sorted(NEW_MODELS))
 def test_forward_backward_small(name):
     torch.manual_seed(0)

@@ -13,10 +13,11 @@ import torch
 import yaml
 
 from ddfnet.data import DEMO_CLASSES
-from scripts import call_main as call
-from training import load_script, tiny_args
+from support.runner import call_main as call, load_script
+from support.tiny_run import tiny_args
 
-pytestmark = pytest.mark.usefixtures('one_thread')
+pytestmark = [pytest.mark.slow,  # a 3-epoch training run, then the after-training scripts on it
+              pytest.mark.usefixtures('one_thread')]
 TINY = dict(layers=[1, 1, 1, 1])
 
 
@@ -253,7 +254,7 @@ def test_clean_checkpoint_release_files_load_in_timm_and_validate_with_the_same_
         '--checkpoint', str(run / 'last.pth.tar'), '--output', str(tmp_path / 'ddf_resnet26_tiny'),
         '--format', 'both'], capsys)
     assert code == 0, err
-    files = sorted(p for p in tmp_path.iterdir() if p.name.startswith('ddf_resnet26_tiny-'))
+    files = sorted((p for p in tmp_path.iterdir() if p.name.startswith('ddf_resnet26_tiny-')), key=lambda p: p.suffix)
     assert [p.suffix for p in files] == ['.pth', '.safetensors']
     expected = _logits(_trained(run))
     for path in files:

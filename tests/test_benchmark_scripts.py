@@ -5,7 +5,9 @@ import os
 
 import pytest
 
-from scripts import ROOT, run_script
+from support.runner import ROOT, run_script
+
+pytestmark = pytest.mark.slow  # the benchmark scripts as subprocesses, each starting Python with torch and timm
 
 ENV_KEYS = {'device', 'device_name', 'torch', 'threads', 'date'}
 

@@ -1,27 +1,30 @@
-"""Bad input to train.py / validate.py is one line naming the option and writes nothing; a start that failed
-does not block the corrected command; a finished run resumed says so; the README's training commands run in
-the order shown; the small promises of the scripts' output (headers, logs, --help) hold. Runs in this
-process on a one-block-per-stage DDF-ResNet-26 at 32x32 with 4 demo images per class (one epoch: 4 batches)."""
+"""Bad input to train.py / validate.py is one line naming the option and writes nothing (image options are
+checked before the trial forward; a damaged ``last.pth.tar`` names the run's intact checkpoint); a start that
+failed does not block the corrected command; a finished run resumed says so; the README's training commands
+run in the order shown; the small promises of the scripts' output (headers, logs, --help) hold; Ctrl-C exits
+130 in one line, out-of-memory errors are not read as bad options, and long reasons are cut at a sentence or
+a word. Runs in this process on a one-block-per-stage DDF-ResNet-26 at 32x32 with 4 demo images per class
+(one epoch: 4 batches)."""
 import os
 import re
 import shlex
 
 import pytest
 import torch
-import training
 import yaml
-from training import ROOT, load_script
 
-from ddfnet.cli import UserError, run_main
+from support import tiny_run
+from support.runner import ROOT, call, load_script, run_script
+
+from ddfnet.cli import UserError, rejected_as, run_main, short_reason
 from ddfnet.data.datasets import default_workers
 from ddfnet.utils.device import resolve_device
-from scripts import run_script
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def tiny_args(data_dir, output, *extra):
-    return training.tiny_args(data_dir, output, *extra, per_class=4, epochs=1, warmup=0)
+    return tiny_run.tiny_args(data_dir, output, *extra, per_class=4, epochs=1, warmup=0)
 
 
 def fails(script, argv, capsys):
@@ -197,3 +200,66 @@ def test_benchmark_scripts_share_the_device_default_and_show_defaults():
     for shown in ('(default: ddf_resnet50 resnet50)', 'images per batch (default: 8)', '(default: 224)',
                   '(default: infer)', '(default: none)', '(default: 2)', '(default: 10)'):
         assert shown in helps['benchmark_model.py'], shown
+
+
+@pytest.mark.parametrize('extra, message', [
+    (['--img-size', '-5'], '--img-size must be at least 1, not -5'),
+    (['--img-size', '0'], '--img-size must be at least 1, not 0'),
+    (['--crop-pct', '2'], '--crop-pct must be at most 1'),
+    (['--scale', '0.5', '0.1'], '--scale takes two area fractions'),
+    (['--ratio', '0', '1'], '--ratio takes two aspect ratios'),
+])
+def test_train_image_options_are_checked_before_the_trial_forward(data_dir, tmp_path, extra, message, capsys):
+    train = load_script('train')
+    code, out, err = call(lambda: train.main(tiny_args(data_dir, tmp_path, *extra)), 'train.py', capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith(f'train.py: error: {message}'), err
+    assert not (tmp_path / 'run').exists()
+
+
+def test_resume_auto_on_a_damaged_last_names_the_intact_checkpoint(data_dir, tmp_path, capsys):
+    run = tmp_path / 'run'
+    run.mkdir()
+    torch.save({'model': {}, 'state': {}}, run / 'checkpoint-1.pth.tar')
+    data = (run / 'checkpoint-1.pth.tar').read_bytes()
+    (run / 'checkpoint-2.pth.tar').write_bytes(data[:len(data) // 2])  # newer, but truncated too
+    (run / 'last.pth.tar').write_bytes(data[:len(data) // 2])
+    train = load_script('train')
+    code, out, err = call(lambda: train.main(tiny_args(data_dir, tmp_path, '--resume', 'auto')), 'train.py', capsys)
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith(f'train.py: error: --resume auto: cannot load checkpoint {run / "last.pth.tar"}: ')
+    assert err[0].endswith(f'the newest readable checkpoint is {run / "checkpoint-1.pth.tar"}: continue from it with '
+                           f'--resume {run / "checkpoint-1.pth.tar"}')
+
+
+def test_ctrl_c_in_make_shards_exits_130_in_one_line(tmp_path, monkeypatch, capsys):
+    make_shards = load_script('scripts/make_shards')
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(make_shards, 'write_shards', interrupted)
+    (tmp_path / 'src').mkdir()
+    code, out, err = call(lambda: make_shards.main([str(tmp_path / 'src'), str(tmp_path / 'out')]), 'make_shards.py',
+                          capsys)
+    assert code == 130 and err == ['make_shards.py: interrupted']
+
+
+def test_out_of_memory_is_not_read_as_a_bad_option():
+    with pytest.raises(torch.OutOfMemoryError):
+        with rejected_as('--batch-size 4096'):
+            raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 GiB')
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        with rejected_as('--batch-size 4096'):
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+    with pytest.raises(UserError, match='--opt adamx: ValueError: unknown optimizer'):
+        with rejected_as('--opt adamx'):
+            raise ValueError('unknown optimizer')
+
+
+def test_long_reasons_are_cut_at_a_sentence_or_a_word():
+    torch_message = ('Weights only load failed. In PyTorch 2.6, we changed the default value of the `weights_only` '
+                     'argument in `torch.load` from `False` to `True`. Re-running `torch.load` with `weights_only` '
+                     'set to `False` will likely succeed')
+    assert short_reason(ValueError(torch_message), 160) == 'Weights only load failed. In PyTorch 2.6, we changed the ' \
+        'default value of the `weights_only` argument in `torch.load` from `False` to `True`.'
+    words = ValueError('word ' * 100)
+    assert short_reason(words, 50) == ' '.join(['word'] * 10) + ' ...'  # whole words, then the mark

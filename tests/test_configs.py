@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import timm
 
-from scripts import load_script, run_script
+from support.runner import load_script, run_script
 
 import ddfnet  # noqa: F401
 from ddfnet.cli import UserError, parse_args
@@ -108,6 +108,7 @@ def test_bad_config(tmp_path, text, message):
         parse_args(train_parser(), ['--config', _write(tmp_path, text)])
 
 
+@pytest.mark.slow  # a subprocess
 def test_bad_config_is_one_line_from_the_script(tmp_path):
     config = _write(tmp_path, 'model: ddf_resnet26\nlearning_rate: 0.1\n')
     result = run_script('train', '--config', config, '--output', tmp_path, cwd=tmp_path)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from naive import random_inputs
+from support.oracles import random_inputs
 
 import ddfnet
 from ddfnet.ops.registrations import SCHEMAS
@@ -47,6 +47,7 @@ def test_deterministic_and_thread_count_independent():
                 assert torch.equal(a, b)
 
 
+@pytest.mark.slow  # a subprocess
 def test_forced_reference_path_in_a_subprocess(tmp_path):
     # DDFNET_FORCE_REFERENCE=1: no native kernels; the schemas come from Python, the reference runs,
     # warns once, passes opcheck, and gives the native kernel's results.

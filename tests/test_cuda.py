@@ -6,8 +6,7 @@ import copy
 
 import pytest
 import torch
-from backends import require
-from test_kernels import COMBINES, LAYOUTS, NAMES, dtype_id, inputs, run
+from support.backends import COMBINES, LAYOUTS, NAMES, dtype_id, inputs, params, require, run
 
 import ddfnet
 
@@ -28,7 +27,7 @@ def test_gradient_penalty_cpu_and_cuda_agree():
         torch.testing.assert_close(p_cuda.grad.cpu(), p_cpu.grad, rtol=1e-9, atol=1e-9, msg=name)
 
 
-@pytest.mark.parametrize('other', ('cpu', 'emu'))
+@pytest.mark.parametrize('other', params('cpu', 'emu'))
 @pytest.mark.parametrize('layout', LAYOUTS)
 @pytest.mark.parametrize('dtype', (torch.float64, torch.float32), ids=dtype_id)
 @pytest.mark.parametrize('combine', COMBINES)

@@ -1,6 +1,7 @@
-"""The CUDA emulation itself (csrc/cuda/emulation, ddfnet.utils.cuda_emulation): each of its checks fires,
-shared memory starts poisoned, both modes compute the same bits, the user build never compiles it, and the
-sanitizer builds run the kernels clean. The kernels' grid on the emulation is in test_kernels.py ('emu')."""
+"""The CUDA emulation itself (tests/support/cuda_emulation): each of its checks fires, shared memory starts
+poisoned, both modes compute the same bits, the user build never compiles it, and the sanitizer builds run
+the kernels clean. The kernels' grid on the emulation is in test_kernels.py ('emu'). All slow: the emulation
+is an extension built on first use (minutes)."""
 import json
 import os
 import subprocess
@@ -8,14 +9,14 @@ import sys
 
 import pytest
 import torch
-from backends import require
-from naive import random_inputs
-from scripts import repo_env, script_path
+from support import cuda_emulation
+from support.backends import check, inputs, require
+from support.oracles import random_inputs
+from support.runner import TESTS, repo_env, script_path
 
 from ddfnet.ops import _native
-from ddfnet.utils import cuda_emulation
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
@@ -26,7 +27,7 @@ def emu():
     module.set_mode('fibers')
 
 
-# selftest kernel -> the failure it must raise (csrc/cuda/emulation/module.cc)
+# selftest kernel -> the failure it must raise (support/cuda_emulation/csrc/module.cc)
 FAULTS = {
     'shuffle_mask': r'mask 0xffff; only the full-warp mask',
     'shuffle_partial_warp': r'this warp has 16 threads',
@@ -93,7 +94,6 @@ def test_modes_agree_bit_for_bit(emu):
 def test_many_grid_stride_iterations(emu, shape, k, dilation, stride, layout):
     # Grids sized for a 1-SM GPU (at most 32 blocks): every kernel's grid-stride / block-item loop runs
     # many times, and the reductions split, on shapes small enough for the emulation.
-    from test_kernels import check, inputs
     emu.set_multiprocessors(1)
     try:
         check(torch.ops.ddfnet_emu, *inputs('emu', shape, k, stride, layout=layout), k, dilation, stride, 'mul',
@@ -123,7 +123,7 @@ def run_python(args, variant=None, timeout=3000):
 
 
 def run_sanitized(variant):
-    return run_python([os.path.join(HERE, 'emu_sanitized.py'), variant], variant)
+    return run_python([str(TESTS / 'support' / 'emu_sanitized.py'), variant], variant)
 
 
 # Each builds its own variant (minutes on a small machine): `make test-all` and `make test-sanitizers` set
@@ -145,7 +145,7 @@ def test_sanitizers_find_nothing(variant):
 
 RACE = """
 import torch
-from ddfnet.utils import cuda_emulation
+from support import cuda_emulation
 emu = cuda_emulation.load('tsan')
 emu.selftest('block_sum')
 print('block_sum: clean', flush=True)
@@ -168,7 +168,7 @@ def test_thread_sanitizer_sees_a_missing_syncthreads():
 TRAFFIC = """
 import json, sys
 import torch
-from ddfnet.utils import cuda_emulation
+from support import cuda_emulation
 emu = cuda_emulation.load('traffic')
 report = {}
 for name in ('copy_coalesced', 'copy_strided'):
@@ -196,7 +196,8 @@ def test_traffic_model_counts_requests_and_sectors():
 
 
 def test_emulated_traffic_script_prints_each_kernel():
-    result = run_python([str(script_path('scripts/benchmark_op')), '--emulated-traffic', '--shapes', '1x32x12x12', '--dtypes', 'fp32'], timeout=1800)
+    result = run_python([str(script_path('scripts/benchmarks/emulated_traffic')), '--shapes', '1x32x12x12',
+                         '--dtypes', 'fp32'], timeout=1800)
     assert result.returncode == 0, result.stderr[-4000:]
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{')]
     kernels = {r['kernel'] for r in rows}

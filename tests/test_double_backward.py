@@ -6,13 +6,14 @@ The oracles are float64 finite differences (gradcheck / gradgradcheck), the naiv
 with DDFNET_FORCE_REFERENCE=1.
 """
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from naive import naive_ddf, random_inputs
+from support.gradient_penalty import gradient_penalty_grads
+from support.oracles import naive_ddf, random_inputs
+from support.runner import repo_env
 from torch.func import functional_call, grad, hessian, jvp, vmap
 
 import ddfnet
@@ -211,35 +212,12 @@ def test_layers_under_torch_func(name):
         torch.testing.assert_close(vmap(layer)(x[:, None]).squeeze(1), layer(x), rtol=1e-12, atol=1e-12)
 
 
-_PENALTY_CODE = """
-import json, sys, torch
-sys.path.insert(0, sys.argv[1])
-from test_double_backward import gradient_penalty_grads
-json.dump(gradient_penalty_grads(), sys.stdout)
-"""
-
-
-def gradient_penalty_grads() -> dict:
-    """Parameter gradients of an input-gradient penalty (R1 / WGAN-GP style) on DDF layers, float64."""
-    torch.manual_seed(0)
-    layers = {'ddf_mul': ddfnet.DDFPack(10, stride=2, head=2), 'ddf_add': ddfnet.DDFPack(10, kernel_combine='add'),
-              'spatial': DDFBranchPack(10, branch='spatial'), 'channel': DDFBranchPack(10, branch='channel')}
-    x = torch.randn(2, 10, 7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    result = {'implementation': ddfnet.ops.implementation('cpu')}
-    for name, layer in layers.items():
-        layer = layer.double()
-        x_ = x.clone().requires_grad_()
-        grad_x, = torch.autograd.grad(layer(x_).square().sum(), x_, create_graph=True)
-        grad_x.square().sum().backward()
-        result[name] = {k: p.grad.flatten().tolist() for k, p in layer.named_parameters()}
-    return result
-
-
+@pytest.mark.slow  # a subprocess
 @pytest.mark.skipif(ddfnet.ops.implementation('cpu') != 'native', reason='needs the native CPU kernel')
 def test_gradient_penalty_native_equals_reference():
     native = gradient_penalty_grads()
-    env = dict(os.environ, DDFNET_FORCE_REFERENCE='1', OMP_NUM_THREADS='1')
-    out = subprocess.run([sys.executable, '-W', 'ignore', '-c', _PENALTY_CODE, os.path.dirname(__file__)],
+    env = repo_env(DDFNET_FORCE_REFERENCE='1', OMP_NUM_THREADS='1')
+    out = subprocess.run([sys.executable, '-W', 'ignore', '-m', 'support.gradient_penalty'],
                          capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     reference = json.loads(out.stdout)

@@ -228,6 +228,7 @@ def test_channels_last_and_bfloat16_autocast():
     assert layer.weight.grad is not None
 
 
+@pytest.mark.slow  # inductor compile
 def test_torch_compile_fullgraph_training_step():
     layer, x = _layer('depthwise-5x5-stride2')
     layer, x = layer.float(), x.float().requires_grad_()
@@ -279,6 +280,7 @@ def test_double_backward(aggregation):
     assert torch.autograd.gradgradcheck(layer, (x,), fast_mode=True)
 
 
+@pytest.mark.slow  # whole DyConv models, 20-30 s each
 @pytest.mark.parametrize('name', ['dy_resnet18', 'dy_mobilenetv3_small_100'])
 def test_models_convert_to_channels_last(name):
     # Module.to(memory_format=channels_last) converts 5-D tensors too and used to fail on the kernel bank.

@@ -2,9 +2,10 @@
 rendezvous as two nodes, and the Slurm script on simulated nodes all end with the weights of an uninterrupted
 2-rank run, bitwise; a process-group set-up that cannot complete is a one-line error within --dist-timeout.
 
-The runs are train.py through tests/elastic_train.py (kill and weight-dump hooks) with a one-block-per-stage
-DDF-ResNet-26 at 32x32, 64 demo images, batch 4 per rank: 2 epochs of 8 steps each. The whole file: ~100-110 CPU
-seconds; 93 s and 125 s wall on the 2-core machine with other jobs running (load average 2.4-3.9)."""
+The runs are train.py through tests/support/elastic_train.py (kill and weight-dump hooks) with a
+one-block-per-stage DDF-ResNet-26 at 32x32, 64 demo images, batch 4 per rank: 2 epochs of 8 steps each. The
+whole file: ~100-110 CPU seconds; 93 s and 125 s wall on the 2-core machine with other jobs running (load
+average 2.4-3.9)."""
 import os
 import re
 import signal
@@ -19,10 +20,11 @@ import pytest
 import torch
 
 from ddfnet.cli import run_main
-from training import ROOT, load_script, tiny_args
-from scripts import repo_env, run_script
+from support.runner import ROOT, load_script, repo_env, run_script
+from support.tiny_run import tiny_args
 
-pytestmark = pytest.mark.usefixtures('one_thread')
+pytestmark = [pytest.mark.slow,  # torchrun runs: kills, restarts, two agents, the Slurm script on simulated nodes
+              pytest.mark.usefixtures('one_thread')]
 STEPS = 8  # 64 images / (2 ranks x 4)
 TIMEOUT = 300  # any torchrun run here takes seconds; a hang fails the test instead of blocking CI
 # One thread per process (bitwise comparisons need equal thread counts); our ddfnet in every worker; a fresh
@@ -41,9 +43,9 @@ def train_args(data_dir, output, *extra):
 
 
 def torchrun(*options, script_args, env=None):
-    """``torchrun OPTIONS tests/elastic_train.py SCRIPT_ARGS`` started (not waited for)."""
+    """``torchrun OPTIONS tests/support/elastic_train.py SCRIPT_ARGS`` started (not waited for)."""
     return subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', *options,
-                             str(ROOT / 'tests' / 'elastic_train.py'), *script_args],
+                             str(ROOT / 'tests' / 'support' / 'elastic_train.py'), *script_args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env or ENV)
 
 
@@ -251,7 +253,7 @@ def test_sbatch_script_on_two_simulated_nodes_requeues_and_resumes_to_the_same_w
     env.update(PATH=os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable), env['PATH']]),
                PYTHON=sys.executable, SLURM_SUBMIT_DIR=str(ROOT), SLURM_JOB_NODELIST='127.0.0.[1-2]', SLURM_NNODES='2',
                SLURM_NTASKS='2', SLURM_JOB_ID='77', SLURM_GPUS_ON_NODE='1', RDZV_PORT=str(free_port()),
-               TRAIN_SCRIPT='tests/elastic_train.py', DDFNET_TEST_DUMP=str(tmp_path))
+               TRAIN_SCRIPT='tests/support/elastic_train.py', DDFNET_TEST_DUMP=str(tmp_path))
     command = ['bash', str(ROOT / 'docs' / 'slurm' / 'train.sbatch'), *train_args(data_dir, tmp_path)]
 
     job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,

@@ -19,6 +19,8 @@ import ddfnet  # noqa: F401  (registers the models)
 from ddfnet import DDFPack, DDFUpPack, DynamicConv2d, FilterNorm
 from ddfnet.layers import DDFBranchPack
 
+pytestmark = pytest.mark.slow  # torch.export, FX, TorchScript and torch.compile of every model family
+
 ONE_BLOCK_PER_STAGE = {'ddfnet.models.ddf_resnet': dict(layers=(1, 1, 1, 1)),
                        'ddfnet.models.dy_resnet': dict(layers=(1, 1, 1, 1))}
 NOT_REDUCED = {'ddfnet.models.dy_mobilenetv3'}

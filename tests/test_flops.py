@@ -3,7 +3,9 @@ import json
 
 import pytest
 
-from scripts import run_script
+from support.runner import run_script
+
+pytestmark = pytest.mark.slow  # scripts/count_flops.py as a subprocess per case
 
 
 def _run(*args):

@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ElementTree
 
 import pytest
 
-from scripts import ROOT
+from support.runner import ROOT
 
 SCRIPT = ROOT / 'scripts' / 'gpu_check.sh'
 PARTS = ('environment', 'build', 'test_cuda', 'op_layers', 'op_paper', 'train_native', 'train_reference',
@@ -31,6 +31,7 @@ def dry_run(tmp_path_factory):
     return result, out
 
 
+@pytest.mark.slow  # scripts/gpu_check.sh --dry-run: every part, ~2 min
 def test_dry_run_runs_every_part(dry_run):
     result, out = dry_run
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
@@ -44,6 +45,7 @@ def test_dry_run_runs_every_part(dry_run):
     assert sorted(os.listdir(out)) == ['results', 'results.tar.gz', 'summary.txt']  # a GPU call returns few files
 
 
+@pytest.mark.slow  # reads the dry run above
 def test_dry_run_results(dry_run):
     _, out = dry_run
     results = out / 'results'

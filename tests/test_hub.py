@@ -13,7 +13,7 @@ import torch
 from timm.models import save_for_hf
 
 from ddfnet.cli import run_main
-from scripts import load_script, repo_env
+from support.runner import load_script, repo_env
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 CLASSES = ['ant', 'bee', 'cow']

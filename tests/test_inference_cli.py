@@ -6,8 +6,8 @@ import torch
 import yaml
 from PIL import Image
 
-from scripts import call_main as call
-from training import load_script, tiny_args
+from support.runner import call_main as call, load_script
+from support.tiny_run import tiny_args
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 MODEL = ['--model', 'ddf_resnet26', '--model-kwargs', '{layers: [1, 1, 1, 1]}', '--img-size', '32']

@@ -1,7 +1,8 @@
 """The native kernels of every backend against the float64 reference: one grid, run on the CPU kernel,
 on the CUDA kernels when a GPU is present, and on the same CUDA kernels executed on the CPU under the
-emulation (backends.py). Low-precision results are compared with the reference evaluated on the same
-(rounded) inputs, so the tolerance covers only float32 accumulation and the final rounding.
+emulation (support/backends.py; its cases are slow). Low-precision results are compared with the reference
+evaluated on the same (rounded) inputs, so the tolerance covers only float32 accumulation and the final
+rounding.
 
 The tests that go through ddfnet.ddf (autograd, opcheck, autocast) run on the device backends; what
 needs two devices or CUDA graphs is in test_cuda.py, what only the CPU kernel has in test_cpu_kernel.py.
@@ -10,58 +11,17 @@ import itertools
 
 import pytest
 import torch
-from backends import BACKENDS, DEVICE_BACKENDS, device, require
-from naive import random_inputs
+from support.backends import (BACKENDS, COMBINES, DEVICE_BACKENDS, LAYOUTS, NAMES, TOLERANCES, check, dtype_id,
+                              inputs, marks, params, require, run)
 
 import ddfnet
 from ddfnet.ops import ddf_backward_reference, ddf_forward_reference
-
-COMBINES = ('mul', 'add')
-LAYOUTS = ('nchw', 'nhwc')
-NAMES = ('output', 'grad_input', 'grad_channel_filter', 'grad_spatial_filter')
-# Per dtype (rtol, atol) for values of order 1-10 (sums of up to 81 products of standard normals); the
-# filter gradients, sums over pixels or channels, scale atol with the square root of the term count.
-TOLERANCES = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-4, 1e-4), torch.float16: (2e-3, 1e-2),
-              torch.bfloat16: (1.6e-2, 5e-2)}
-
-
-def dtype_id(dtype):
-    return str(dtype).removeprefix('torch.')
-
-
-def inputs(backend, shape, k, stride, dtype=torch.float32, layout='nchw', seed=0):
-    """input, channel_filter, spatial_filter, grad_output on the backend's device."""
-    return random_inputs(*shape, k, stride, dtype=dtype, seed=seed, device=device(backend), memory_format=layout,
-                         grad_output=True)
-
-
-def run(ops, x, cf, sf, grad, k, dilation, stride, combine):
-    """[output, grad_input, grad_channel_filter, grad_spatial_filter] of the backend's kernels."""
-    return [ops.ddf(x, cf, sf, k, dilation, stride, combine),
-            *ops.ddf_backward(grad, x, cf, sf, k, dilation, stride, combine)]
-
-
-def check(ops, x, cf, sf, grad, k, dilation, stride, combine, tol=None):
-    """Runs the kernels, checks dtypes, shapes, the layout contract and values against the reference."""
-    rtol, atol = tol or TOLERANCES[x.dtype]
-    got = run(ops, x, cf, sf, grad, k, dilation, stride, combine)
-    wide = [t.double() for t in (x, cf, sf)]
-    want = [ddf_forward_reference(*wide, k, dilation, stride, combine),
-            *ddf_backward_reference(grad.double(), *wide, k, dilation, stride, combine)]
-    terms = (1, 1, grad.shape[2] * grad.shape[3], x.shape[1])
-    for name, g, w, n in zip(NAMES, got, want, terms):
-        assert g.dtype == x.dtype and g.shape == w.shape and g.device == x.device, name
-        torch.testing.assert_close(g.double(), w.to(g.device), rtol=rtol, atol=atol * max(1, n) ** 0.5,
-                                   msg=lambda m, name=name: f'{name}: {m}')
-    for name, g, arg in zip(NAMES[1:], got[1:], (x, cf, sf)):
-        assert g.stride() == torch.empty_like(arg).stride(), name
-    return got
 
 
 # Odd sizes. C = 37 in NHWC gives a full and a partial group of 32 channels; C = 3, W = 11 leaves
 # remainders after the CPU kernel's vectors. The emulation runs the first shape of each layout.
 GRID_SHAPES = {'nchw': [(2, 5, 11, 9), (2, 3, 9, 11)], 'nhwc': [(2, 37, 9, 7), (2, 3, 9, 11)]}
-GRID = [pytest.param(backend, combine, k, dilation, stride, layout, dtype, shape,
+GRID = [pytest.param(backend, combine, k, dilation, stride, layout, dtype, shape, marks=marks(backend),
                      id=f'{backend}-{combine}-k{k}-d{dilation}-s{stride}-{layout}-{dtype_id(dtype)}-'
                         + 'x'.join(map(str, shape)))
         for backend, combine, k, dilation, stride, layout, dtype in itertools.product(
@@ -77,7 +37,7 @@ def test_matches_reference(backend, combine, k, dilation, stride, layout, dtype,
     assert out.is_contiguous(memory_format=fmt)
 
 
-@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('backend', params())
 @pytest.mark.parametrize('combine', COMBINES)
 @pytest.mark.parametrize('layout', LAYOUTS)
 @pytest.mark.parametrize('shape, k, dilation, stride', (
@@ -98,7 +58,7 @@ def test_edge_shapes(backend, combine, layout, shape, k, dilation, stride):
     check(ops, *inputs(backend, shape, k, stride, torch.float32, layout, seed=3), k, dilation, stride, combine)
 
 
-@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('backend', params())
 @pytest.mark.parametrize('combine', COMBINES)
 @pytest.mark.parametrize('layout', LAYOUTS)
 @pytest.mark.parametrize('k', (3, 7))
@@ -118,7 +78,7 @@ LAUNCH_SHAPES = [((4, 20, 161, 159), 3, 1, 1), ((4, 20, 161, 159), 7, 2, 2), ((1
                  ((1, 8, 24, 24), 3, 1, 1), ((2, 33, 12, 10), 5, 1, 1)]
 
 
-@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('backend', params())
 @pytest.mark.parametrize('layout', LAYOUTS)
 @pytest.mark.parametrize('shape, k, dilation, stride', LAUNCH_SHAPES)
 def test_launch_configurations(backend, shape, k, dilation, stride, layout):
@@ -143,7 +103,7 @@ def every_other(t, dim, memory_format=torch.contiguous_format):
     return view
 
 
-@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('backend', params())
 @pytest.mark.parametrize('combine', COMBINES)
 def test_non_contiguous_inputs(backend, combine):
     # Each kernel takes any strides: the same values as the contiguous call, gradients with the strides
@@ -170,7 +130,7 @@ def test_non_contiguous_inputs(backend, combine):
     check(ops, x[:, ::2], cf[:, ::2], sf, grad[:, ::2], 3, 1, 1, combine)
 
 
-@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('backend', params())
 @pytest.mark.parametrize('layout', LAYOUTS)
 def test_gradient_strides_follow_each_argument(backend, layout):
     ops = require(backend)
@@ -186,7 +146,7 @@ def test_gradient_strides_follow_each_argument(backend, layout):
             assert g.stride() == torch.empty_like(arg).stride(), name
 
 
-@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('backend', params())
 @pytest.mark.parametrize('layout', LAYOUTS)
 @pytest.mark.parametrize('shape, k', (((1, 64, 40, 40), 5), ((1, 3, 96, 96), 3), ((2, 7, 13, 11), 9),
                                       ((2, 37, 9, 7), 7)))
@@ -200,7 +160,7 @@ def test_deterministic(backend, layout, shape, k):
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('backend', params())
 @pytest.mark.parametrize('shape', ((0, 4, 6, 5), (2, 0, 6, 5), (2, 3, 0, 5)))
 def test_zero_size(backend, shape):
     ops = require(backend)
@@ -214,7 +174,7 @@ def test_zero_size(backend, shape):
         assert not g.any(), name
 
 
-@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('backend', params())
 @pytest.mark.parametrize('layout', LAYOUTS)
 @pytest.mark.parametrize('stride', (1, 2))
 @pytest.mark.parametrize('combine', COMBINES)

@@ -186,6 +186,7 @@ def test_ddfuppack_strict_state_dict_round_trip():
     torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
 
 
+@pytest.mark.slow  # torch.export and compile
 def test_ddfpack_exports_and_compiles_with_dynamic_shapes():
     torch.manual_seed(0)
     pack = DDFPack(8, stride=2).eval()

@@ -124,6 +124,7 @@ def test_block_args_extend_kernel_combine():
     assert model.layer1[0].conv2.channel_branch[1].out_channels == 16
 
 
+@pytest.mark.slow  # inductor compile
 def test_torch_compile_fullgraph_resnet_inductor():
     # A one-block-per-stage DDF-ResNet keeps inductor's C++ codegen to ~30 s on a 2-core CI machine.
     torch.manual_seed(0)
@@ -140,6 +141,7 @@ def test_torch_compile_fullgraph_resnet_inductor():
     torch.testing.assert_close(got_grad, model.layer2[0].conv2.spatial_branch[0].weight.grad, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow  # inductor compile
 def test_torch_compile_fullgraph_under_autocast():
     # aot_eager traces what inductor would see (dynamo graph, fake kernels, AOT autograd) in seconds.
     model = timm.create_model('ddf_resnet26', num_classes=5)

@@ -1,6 +1,7 @@
 """ONNX export (ddfnet/export/onnx.py, scripts/onnx_*.py): standard operators only, and onnxruntime agrees
 with PyTorch's eval output (relative error max|ort - torch| / max|torch| <= 1e-4) for the op's cases, the
-layers, every registered model family, at batch 1 and 3 and, with dynamic_size, at a second H/W.
+layers, every registered model family, at batch 1 and 3 and, with dynamic_size, at a second H/W; the export
+script refuses bad input, and an export it cannot honour or that fails its forward check leaves no file.
 
 Many cases share one exported model (one output each) to keep the exports, which dominate the cost, few.
 """
@@ -15,7 +16,7 @@ import timm
 import torch
 from torch import nn
 
-from scripts import load_script
+from support.runner import call, load_script
 
 import ddfnet
 from ddfnet.cli import run_main
@@ -23,6 +24,8 @@ from ddfnet.export import (STANDARD_DOMAINS, OnnxRuntimeModel, ddf_standard_ops,
                            onnxruntime_relative_error)
 from ddfnet.layers import DDFBranchPack
 from ddfnet.ops import ddf_forward_reference, output_size
+
+pytestmark = pytest.mark.slow  # ONNX exports of every model family and the op grid, onnxruntime parity
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4
@@ -309,3 +312,31 @@ def test_benchmark_onnx_script_times_both_runtimes(tmp_path, capsys):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r['runtime'] for r in rows] == ['pytorch', 'onnxruntime']
     assert all(r['min_ms'] > 0 and r['threads'] == 1 for r in rows) and rows[1]['relative_error'] <= TOLERANCE
+
+
+def _tiny_export_argv(out, *extra):
+    return [str(out), '--model', 'dy_resnet18', '--model-kwargs', '{layers: [1, 1, 1, 1]}', '--img-size', '32',
+            *extra]
+
+
+def test_onnx_export_refuses_an_opset_it_cannot_honour_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / 'model.onnx'
+    out.write_bytes(b'keep me')
+    code, _, err = call(lambda: _script('onnx_export').main(_tiny_export_argv(out, '--opset', '7', '--force')),
+                        'onnx_export.py', capsys)
+    assert code == 2 and err[-1].startswith('onnx_export.py: error: --opset 7: the exporter cannot convert dy_resnet18 '
+                                            'to opset 7 (it produced opset 18); nothing written'), err
+    assert out.read_bytes() == b'keep me' and sorted(p.name for p in tmp_path.iterdir()) == ['model.onnx']
+    code, _, err = call(lambda: _script('onnx_export').main(_tiny_export_argv(out, '--opset', '99', '--force')),
+                        'onnx_export.py', capsys)
+    assert code == 2 and err == ['onnx_export.py: error: --opset 99: this onnx package knows opsets 1 to '
+                                 f'{__import__("onnx").defs.onnx_opset_version()}']
+
+
+def test_onnx_export_removes_a_file_that_failed_the_forward_check(tmp_path, monkeypatch, capsys):
+    export = _script('onnx_export')
+    monkeypatch.setattr(export, 'TOLERANCE', -1.0)  # any error is too large: the failing branch runs
+    out = tmp_path / 'model.onnx'
+    code, _, err = call(lambda: export.main(_tiny_export_argv(out, '--check-forward')), 'onnx_export.py', capsys)
+    assert code == 1 and f'{out} not written' in err[-1]
+    assert not list(tmp_path.iterdir())

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 import torch
-from naive import naive_ddf, random_inputs
+from support.oracles import naive_ddf, random_inputs
 from torch.utils.flop_counter import FlopCounterMode
 
 import ddfnet
@@ -155,6 +155,7 @@ def test_flop_formula_counts_the_op():
     assert counter.get_total_flops() == forward_flops * (1 + 3)  # three gradients
 
 
+@pytest.mark.slow  # a subprocess
 def test_reference_memory_stays_near_output_size():
     # A k*k unfold of this input would need 49 x 16 MiB = 784 MiB; the tap loop needs a few outputs.
     code = ('import resource, torch, warnings\n'

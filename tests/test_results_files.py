@@ -9,8 +9,7 @@ import timm
 import torch
 from PIL import Image
 
-from scripts import call_main as call
-from training import load_script
+from support.runner import call_main as call, load_script
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 MODEL = ['--model', 'ddf_resnet26', '--model-kwargs', '{layers: [1, 1, 1, 1]}', '--img-size', '32']

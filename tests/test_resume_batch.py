@@ -6,7 +6,8 @@ import torch
 
 from ddfnet.cli import UserError
 from ddfnet.training.resume import resume_step
-from training import load_script, tiny_args
+from support.runner import load_script
+from support.tiny_run import tiny_args
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 IMAGES = 64  # 8 demo classes x 8 images

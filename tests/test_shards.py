@@ -16,10 +16,12 @@ from PIL import Image
 from ddfnet.cli import UserError, run_main
 from ddfnet.data import create_split, ensure_demo_dataset
 from ddfnet.data.shards import layout_error, write_shards
-from training import load_script, tiny_args
+from support.runner import load_script
+from support.tiny_run import tiny_args
 
 pytest.importorskip('webdataset')
-pytestmark = pytest.mark.usefixtures('one_thread')
+pytestmark = [pytest.mark.slow,  # writes WebDataset shards and trains from them
+              pytest.mark.usefixtures('one_thread')]
 CLASSES, PER_CLASS = ('ant', 'bee', 'cat'), 16  # 48 numbered images
 
 

@@ -1,6 +1,7 @@
 """The package's layering, read from its source: the op registers itself in one place, imports of ddfnet's
 own modules form no cycle, no lower layer imports a higher one, and setup.py can load the native-kernel loader
-without ddfnet. Reads files, imports nothing heavy: fast."""
+without ddfnet. The tests' layout: no test file imports another (shared code is in tests/support), and no
+test-only code ships in the package. Reads files, imports nothing heavy: fast."""
 import ast
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import torch
 import ddfnet
 
 PACKAGE = Path(ddfnet.__file__).parent
+TESTS = Path(__file__).resolve().parent
 
 
 def _module_name(path: Path) -> str:
@@ -109,3 +111,24 @@ def test_setup_loads_the_native_module_without_ddfnet(monkeypatch):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.cxx_flags()
+
+
+def test_no_test_file_imports_another():
+    wrong = []
+    for path in sorted(TESTS.glob('test_*.py')):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or '']
+            else:
+                continue
+            wrong += [f'{path.name} imports {name}' for name in names if name.split('.')[0].startswith('test_')]
+    assert wrong == []
+
+
+def test_the_package_holds_no_test_only_code():
+    # The CUDA emulation (its loader and C++) is test support: tests/support/cuda_emulation.
+    root = PACKAGE.parent
+    files = [p for p in [*PACKAGE.rglob('*'), *(root / 'csrc').rglob('*')] if '__pycache__' not in p.parts]
+    assert not [p for p in files if 'emulation' in p.name]

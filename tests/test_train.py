@@ -1,6 +1,7 @@
 """train.py / validate.py end to end on the CPU, with a tiny DDF-ResNet (one block per stage, 32x32) on a
 tiny copy of the demo dataset: a demo run validated, two ranks under torchrun, kills and resumes that
-reach the very same weights, a non-finite loss, and bad inputs."""
+reach the very same weights, a non-finite loss, bad inputs, and a start error on rank 0 stopping the other
+rank at once."""
 import csv
 import json
 import os
@@ -15,10 +16,11 @@ import pytest
 import torch
 
 from ddfnet.cli import run_main
-from training import ROOT, load_script, tiny_args
-from scripts import run_script, script_command
+from support.runner import ROOT, load_script, repo_env, run_script, script_command
+from support.tiny_run import tiny_args
 
-pytestmark = pytest.mark.usefixtures('one_thread')
+pytestmark = [pytest.mark.slow,  # train.py subprocesses, kills and resumes, two ranks under torchrun
+              pytest.mark.usefixtures('one_thread')]
 EPOCHS, STEPS = 3, 8  # 64 training images / batch 8
 
 
@@ -313,3 +315,35 @@ def test_validate_reads_released_state_dicts_and_appends_csv(reference, tmp_path
     assert len(rows) == 3 and len({r['top1'] for r in rows}) == 1
     assert rows[0]['params_m'] and rows[0]['img_size'] == '32'
     assert capsys.readouterr().out.count('top-1') == 3
+
+
+def test_a_start_error_on_rank_0_stops_the_other_rank_at_once(data_dir, tmp_path):
+    """Two ranks started without torchrun (as a cluster's launcher starts them: RANK, WORLD_SIZE,
+    MASTER_ADDR in the environment, so no agent stops the others): rank 0 cannot write the run folder (a
+    folder where its args.yaml goes), and rank 1 stops too instead of waiting in DDP's first broadcast
+    until --dist-timeout (300 s here; the test allows 150)."""
+    import socket
+    import subprocess
+    (tmp_path / 'run' / 'args.yaml').mkdir(parents=True)
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    argv = tiny_args(data_dir, tmp_path, '--epochs', '1', '--batch-size', '4', '--dist-timeout', '300')
+    ranks = []
+    for rank in range(2):
+        env = repo_env(OMP_NUM_THREADS='1', RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2',
+                       MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+        ranks.append(subprocess.Popen(script_command('train', *argv), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env))
+    logs = []
+    try:
+        for process in ranks:
+            logs.append(process.communicate(timeout=150)[0])
+    finally:
+        for process in ranks:
+            process.kill()
+    assert [process.returncode for process in ranks] == [2, 2], logs
+    assert logs[0].strip().splitlines()[-1].startswith(f'train.py: error: cannot write the run folder {tmp_path / "run"}: ')
+    assert logs[1].strip().splitlines()[-1].startswith('train.py: error: rank 0 could not start (cannot write the run '
+                                                       'folder')
+    assert logs[1].strip().endswith('stopping rank 1 too')

@@ -7,8 +7,8 @@ import torch
 from ddfnet.cli import run_main
 from ddfnet.training import hooks
 
-import training
-from training import load_script
+from support import tiny_run
+from support.runner import load_script
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -19,7 +19,7 @@ def train(argv):
 
 
 def tiny_args(data_dir, output, *extra):
-    return training.tiny_args(data_dir, output, *extra, per_class=4, epochs=1, warmup=0)
+    return tiny_run.tiny_args(data_dir, output, *extra, per_class=4, epochs=1, warmup=0)
 
 
 def load(path):

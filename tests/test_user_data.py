@@ -15,7 +15,8 @@ from ddfnet.data.demo import CLASSES, render
 from ddfnet.data.images import open_rgb, report_unreadable
 from ddfnet.data.labels import match_labels
 from ddfnet.cli import UserError
-from training import load_script, tiny_args
+from support.runner import load_script
+from support.tiny_run import tiny_args
 
 MODEL_KWARGS = '{layers: [1, 1, 1, 1]}'
 

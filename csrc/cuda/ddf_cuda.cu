@@ -140,8 +140,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_entry(
 }  // namespace ddfnet
 
 #ifdef DDFNET_CUDA_EMULATION
-// The emulated kernels take CPU tensors, under their own namespace (schemas in emulation/module.cc), so
-// they never stand in for the real ddfnet ops.
+// The emulated kernels take CPU tensors, under their own namespace (schemas in the emulation's module.cc,
+// tests/support/cuda_emulation/csrc), so they never stand in for the real ddfnet ops.
 TORCH_LIBRARY_IMPL(ddfnet_emu, CPU, m) {
 #else
 TORCH_LIBRARY_IMPL(ddfnet, CUDA, m) {

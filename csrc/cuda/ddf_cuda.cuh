@@ -16,7 +16,7 @@
 //              transposed to (B, k*k, C), spatial filter (B, Ho, Wo, k*k) (i.e. channels_last).
 // Every global offset is computed in int64_t. The grad channel filter is always (B, C, k*k).
 //
-// The kernel files are also compiled as C++ against emulation/cuda_emu.h (DDFNET_CUDA_EMULATION, a
+// The kernel files are also compiled as C++ against cuda_emu.h (DDFNET_CUDA_EMULATION, a
 // test-only build that runs them on the CPU). For that they write two constructs through macros that are
 // the plain CUDA syntax under nvcc: DDF_LAUNCH(grid, block, shmem, stream, kernel)(args...) for
 // kernel<<<grid, block, shmem, stream>>>(args...), and DDF_SHARED(type, name, [dims]) for
@@ -29,7 +29,7 @@
 #include <type_traits>
 
 #ifdef DDFNET_CUDA_EMULATION
-#include "emulation/cuda_emu.h"
+#include "cuda_emu.h"  // tests/support/cuda_emulation/csrc, on the emulation build's include path
 #else
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>

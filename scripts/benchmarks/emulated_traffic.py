@@ -3,7 +3,7 @@
     python scripts/benchmarks/emulated_traffic.py --dtypes fp32 --json traffic.jsonl
     python scripts/benchmarks/emulated_traffic.py --shapes 1x32x12x12 --formats nhwc
 
-Runs the op's CUDA entry points under the emulation's traffic build (ddfnet.utils.cuda_emulation, variant
+Runs the op's CUDA entry points under the emulation's traffic build (tests/support/cuda_emulation, variant
 'traffic', launch configurations sized for an H200) and prints, per kernel launch of one forward and one
 backward:
   requested   bytes the threads load + store;
@@ -92,9 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.batch_size, args.stride, args.dilation) < 1:
         parser.error('--batch-size, --stride and --dilation must be positive')
 
+    import os
+
     import torch
 
-    from ddfnet.utils import cuda_emulation
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', 'tests'))
+    from support import cuda_emulation  # the emulation is test support: <repository>/tests/support
 
     emu = cuda_emulation.load('traffic')
     dtypes = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}

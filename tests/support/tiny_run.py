@@ -1,6 +1,5 @@
-"""Helpers of the training tests: the arguments of a tiny run (and, from tests/scripts.py, the scripts as
-modules)."""
-from scripts import ROOT, load_script  # noqa: F401  (re-exported: the training tests import them from here)
+"""The arguments of a tiny train.py run, for the training tests."""
+from support.runner import ROOT
 
 
 def tiny_args(data_dir, output, *extra, per_class=8, epochs=3, warmup=1):

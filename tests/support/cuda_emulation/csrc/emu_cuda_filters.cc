@@ -1,2 +1,2 @@
 // ddf_cuda_filters.cu compiled against the CUDA emulation (cuda_emu.h): the same source text nvcc compiles.
-#include "../ddf_cuda_filters.cu"
+#include "ddf_cuda_filters.cu"

@@ -1,8 +1,8 @@
-// The test-only extension that runs the CUDA kernels (../ddf_cuda*.cu) on the CPU under cuda_emu.h.
+// The test-only extension that runs the CUDA kernels (csrc/cuda/ddf_cuda*.cu) on the CPU under cuda_emu.h.
 //
 // torch.ops.ddfnet_emu.ddf / ddf_backward have the schemas of torch.ops.ddfnet.ddf / ddf_backward and take
-// CPU tensors; they run the CUDA entry points, launchers and kernels (registered in ../ddf_cuda.cu). The
-// other ops (wrapped by ddfnet.utils.cuda_emulation) control the emulation: set_mode / mode (fibers or
+// CPU tensors; they run the CUDA entry points, launchers and kernels (registered in ddf_cuda.cu). The
+// other ops (wrapped by tests/support/cuda_emulation) control the emulation: set_mode / mode (fibers or
 // threads), the SM count, the traffic counters (traffic.h) and `selftest`, small faulty kernels that show
 // each check of the emulation firing. Everything is an op rather than a pybind11 binding because
 // <torch/extension.h> alone takes minutes to compile per file, and the sanitizer builds compile this file

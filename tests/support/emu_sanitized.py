@@ -1,6 +1,6 @@
 """Runs the emulated CUDA kernels of one sanitizer variant on a subset of the grid and checks them against
-the reference: `python tests/emu_sanitized.py asan|tsan` in a process started with
-ddfnet.utils.cuda_emulation.sanitizer_env (test_cuda_emulation.py does). Exits 1 on a wrong result; a
+the reference: `python tests/support/emu_sanitized.py asan|tsan` in a process started with
+support.cuda_emulation.sanitizer_env (test_cuda_emulation.py does). Exits 1 on a wrong result; a
 sanitizer report exits 66 (sanitizer_env makes every report fatal)."""
 import itertools
 import os
@@ -9,11 +9,11 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from naive import random_inputs  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for support.*
+from support import cuda_emulation  # noqa: E402
+from support.oracles import random_inputs  # noqa: E402
 
 from ddfnet.ops import ddf_backward_reference, ddf_forward_reference  # noqa: E402
-from ddfnet.utils import cuda_emulation  # noqa: E402
 
 
 def cases(variant):

@@ -1,6 +1,6 @@
 // The CUDA constructs our kernels use, executed on the CPU: a test-only build of the unchanged csrc/cuda
 // sources (ddf_cuda.cuh includes this file instead of the CUDA headers when DDFNET_CUDA_EMULATION is
-// defined; see ../../README.md, "CUDA emulation").
+// defined; see csrc/README.md, "CUDA emulation").
 //
 // A launch runs the grid's blocks one after another. A block's threads run as fibers on the calling
 // thread (the default: deterministic and fast) or as one OS thread each (`set_mode(Mode::threads)`, so

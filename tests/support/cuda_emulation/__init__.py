@@ -1,13 +1,14 @@
-"""The CUDA kernels of ``csrc/cuda`` run on the CPU, for tests and tuning without a GPU.
+"""The CUDA kernels of ``csrc/cuda`` run on the CPU, for tests and tuning without a GPU (test support, not
+part of the ddfnet package: import it as ``support.cuda_emulation`` with ``tests/`` on the import path).
 
-:func:`load` builds (once, cached) and imports a separate extension that compiles the unchanged kernel
-files against ``csrc/cuda/emulation/cuda_emu.h`` and registers ``torch.ops.ddfnet_emu.ddf`` and
-``torch.ops.ddfnet_emu.ddf_backward`` (the schemas of ``torch.ops.ddfnet.*``) on CPU tensors: the CUDA entry
-points, launch configurations and kernels, executed thread by thread. It never replaces ``torch.ops.ddfnet``.
+:func:`load` builds (once, cached under ``ddfnet.utils.io.extension_build_dir``) and imports a separate
+extension that compiles the unchanged kernel files against ``csrc/cuda_emu.h`` (of this folder) and
+registers ``torch.ops.ddfnet_emu.ddf`` and ``torch.ops.ddfnet_emu.ddf_backward`` (the schemas of
+``torch.ops.ddfnet.*``) on CPU tensors: the CUDA entry points, launch configurations and kernels, executed
+thread by thread. It never replaces ``torch.ops.ddfnet``.
 
 Variants (one per process, they share the op namespace):
-  plain     the emulation as is (``pip install`` builds it ahead of time as ``ddfnet._cuda_emu`` with
-            ``DDFNET_BUILD_CUDA_EMULATION=1``);
+  plain     the emulation as is;
   asan      AddressSanitizer + UndefinedBehaviorSanitizer; tsan: ThreadSanitizer (threads mode). Both need
             their runtime preloaded: run Python with :func:`sanitizer_env`;
   traffic   counts each kernel's global loads and stores (``traffic_start`` / ``traffic_stop``).
@@ -15,7 +16,6 @@ Variants (one per process, they share the op namespace):
 from __future__ import annotations
 
 import glob
-import importlib
 import os
 import subprocess
 import sys
@@ -26,33 +26,36 @@ import torch
 
 from ddfnet.utils.io import extension_build_dir
 
-CSRC = Path(__file__).resolve().parents[2] / 'csrc'
-EMULATION = CSRC / 'cuda' / 'emulation'
+CSRC = Path(__file__).resolve().parents[3] / 'csrc'  # the repository's kernel sources
+EMULATION = Path(__file__).resolve().parent / 'csrc'  # the emulation layer and its wrappers of the .cu files
 _BASE = ['-DDDFNET_CUDA_EMULATION', '-Wno-unknown-pragmas']  # nvcc's `#pragma unroll`
+# The wrappers include the kernel files by name, and the kernel files include cuda_emu.h by name.
+INCLUDE_DIRS = [str(CSRC / 'cuda'), str(EMULATION)]
 _SANITIZE_UB = ['-fsanitize=address,undefined', '-fno-sanitize=vptr', '-fno-sanitize-recover=all']
 # (compile flags, link flags, sanitizer runtime to preload)
 VARIANTS: dict[str, tuple[list[str], list[str], str | None]] = {
     'plain': (['-O2'], [], None),
     'asan': (['-O1', '-g', '-fno-omit-frame-pointer', *_SANITIZE_UB], _SANITIZE_UB, 'libasan.so'),
     'tsan': (['-O1', '-g', '-fsanitize=thread'], ['-fsanitize=thread'], 'libtsan.so'),
-    # gcc's kernel-address instrumentation as plain calls, which emulation/traffic.cc answers.
+    # gcc's kernel-address instrumentation as plain calls, which csrc/traffic.cc answers.
     'traffic': (['-O1', '-fno-tree-vectorize', '-DDDF_EMU_TRAFFIC', '-fsanitize=kernel-address',
                  '--param', 'asan-instrumentation-with-call-threshold=0', '--param', 'asan-stack=0',
                  '--param', 'asan-globals=0', '--param', 'asan-memintrin=0'], [], None),
 }
-PREBUILT = 'ddfnet._cuda_emu'
 H200_MULTIPROCESSORS = 132  # the SM count the emulated launchers size grids for, by default
 _loaded: dict[str, 'Emulation'] = {}
 
 
 def sources() -> list[str]:
-    """The emulation extension's sources: the argument checks and the emulation's wrappers of the
-    ``.cu`` files (``.cc``, so that the user build's ``csrc/**/*.cpp`` glob never picks them up)."""
+    """The emulation extension's sources: the argument checks of ``csrc`` and the emulation's runtime and
+    wrappers of the ``.cu`` files."""
     return [str(CSRC / 'ddf_checks.cpp')] + sorted(glob.glob(str(EMULATION / '*.cc')))
 
 
 def _inputs() -> list[str]:
-    return sources() + [str(p) for p in CSRC.rglob('*') if p.suffix in ('.h', '.cuh', '.cu')]
+    """Every file the build reads: the sources, the kernel files and headers of ``csrc``, the emulation's headers."""
+    return sources() + [str(p) for folder in (CSRC, EMULATION) for p in folder.rglob('*')
+                        if p.suffix in ('.h', '.cuh', '.cu')]
 
 
 def sanitizer_runtime(variant: str, lib: str | None = None) -> str:
@@ -140,16 +143,8 @@ def load(variant: str = 'plain', verbose: bool = False) -> Emulation:
     cflags, ldflags, runtime = VARIANTS[variant]
     if runtime is not None and runtime not in os.environ.get('LD_PRELOAD', ''):
         raise RuntimeError(f'the {variant!r} emulation needs {runtime} preloaded: run Python with '
-                           f'ddfnet.utils.cuda_emulation.sanitizer_env({variant!r})')
-    module = None
-    if variant == 'plain':
-        try:
-            module = importlib.import_module(PREBUILT)
-        except ImportError:
-            pass
-    if module is None:
-        module = _jit_build(variant, cflags, ldflags, verbose)
-    _loaded[variant] = Emulation(module, variant)
+                           f'support.cuda_emulation.sanitizer_env({variant!r})')
+    _loaded[variant] = Emulation(_jit_build(variant, cflags, ldflags, verbose), variant)
     return _loaded[variant]
 
 
@@ -166,7 +161,7 @@ def _jit_build(variant: str, cflags: list[str], ldflags: list[str], verbose: boo
     preload = os.environ.pop('LD_PRELOAD', None)
     try:
         return cpp_extension.load(name=name, sources=sources(), build_directory=str(build_dir),
-                                  extra_cflags=_BASE + cflags, extra_ldflags=ldflags, verbose=verbose)
+                                  extra_include_paths=INCLUDE_DIRS, extra_cflags=_BASE + cflags, extra_ldflags=ldflags, verbose=verbose)
     finally:
         if preload is not None:
             os.environ['LD_PRELOAD'] = preload

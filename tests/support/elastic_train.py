@@ -1,4 +1,5 @@
-"""train.py with two test-only hooks, for the torchrun tests (tests/test_elastic.py).
+"""train.py with test-only hooks, for the torchrun tests (tests/test_elastic.py): ``torchrun ...
+tests/support/elastic_train.py TRAIN_ARGS``.
 
 - Every rank saves the weights it evaluates to ``$DDFNET_TEST_DUMP/rank<RANK>.pt`` (the last one: the
   final weights, after the BatchNorm reduce), so the tests can compare ranks bitwise.
@@ -14,7 +15,8 @@ import signal
 import sys
 import time
 
-from scripts import ROOT, load_script, script_path
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for support.*
+from support.runner import ROOT, load_script, script_path  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 sys.argv[0] = str(script_path('train'))
