@@ -132,3 +132,29 @@ def test_the_package_holds_no_test_only_code():
     root = PACKAGE.parent
     files = [p for p in [*PACKAGE.rglob('*'), *(root / 'csrc').rglob('*')] if '__pycache__' not in p.parts]
     assert not [p for p in files if 'emulation' in p.name]
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split('.')[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names.add((node.module or '').split('.')[0])
+    return names
+
+
+def test_no_package_module_imports_test_support():
+    wrong = [f'{p.relative_to(PACKAGE.parent)} imports {name}' for p in sorted(PACKAGE.rglob('*.py'))
+             for name in _top_level_imports(p) & {'support', 'tests', 'pytest', 'conftest'}]
+    assert wrong == []
+
+
+def test_no_script_imports_another():
+    # Scripts share code through the package; measurement scripts also through benchmark_common beside them.
+    root = PACKAGE.parent
+    scripts = [root / 'train.py', root / 'validate.py', *sorted((root / 'scripts').rglob('*.py')),
+               *sorted((root / 'docs').rglob('*.py'))]
+    names = {p.stem for p in scripts} - {'benchmark_common'}
+    wrong = [f'{p.relative_to(root)} imports {name}' for p in scripts for name in _top_level_imports(p) & names]
+    assert wrong == []

@@ -179,7 +179,7 @@ def test_two_ranks_under_torchrun_end_with_identical_weights(data_dir, tmp_path)
         import os, sys, torch
         sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]
         sys.argv[0] = {str(ROOT / 'train.py')!r}
-        from scripts import load_script
+        from support.runner import load_script
         train = load_script('train')
         evaluate = train.evaluate
         def spy(model, *args, **kwargs):
