@@ -39,11 +39,12 @@ test: setup
 # index; torchrun and elastic runs; export, ONNX and torch.compile; the CUDA kernels on the CPU, plain and
 # under the sanitizers; the dry run of scripts/gpu_check.sh). The slowest tests are listed at the end.
 # TEST_WORKERS pytest-xdist processes (default 2, the CI machine's cores), one intra-op thread each; a
-# worker takes the next test when it is free; tests/conftest.py groups and orders them (--dist loadgroup).
+# worker takes the next test when it is free, in the order and groups tests/conftest.py sets (loadgroup,
+# without xdist's reordering of groups by size).
 TEST_WORKERS ?= 2
 test-all: setup emulation
-	DDFNET_TEST_SANITIZERS=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests \
-		--durations=25
+	DDFNET_TEST_SANITIZERS=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup \
+		--no-loadscope-reorder tests --durations=25
 
 # The CUDA kernels compiled for the CPU (test-only; tests/support/cuda_emulation): built once and
 # cached, then run by tests/test_kernels.py (backend 'emu') and tests/test_cuda_emulation.py.
