@@ -39,12 +39,11 @@ test: setup
 # index; torchrun and elastic runs; export, ONNX and torch.compile; the CUDA kernels on the CPU, plain and
 # under the sanitizers; the dry run of scripts/gpu_check.sh). The slowest tests are listed at the end.
 # TEST_WORKERS pytest-xdist processes (default 2, the CI machine's cores), one intra-op thread each; a
-# worker takes the next test when it is free, in the order and groups tests/conftest.py sets (loadgroup,
-# without xdist's reordering of groups by size).
+# worker starts with half of the tests and takes over the other's remaining ones when it runs out (worksteal).
 TEST_WORKERS ?= 2
 test-all: setup emulation
-	DDFNET_TEST_SANITIZERS=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup \
-		--no-loadscope-reorder tests --durations=25
+	DDFNET_TEST_SANITIZERS=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests \
+		--durations=25
 
 # The CUDA kernels compiled for the CPU (test-only; tests/support/cuda_emulation): built once and
 # cached, then run by tests/test_kernels.py (backend 'emu') and tests/test_cuda_emulation.py.

@@ -10,22 +10,6 @@ import pytest
 import torch
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
-def pytest_collection_modifyitems(config, items):
-    """Scheduling for ``make test-all``'s pytest-xdist workers (``--dist loadgroup``; harmless without it).
-
-    A module-scoped fixture (a training run, the GPU check's dry run) is built once per worker that runs a
-    test of its module: such a module's tests form one group, run by one worker. Tests marked ``long`` (a
-    minute or more) come first, so that the long ones overlap each other and the short ones fill in around
-    them instead of one long test running alone at the end."""
-    for item in items:
-        info = getattr(item, '_fixtureinfo', None)
-        scopes = {defs[-1].scope for defs in info.name2fixturedefs.values()} if info else set()
-        if 'module' in scopes:
-            item.add_marker(pytest.mark.xdist_group(item.path.name))
-    items.sort(key=lambda item: item.get_closest_marker('long') is None)
-
-
 @pytest.fixture
 def one_thread():
     """Runs inside the test process use one intra-op thread, like the subprocesses the tests start: on a

@@ -132,7 +132,6 @@ needs_sanitizer_run = pytest.mark.skipif(os.environ.get('DDFNET_TEST_SANITIZERS'
                                          reason='set DDFNET_TEST_SANITIZERS=1 (make test-sanitizers)')
 
 
-@pytest.mark.long  # a sanitizer build, then the subset: 2-4 min each
 @needs_sanitizer_run
 @pytest.mark.parametrize('variant', ('asan', 'tsan'))
 def test_sanitizers_find_nothing(variant):
@@ -180,7 +179,6 @@ print(json.dumps(report))
 """
 
 
-@pytest.mark.long  # the traffic build
 def test_traffic_model_counts_requests_and_sectors():
     # 256 threads copy one float each: 8 warp requests per side; coalesced, a warp's 128 bytes are 4 sectors,
     # with every 8th float read each lane's load touches its own sector (efficiency 1/8).

@@ -219,7 +219,6 @@ def test_slurm_helper_outside_an_allocation_is_one_line(tmp_path):
                              'allocation, one task per node (srun --ntasks-per-node=1)\n')
 
 
-@pytest.mark.long  # the module's reference run, then two simulated nodes
 def test_sbatch_script_on_two_simulated_nodes_requeues_and_resumes_to_the_same_weights(reference, data_dir,
                                                                                       tmp_path):
     # docs/slurm/train.sbatch run as Slurm would on 2 nodes (127.0.0.1 and 127.0.0.2), with stand-ins for srun

@@ -31,7 +31,6 @@ def dry_run(tmp_path_factory):
     return result, out
 
 
-@pytest.mark.long  # the dry run (module fixture): 2-3 min
 @pytest.mark.slow  # scripts/gpu_check.sh --dry-run: every part, ~2 min
 def test_dry_run_runs_every_part(dry_run):
     result, out = dry_run

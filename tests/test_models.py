@@ -124,7 +124,6 @@ def test_block_args_extend_kernel_combine():
     assert model.layer1[0].conv2.channel_branch[1].out_channels == 16
 
 
-@pytest.mark.long
 @pytest.mark.slow  # inductor compile
 def test_torch_compile_fullgraph_resnet_inductor():
     # A one-block-per-stage DDF-ResNet keeps inductor's C++ codegen to ~30 s on a 2-core CI machine.

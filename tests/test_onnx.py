@@ -189,7 +189,6 @@ FAMILIES = {
 }
 
 
-@pytest.mark.long
 def test_every_model_family_matches_onnxruntime(tmp_path):
     registered = set(timm.list_models('ddf_*') + timm.list_models('dy_*'))
     families = {name.rstrip('0123456789').replace('_mul_', '_') for name in registered}

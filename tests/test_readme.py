@@ -32,4 +32,4 @@ def test_ci_runs_everything_and_make_test_is_the_fast_tier():
     assert re.search(r'^make test-all\b', (ROOT / '.ci' / 'run').read_text(), re.M)
     makefile = (ROOT / 'Makefile').read_text()
     assert re.search(r'^test: setup\n\t\$\(BIN\)/python -m pytest -q -m "not slow" tests$', makefile, re.M)
-    assert re.search(r'^test-all: setup.*\n\t.*-m pytest -q (-n \S+ --dist \S+ \\\n\t+--no-loadscope-reorder )?tests\b', makefile, re.M)
+    assert re.search(r'^test-all: setup.*\n\t.*-m pytest -q (-n \S+ --dist \S+ )?tests\b', makefile, re.M)

@@ -82,7 +82,6 @@ def _model_of(test_id: str, ours: list[str]) -> str | None:
     return next((p.split('.')[0] for p in params if p.split('.')[0] in ours), None)
 
 
-@pytest.mark.long  # ~4 min
 @pytest.mark.slow  # timm's own model tests, fetched from timm's sdist on the package index (network), ~4 min
 def test_timm_model_tests_pass_for_every_ddfnet_model(tmp_path):
     ours = ddfnet_model_names()
