@@ -1,5 +1,6 @@
 """What the benchmark scripts share: a usable device or a one-line error, the one wall-clock timer, the
-environment recorded next to each figure, the JSON-lines output and the ``BxCxHxW`` shape option. It sits
+environment recorded next to each figure, the JSON-lines output, the ``BxCxHxW`` shape option and the
+op arguments of the op benchmarks. It sits
 beside them, where Python finds it for a script run as ``python scripts/benchmarks/benchmark_op.py``."""
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:  # torch is imported on first use: --help and argument errors stay fast
     import torch
 
-__all__ = ['default_device', 'usable_device', 'timed', 'environment', 'emit_json_lines', 'parse_shape']
+__all__ = ['default_device', 'usable_device', 'timed', 'environment', 'emit_json_lines', 'parse_shape',
+           'add_op_arguments', 'check_op_arguments']
 
 
 def default_device() -> str:
@@ -78,3 +80,23 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
         raise argparse.ArgumentTypeError(f'shape must be BxCxHxW with positive sizes, e.g. 32x256x56x56, '
                                          f'got {text!r}')
     return tuple(int(g) for g in match.groups())  # type: ignore[return-value]
+
+
+def add_op_arguments(parser: argparse.ArgumentParser) -> None:
+    """The DDF op's arguments every op benchmark takes: --dtypes, --formats, --kernel-size, --stride,
+    --dilation, --combine (checked by :func:`check_op_arguments`)."""
+    add = parser.add_argument
+    add('--dtypes', nargs='+', choices=('fp32', 'bf16', 'fp16'), default=['fp32', 'bf16'], help='(default: fp32 bf16)')
+    add('--formats', nargs='+', choices=('nchw', 'nhwc'), default=['nchw', 'nhwc'],
+        help='nhwc = channels_last (default: both)')
+    add('--kernel-size', type=int, default=3, help='odd k of the DDF op (default: 3)')
+    add('--stride', type=int, default=1, help='(default: 1)')
+    add('--dilation', type=int, default=1, help='(default: 1)')
+    add('--combine', choices=('mul', 'add'), default='mul', help="DDF kernel_combine (default: 'mul')")
+
+
+def check_op_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.kernel_size < 1 or args.kernel_size % 2 == 0:
+        parser.error(f'--kernel-size must be a positive odd int, got {args.kernel_size}')
+    if min(args.stride, args.dilation) < 1:
+        parser.error('--stride and --dilation must be positive')

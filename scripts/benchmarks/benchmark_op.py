@@ -41,9 +41,8 @@ import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
-from benchmark_common import parse_shape
+from benchmark_common import add_op_arguments, check_op_arguments, parse_shape
 
-DTYPES = ('fp32', 'bf16', 'fp16')
 DEFAULT_SHAPES = [(32, 256, s, s) for s in (7, 14, 28, 56, 112)] + [(2, 256, 200, 300)]
 REFERENCE_CPU_LIMIT = 10 ** 8  # B*C*Ho*Wo*k*k above which the CPU reference takes minutes per shape
 # Peak HBM bandwidth (GB/s) by device-name substring, for when the device properties lack the memory
@@ -121,13 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--layer-batch', type=int, default=32, help='batch of the --model-layers problems (default: 32)')
     parser.add_argument('--layer-img-size', type=int, default=224,
                         help='image size that gives the --model-layers shapes (default: 224)')
-    parser.add_argument('--dtypes', nargs='+', choices=DTYPES, default=['fp32', 'bf16'], help='(default: fp32 bf16)')
-    parser.add_argument('--formats', nargs='+', choices=('nchw', 'nhwc'), default=['nchw', 'nhwc'],
-                        help='nhwc = channels_last (default: both)')
-    parser.add_argument('--kernel-size', type=int, default=3, help='odd k of the DDF op and the dw-conv (default: 3)')
-    parser.add_argument('--stride', type=int, default=1, help='(default: 1)')
-    parser.add_argument('--dilation', type=int, default=1, help='(default: 1)')
-    parser.add_argument('--combine', choices=('mul', 'add'), default='mul', help="DDF kernel_combine (default: 'mul')")
+    add_op_arguments(parser)
     parser.add_argument('--device', help='device to time on (default: cuda if available, else cpu)')
     parser.add_argument('--warmup', type=int, default=5, help='untimed rounds first (default: 5)')
     parser.add_argument('--rounds', type=int, default=20, help='timed rounds; the median is reported (default: 20)')
@@ -135,11 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--peak-gbps', type=float, help='peak memory bandwidth in GB/s (default: from the device)')
     parser.add_argument('--json', help='also write the JSON lines to this file')
     args = parser.parse_args(argv)
-    if args.kernel_size < 1 or args.kernel_size % 2 == 0:
-        parser.error(f'--kernel-size must be a positive odd int, got {args.kernel_size}')
-    if min(args.stride, args.dilation, args.rounds, args.layer_batch, args.layer_img_size) < 1 or args.warmup < 0:
-        parser.error('--stride, --dilation, --rounds, --layer-batch and --layer-img-size must be positive, '
-                     '--warmup non-negative')
+    check_op_arguments(parser, args)
+    if min(args.rounds, args.layer_batch, args.layer_img_size) < 1 or args.warmup < 0:
+        parser.error('--rounds, --layer-batch and --layer-img-size must be positive, --warmup non-negative')
     if args.peak_gbps is not None and args.peak_gbps <= 0:
         parser.error(f'--peak-gbps must be positive, got {args.peak_gbps}')
     import torch

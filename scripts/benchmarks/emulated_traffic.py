@@ -23,7 +23,7 @@ import argparse
 import json
 import sys
 
-from benchmark_common import parse_shape
+from benchmark_common import add_op_arguments, check_op_arguments, parse_shape
 
 RESNET50_LAYERS = [  # (C, H, W, stride) of the DDF layers (conv2 of each bottleneck)
     (64, 56, 56, 1), (128, 56, 56, 2), (128, 28, 28, 1), (256, 28, 28, 2), (256, 14, 14, 1), (512, 14, 14, 2),
@@ -77,20 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--shapes', nargs='+', type=parse_shape, metavar='BxCxHxW',
                         help="input shapes, at --stride (default: DDF-ResNet-50's DDF layers, each at its stride)")
     parser.add_argument('--batch-size', type=int, default=1, help='batch of the default layer shapes (default: 1)')
-    parser.add_argument('--dtypes', nargs='+', choices=('fp32', 'bf16', 'fp16'), default=['fp32', 'bf16'],
-                        help='(default: fp32 bf16)')
-    parser.add_argument('--formats', nargs='+', choices=('nchw', 'nhwc'), default=['nchw', 'nhwc'],
-                        help='nhwc = channels_last (default: both)')
-    parser.add_argument('--kernel-size', type=int, default=3, help='odd k (default: 3)')
-    parser.add_argument('--stride', type=int, default=1, help='stride of the --shapes (default: 1)')
-    parser.add_argument('--dilation', type=int, default=1, help='(default: 1)')
-    parser.add_argument('--combine', choices=('mul', 'add'), default='mul', help="kernel_combine (default: 'mul')")
+    add_op_arguments(parser)  # --stride applies to --shapes; the default layers each have their own
     parser.add_argument('--json', help='also write the JSON lines to this file')
     args = parser.parse_args(argv)
-    if args.kernel_size < 1 or args.kernel_size % 2 == 0:
-        parser.error(f'--kernel-size must be a positive odd int, got {args.kernel_size}')
-    if min(args.batch_size, args.stride, args.dilation) < 1:
-        parser.error('--batch-size, --stride and --dilation must be positive')
+    check_op_arguments(parser, args)
+    if args.batch_size < 1:
+        parser.error(f'--batch-size must be positive, got {args.batch_size}')
 
     import os
 
