@@ -17,13 +17,17 @@ INSTALLED := $(VENV)/.ddfnet-installed
 
 setup: $(INSTALLED)
 
-# Reinstalled when the packaging or the native sources change.
-$(INSTALLED): setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
+# The whole install (from the package index) when the packaging changes or on the first run; when only the
+# native sources changed, the extension alone is rebuilt, offline.
+define INSTALL
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install setuptools wheel ninja
 	$(BIN)/pip install --no-build-isolation -e ".[test,onnx,wds]"
+endef
+$(INSTALLED): setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
+	$(if $(filter setup.py pyproject.toml,$?),$(INSTALL),$(BIN)/pip install --no-build-isolation --no-deps --no-index -e .)
 	touch $@
 
 demo: setup
@@ -40,10 +44,12 @@ test: setup
 # under the sanitizers; the dry run of scripts/gpu_check.sh). The slowest tests are listed at the end.
 # TEST_WORKERS pytest-xdist processes (default 2, the CI machine's cores), one intra-op thread each; a
 # worker starts with half of the tests and takes over the other's remaining ones when it runs out (worksteal).
+# PYTEST_ARGS: more pytest options (.ci/run adds a junit file, whose skips it checks).
 TEST_WORKERS ?= 2
+PYTEST_ARGS ?=
 test-all: setup emulation
 	DDFNET_TEST_SANITIZERS=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests \
-		--durations=25
+		--durations=25 $(PYTEST_ARGS)
 
 # The CUDA kernels compiled for the CPU (test-only; tests/support/cuda_emulation): built once and
 # cached, then run by tests/test_kernels.py (backend 'emu') and tests/test_cuda_emulation.py.

@@ -49,6 +49,8 @@ def test_docs_python_blocks_run(path, index, tmp_path, monkeypatch):
     written = _write_weights(block, tmp_path)
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
+    # A block must show something that can fail: it loads weights (checked below) or asserts.
+    assert written or re.search(r'^\s*assert ', block, re.M), f'{path.name} block {index} checks nothing'
     exec(compile(block, str(path), 'exec'), namespace)
     if written:
         # The examples load weights: the model they end with holds the file's tensors, classifier included.

@@ -1,20 +1,22 @@
-"""scripts/gpu_check.sh --dry-run: every part of the GPU call runs on the CPU (tiny problems), the summary names
-each with its status, and results.tar.gz holds what each part produced; bad arguments are one line."""
+"""scripts/gpu_check.sh --dry-run: the GPU call's test selection is exactly the CUDA cases, the parts' caps fit
+its budget, every other part runs on the CPU (tiny problems), the summary names each with its status, and
+results.tar.gz holds what each part produced; bad arguments are one line."""
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
 import xml.etree.ElementTree as ElementTree
 
 import pytest
+import torch
 
 from support.runner import ROOT
 
 SCRIPT = ROOT / 'scripts' / 'gpu_check.sh'
-PARTS = ('environment', 'build', 'test_cuda', 'op_layers', 'op_paper', 'train_native', 'train_reference',
-         'train_compare', 'model_50', 'compile_50', 'profile', 'model_101', 'compile_101')
-SKIPPED_IN_DRY_RUN = {'model_101', 'compile_101'}  # the same small models as the _50 parts
+PARTS = ('environment', 'build', 'test_cuda', 'op_layers', 'train_native', 'train_reference', 'train_compare',
+         'model_50', 'compile_50', 'profile', 'op_paper')
 
 
 def gpu_check(out, *args, timeout=900):
@@ -40,8 +42,7 @@ def test_dry_run_runs_every_part(dry_run):
     statuses = {line.split()[0]: line.split(None, 1)[1] for line in summary.splitlines() if line.split()
                 and line.split()[0] in PARTS}
     assert list(statuses) == list(PARTS)
-    for part, status in statuses.items():
-        assert status.startswith('skipped (dry run)' if part in SKIPPED_IN_DRY_RUN else 'ok'), (part, status)
+    assert all(status.startswith('ok') for status in statuses.values()), statuses
     assert sorted(os.listdir(out)) == ['results', 'results.tar.gz', 'summary.txt']  # a GPU call returns few files
 
 
@@ -49,13 +50,42 @@ def test_dry_run_runs_every_part(dry_run):
 def test_dry_run_results(dry_run):
     _, out = dry_run
     results = out / 'results'
-    for part in set(PARTS) - SKIPPED_IN_DRY_RUN:
+    for part in PARTS:
         assert (results / f'{part}.log').is_file(), part
+    caps = re.search(r'caps add up to (\d+) s of the GPU call\'s (\d+) s budget', (results / 'environment.log').read_text())
+    assert caps and 0 < int(caps[1]) <= int(caps[2]) <= 540  # 9 minutes, the build included
     suite = ElementTree.parse(results / 'test_cuda.xml').getroot().find('testsuite')
     assert int(suite.get('tests')) > 0 and int(suite.get('failures')) == int(suite.get('errors')) == 0
+    assert int(suite.get('skipped')) == 0
+
+
+@pytest.mark.slow  # reads the dry run above
+def test_dry_run_checks_the_gpu_calls_selection_is_exactly_the_cuda_cases(dry_run):
+    _, out = dry_run
+    results = out / 'results'
+    selected = [line.strip() for line in (results / 'test_cuda_selection.txt').read_text().splitlines() if '::' in line]
+    every = [line.strip() for line in (results / 'test_cuda_all.txt').read_text().splitlines() if '::' in line]
+    # Read independently of the script: the grid's cases carry their backend as a parameter id.
+    def backend(node):
+        ids = set(node.partition('[')[2].rstrip(']').split('-'))
+        return next((b for b in ('cpu', 'cuda', 'emu') if b in ids), None)
+    assert {backend(n) for n in selected} <= {'cuda', 'cpu', None}
+    assert all(n.startswith('tests/test_cuda.py::') for n in selected if backend(n) != 'cuda')
+    assert not [n for n in selected if backend(n) == 'emu']
+    assert sorted(n for n in every if backend(n) == 'cuda') == sorted(n for n in selected if backend(n) == 'cuda')
+    assert len([n for n in selected if n.startswith('tests/test_kernels.py::')]) > 1000
+    assert re.search(r'selected \d+ of \d+ collected', (results / 'test_cuda.log').read_text())
+
+
+@pytest.mark.slow  # reads the dry run above
+def test_dry_run_benchmark_and_training_results(dry_run):
+    _, out = dry_run
+    results = out / 'results'
     rows = [json.loads(line) for line in (results / 'op_layers.jsonl').read_text().splitlines()]
-    assert {r['stride'] for r in rows} == {1, 2} and all(r['layers'] and r['peak_gbps'] == 4800 for r in rows)
-    assert all(r['implementation'] == 'native' and r['ddf_pct_peak'] is not None for r in rows)
+    # The peak bandwidth comes from the device: none on the CPU, so no % of it.
+    assert {r['stride'] for r in rows} == {1, 2} and all(r['layers'] for r in rows)
+    assert all(r['peak_gbps'] is None and r['peak_source'] == 'unknown' and r['ddf_pct_peak'] is None for r in rows)
+    assert all(r['implementation'] == 'native' for r in rows)
     compare = json.loads((results / 'train_compare.json').read_text())
     assert len(compare['native']) == 8 and len(compare['reference']) == 4 and all(compare['checks'].values())
     assert 'ddfnet::ddf' in (results / 'profile_train_step.txt').read_text()
@@ -75,3 +105,18 @@ def test_bad_arguments_are_one_line_and_write_nothing(tmp_path, args, message):
     assert result.returncode == 2 and result.stdout == ''
     assert result.stderr.strip().splitlines() == [f'gpu_check.sh: error: {message}']
     assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.slow  # starts Python twice (~15 s)
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the call on a machine without a GPU')
+def test_without_a_gpu_the_call_stops_after_the_environment_part(tmp_path):
+    # The call would otherwise spend its minutes building and timing the reference path.
+    result = gpu_check(tmp_path / 'out', timeout=300)
+    assert result.returncode == 1
+    summary = (tmp_path / 'out' / 'summary.txt').read_text()
+    assert 'STOPPED: gpu_check: no visible GPU (torch.cuda.is_available() is False' in summary, summary
+    statuses = {line.split()[0]: line.split(None, 1)[1] for line in summary.splitlines() if line.split()
+                and line.split()[0] in PARTS}
+    assert list(statuses) == list(PARTS)
+    assert statuses['environment'].startswith('failed')
+    assert all(s.startswith('skipped (environment failed)') for p, s in statuses.items() if p != 'environment')

@@ -197,7 +197,7 @@ def test_infinite_inputs_give_the_references_inf_and_nan(backend, combine, strid
 
 # ---- through ddfnet.ddf: autograd, opcheck, autocast on the device backends ----
 
-@pytest.mark.parametrize('backend', DEVICE_BACKENDS)
+@pytest.mark.parametrize('backend', params(*DEVICE_BACKENDS))
 @pytest.mark.parametrize('combine', COMBINES)
 @pytest.mark.parametrize('k, dilation, stride, layout', (
     (3, 1, 1, 'nchw'), (3, 2, 2, 'nhwc'), (5, 1, 2, 'nchw'), (7, 1, 1, 'nhwc'), (1, 1, 1, 'nchw'),
@@ -209,7 +209,7 @@ def test_gradcheck(backend, combine, k, dilation, stride, layout):
     assert torch.autograd.gradcheck(lambda *t: ddfnet.ddf(*t, k, dilation, stride, combine), args)
 
 
-@pytest.mark.parametrize('backend', DEVICE_BACKENDS)
+@pytest.mark.parametrize('backend', params(*DEVICE_BACKENDS))
 @pytest.mark.parametrize('combine', COMBINES)
 @pytest.mark.parametrize('k, dilation, stride', [(k, d, s) for k in (1, 3, 5) for d in (1, 2) for s in (1, 2)])
 def test_gradgradcheck(backend, combine, k, dilation, stride):
@@ -224,7 +224,7 @@ def test_gradgradcheck(backend, combine, k, dilation, stride):
                                         fast_mode=True, check_fwd_over_rev=True)
 
 
-@pytest.mark.parametrize('backend', DEVICE_BACKENDS)
+@pytest.mark.parametrize('backend', params(*DEVICE_BACKENDS))
 @pytest.mark.parametrize('combine', COMBINES)
 def test_forward_mode_and_vmap(backend, combine):
     require(backend)
@@ -238,7 +238,7 @@ def test_forward_mode_and_vmap(backend, combine):
         torch.testing.assert_close(got[i], ddfnet.ddf(batch[i], cf, sf, 3, 1, 2, combine))
 
 
-@pytest.mark.parametrize('backend', DEVICE_BACKENDS)
+@pytest.mark.parametrize('backend', params(*DEVICE_BACKENDS))
 @pytest.mark.parametrize('combine', COMBINES)
 @pytest.mark.parametrize('layout', LAYOUTS)
 @pytest.mark.parametrize('k, dilation', ((3, 1), (9, 1), (3, 2)))
@@ -251,7 +251,7 @@ def test_opcheck(backend, combine, layout, k, dilation):
                           (grad, x.detach(), cf.detach(), sf.detach(), k, dilation, 2, combine))
 
 
-@pytest.mark.parametrize('backend', DEVICE_BACKENDS)
+@pytest.mark.parametrize('backend', params(*DEVICE_BACKENDS))
 @pytest.mark.parametrize('layout', LAYOUTS)
 def test_gradients_through_autograd_keep_the_layout(backend, layout):
     require(backend)

@@ -31,9 +31,11 @@ def test_forward_and_backward_match_naive(combine, k, dilation, stride, hw):
 
 
 def test_output_size_is_conv_formula():
-    for h, stride in ((7, 2), (8, 2), (9, 3), (1, 2)):
-        x, cf, sf = random_inputs(1, 2, h, h, 3, stride)
-        assert ddfnet.ddf(x, cf, sf, 3, 1, stride).shape[-1] == (h - 1) // stride + 1
+    # A 'same'-padded convolution's size: (size - 1) // stride + 1 per side, batch and channels kept.
+    for h, w, stride, dilation in ((7, 10, 2, 1), (8, 5, 2, 2), (9, 13, 3, 1), (1, 4, 2, 3), (6, 6, 1, 2)):
+        x, cf, sf = random_inputs(2, 3, h, w, 3, stride)
+        out = ddfnet.ddf(x, cf, sf, 3, dilation, stride)
+        assert out.shape == (2, 3, (h - 1) // stride + 1, (w - 1) // stride + 1), (h, w, stride, dilation)
 
 
 @pytest.mark.parametrize('combine', COMBINES)

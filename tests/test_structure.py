@@ -1,10 +1,15 @@
 """The package's layering, read from its source: the op registers itself in one place, imports of ddfnet's
 own modules form no cycle, no lower layer imports a higher one, and setup.py can load the native-kernel loader
 without ddfnet. The tests' layout: no test file imports another (shared code is in tests/support), and no
-test-only code ships in the package. Reads files, imports nothing heavy: fast."""
+test-only code ships in the package; the fast tier is offline. Reads files, imports nothing heavy: fast."""
 import ast
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import ddfnet
@@ -158,3 +163,48 @@ def test_no_script_imports_another():
     names = {p.stem for p in scripts} - {'benchmark_common'}
     wrong = [f'{p.relative_to(root)} imports {name}' for p in scripts for name in _top_level_imports(p) & names]
     assert wrong == []
+
+
+def test_the_fast_tier_is_offline_but_may_use_this_machine():
+    # tests/conftest.py: a fast test's connection to another machine raises at once (no timeout to wait
+    # out), in-process and for the hub in subprocesses; loopback connections (torchrun's store) work.
+    with pytest.raises(ConnectionRefusedError, match='the fast tier is offline'):
+        socket.create_connection(('pypi.org', 443), timeout=5)
+    with pytest.raises(ConnectionRefusedError, match='the fast tier is offline'):
+        socket.socket().connect(('8.8.8.8', 53))
+    assert os.environ['HF_HUB_OFFLINE'] == '1'
+    with socket.create_server(('127.0.0.1', 0)) as server:
+        socket.create_connection(server.getsockname(), timeout=5).close()
+
+
+@pytest.mark.parametrize('changed, full_install', [('csrc', False), ('setup.py', True), ('pyproject.toml', True)])
+def test_make_setup_reinstalls_from_the_index_only_when_the_packaging_changes(tmp_path, changed, full_install):
+    # An edit under csrc/ rebuilds the extension offline (make test works without the network); a change
+    # of the packaging (dependencies) runs the whole install.
+    stamp = tmp_path / '.ddfnet-installed'
+    stamp.touch()
+    if changed == 'csrc':  # the stamp older than everything, setup.py and pyproject.toml taken as older still
+        os.utime(stamp, (0, 0))
+        args = ['-o', 'setup.py', '-o', 'pyproject.toml']
+    else:
+        args = ['-W', changed]
+    result = subprocess.run(['make', '-n', 'setup', f'VENV={tmp_path}', *args], cwd=PACKAGE.parent,
+                            capture_output=True, text=True, check=True)
+    assert ('pip install torch==' in result.stdout) == full_install, result.stdout
+    assert ('--no-index' in result.stdout) != full_install, result.stdout
+
+
+def test_ci_fails_on_a_skip_it_does_not_expect(tmp_path):
+    # .ci/run passes the CUDA tests' skips (no GPU there) and fails on any other, e.g. a missing webdataset.
+    def junit(*reasons):
+        cases = ''.join(f'<testcase classname="tests.test_x" name="t{i}"><skipped type="pytest.skip" '
+                        f'message="{reason}"/></testcase>' for i, reason in enumerate(reasons))
+        path = tmp_path / 'junit.xml'
+        path.write_text(f'<testsuites><testsuite name="pytest">{cases}<testcase classname="a" name="ok"/>'
+                        '</testsuite></testsuites>')
+        return subprocess.run([sys.executable, str(PACKAGE.parent / '.ci' / 'skips.py'), str(path),
+                               'needs a CUDA device'], capture_output=True, text=True)
+    assert junit('needs a CUDA device', 'needs a CUDA device').returncode == 0
+    result = junit('needs a CUDA device', "could not import 'webdataset': No module named 'webdataset'")
+    assert result.returncode == 1
+    assert "tests.test_x::t1: could not import 'webdataset'" in result.stderr

@@ -19,16 +19,18 @@ from ddfnet.ops import ddf_backward_reference, ddf_forward_reference  # noqa: E4
 def cases(variant):
     """(shape, k, dilation, stride, layout, dtype, combine). ASan+UBSan: every kernel and launch path
     (unrolled k 3/5/7 and run-time k, split reductions, fp16); TSan (threads mode, slow): the backward's
-    shared-memory and shuffle reductions, split and unsplit."""
+    shared-memory and shuffle reductions in both layouts, unsplit and split (csrc/cuda/ddf_cuda_filters.cu,
+    split_count: an NHWC grad_cf of 3 channels splits from 512 output pixels, an NCHW grad_sf from 32
+    channels), on the smallest shapes that reach each."""
     if variant == 'asan':
         small = itertools.product(((2, 5, 11, 9), (2, 37, 9, 7)), (3, 9), (1, 2), (1, 2), ('nchw', 'nhwc'),
                                   (torch.float32,), ('mul', 'add'))
-        return [*small, ((1, 64, 40, 40), 5, 1, 1, 'nchw', torch.float16, 'mul'),
-                ((1, 64, 40, 40), 5, 1, 1, 'nhwc', torch.float16, 'mul'),
+        return [*small, ((1, 64, 12, 12), 5, 1, 1, 'nchw', torch.float16, 'mul'),
+                ((1, 64, 12, 12), 5, 1, 1, 'nhwc', torch.float16, 'mul'),
                 ((1, 256, 15, 17), 3, 1, 1, 'nhwc', torch.float32, 'mul'),
                 ((1, 3, 96, 96), 7, 2, 1, 'nchw', torch.float64, 'add')]
-    return [((2, 5, 11, 9), 3, 1, 1, 'nchw', torch.float32, 'mul'), ((2, 37, 9, 7), 3, 2, 1, 'nhwc', torch.float32, 'mul'),
-            ((1, 3, 40, 40), 5, 1, 1, 'nchw', torch.float32, 'mul'), ((1, 3, 40, 40), 1, 1, 2, 'nhwc', torch.float32, 'add')]
+    return [((2, 5, 11, 9), 3, 1, 1, 'nchw', torch.float32, 'mul'), ((1, 37, 7, 5), 3, 2, 1, 'nhwc', torch.float32, 'mul'),
+            ((1, 3, 24, 24), 1, 1, 1, 'nhwc', torch.float32, 'add'), ((1, 32, 5, 4), 5, 1, 1, 'nchw', torch.float32, 'mul')]
 
 
 def main():

@@ -148,14 +148,23 @@ def load(variant: str = 'plain', verbose: bool = False) -> Emulation:
     return _loaded[variant]
 
 
+def _name(variant: str) -> str:
+    return 'ddfnet_cuda_emu' if variant == 'plain' else f'ddfnet_cuda_emu_{variant}'
+
+
+def is_built(variant: str = 'plain') -> bool:
+    """Whether ``variant``'s build is cached and newer than every source (:func:`load` then compiles nothing)."""
+    name = _name(variant)
+    built = list(extension_build_dir(name).glob(f'{name}*.so'))
+    return bool(built) and min(p.stat().st_mtime for p in built) >= max(os.path.getmtime(p) for p in _inputs())
+
+
 def _jit_build(variant: str, cflags: list[str], ldflags: list[str], verbose: bool) -> ModuleType:
     from torch.utils import cpp_extension
 
-    name = 'ddfnet_cuda_emu' if variant == 'plain' else f'ddfnet_cuda_emu_{variant}'
+    name = _name(variant)
     build_dir = extension_build_dir(name)
-    built = list(build_dir.glob(f'{name}*.so'))
-    fresh = built and min(p.stat().st_mtime for p in built) >= max(os.path.getmtime(p) for p in _inputs())
-    if not fresh:
+    if not is_built(variant):
         print(f'ddfnet: compiling the CUDA emulation ({variant}) into {build_dir} ...', file=sys.stderr, flush=True)
     # The compiler must not run with this process's sanitizer runtime preloaded.
     preload = os.environ.pop('LD_PRELOAD', None)
