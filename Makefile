@@ -42,15 +42,13 @@ test: setup
 # Everything: the fast and the slow tier (timm's own model tests, fetched from timm's sdist on the package
 # index; torchrun and elastic runs; export, ONNX and torch.compile; the CUDA kernels on the CPU, plain and
 # under the sanitizers; the dry run of scripts/gpu_check.sh). The slowest tests are listed at the end.
-# TEST_WORKERS pytest-xdist processes (default 2, the CI machine's cores), one intra-op thread and one
-# inductor compile process each (two compile processes per worker would fight the other worker); a
+# TEST_WORKERS pytest-xdist processes (default 2, the CI machine's cores), one intra-op thread each; a
 # worker starts with half of the tests and takes over the other's remaining ones when it runs out (worksteal).
 # PYTEST_ARGS: more pytest options (.ci/run adds a junit file, whose skips it checks).
 TEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 test-all: setup emulation
-	DDFNET_TEST_SANITIZERS=1 OMP_NUM_THREADS=1 TORCHINDUCTOR_COMPILE_THREADS=1 $(BIN)/python -m pytest -q \
-		-n $(TEST_WORKERS) --dist worksteal tests \
+	DDFNET_TEST_SANITIZERS=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests \
 		--durations=25 $(PYTEST_ARGS)
 
 # The CUDA kernels compiled for the CPU (test-only; tests/support/cuda_emulation): built once and

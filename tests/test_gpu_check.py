@@ -120,3 +120,22 @@ def test_without_a_gpu_the_call_stops_after_the_environment_part(tmp_path):
     assert list(statuses) == list(PARTS)
     assert statuses['environment'].startswith('failed')
     assert all(s.startswith('skipped (environment failed)') for p, s in statuses.items() if p != 'environment')
+
+
+@pytest.mark.parametrize('counts, passes', [
+    (dict(tests=3), True),
+    (dict(tests=3, skipped=1), False),  # a CUDA test that skips on the GPU machine is a lost check
+    (dict(tests=3, failures=1), False),
+    (dict(tests=0), False),  # nothing selected ran
+])
+def test_the_cuda_test_part_fails_on_a_skip_a_failure_or_no_test(tmp_path, counts, passes):
+    skip = '<skipped message="needs a CUDA device"/>'
+    suite = ''.join(f'<testcase classname="t" name="c{i}">{skip if i < counts.get("skipped", 0) else ""}</testcase>'
+                    for i in range(counts['tests']))
+    attributes = ' '.join(f'{k}="{counts.get(k, 0)}"' for k in ('tests', 'failures', 'errors', 'skipped'))
+    (tmp_path / 'junit.xml').write_text(f'<testsuites><testsuite name="pytest" {attributes}>{suite}</testsuite></testsuites>')
+    # The script's own function, run alone.
+    function = re.search(r'^junit_verdict\(\) \{\n.*?^\}\n', SCRIPT.read_text(), re.M | re.S)[0]
+    result = subprocess.run(['bash', '-c', f'{function}\njunit_verdict "$1"', 'bash', str(tmp_path / 'junit.xml')],
+                            capture_output=True, text=True, env={**os.environ, 'PY': sys.executable})
+    assert (result.returncode == 0) == passes, result.stdout + result.stderr
