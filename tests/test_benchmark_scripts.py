@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from support.runner import ROOT, run_script
+from support.runner import ROOT, load_script, run_script
 
 pytestmark = pytest.mark.slow  # the benchmark scripts as subprocesses, each starting Python with torch and timm
 
@@ -71,3 +71,30 @@ def test_benchmark_loader_measures_and_suggests_workers(tmp_path):
     bad = run_script('scripts/benchmarks/benchmark_loader', '--workers', '0', cwd=ROOT)
     assert bad.returncode == 2 and bad.stderr.startswith('benchmark_loader.py: error: ') and len(
         bad.stderr.splitlines()) == 1
+
+
+PTXAS = """\
+ptxas info    : Compiling entry function '_Z6kernelILi3EEvPf' for 'sm_90'
+ptxas info    : Function properties for _Z6kernelILi3EEvPf
+    16 bytes stack frame, 20 bytes spill stores, 24 bytes spill loads
+ptxas info    : Used 65 registers, used 1 barriers, 1024 bytes smem, 400 bytes cmem[0]
+ptxas info    : Compiling entry function '_Z4copyPf' for 'sm_90'
+ptxas info    : Function properties for _Z4copyPf
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 32 registers, used 0 barriers, 380 bytes cmem[0]
+"""
+
+
+def test_kernel_resources_reads_ptxas_and_computes_occupancy():
+    # The compile-only report's arithmetic (compiling every kernel takes minutes: not run here).
+    module = load_script('scripts/benchmarks/kernel_resources')
+    rows = module.parse(PTXAS)
+    assert rows == [dict(mangled='_Z6kernelILi3EEvPf', registers=65, spill_stores=20, spill_loads=24, stack=16, smem=1024),
+                    dict(mangled='_Z4copyPf', registers=32, spill_stores=0, spill_loads=0, stack=0, smem=0)]
+    # 256-thread blocks: 64 registers fit 4 blocks (50%); 65 round up to 72 per thread, 3 blocks (37.5%);
+    # 32 registers: 8 blocks, all 64 warps; 100 KiB of shared memory per block: 2 blocks on sm_90, 1 on sm_80.
+    assert module.occupancy(64, 0, 90) == (0.5, 'registers')
+    assert module.occupancy(65, 1024, 90) == (0.375, 'registers')
+    assert module.occupancy(32, 0, 80) == (1.0, 'threads')
+    assert module.occupancy(32, 100 * 1024, 90) == (0.25, 'shared memory')
+    assert module.occupancy(32, 100 * 1024, 80) == (0.125, 'shared memory')
