@@ -196,8 +196,7 @@ def test_the_families_cover_every_registered_model():
     assert families <= {name.rstrip('0123456789') for name in FAMILIES}, families
 
 
-# One export per family: the exporter's graph optimisation grows faster than the graph, so seven models in
-# one graph take about three times as long as seven graphs.
+# One export per family: a failure names its family, and the exports spread over the test workers.
 @pytest.mark.parametrize('name', FAMILIES)
 def test_every_model_family_matches_onnxruntime(tmp_path, name):
     model = timm.create_model(name, num_classes=10, **FAMILIES[name])
