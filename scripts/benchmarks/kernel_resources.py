@@ -3,7 +3,7 @@
     python scripts/benchmarks/kernel_resources.py                  # sm_80 and sm_90, a table per arch
     python scripts/benchmarks/kernel_resources.py --arch 90 --json resources.jsonl
 
-Compiles each csrc/cuda/*.cu as setup.py does (nvcc under $CUDA_HOME, torch's headers, -O3) for each
+Compiles each csrc/cuda/*.cu with setup.py's nvcc flags (nvcc under $CUDA_HOME, torch's headers) for each
 architecture with ptxas' resource usage (``--resource-usage``) and prints one row per kernel
 instantiation: registers per thread, spill stores / loads and stack frame (bytes), static shared memory,
 and the theoretical occupancy of a full 256-thread block (the kernels' ``__launch_bounds__``): resident
@@ -42,13 +42,14 @@ def occupancy(registers: int, smem: int, arch: int, threads: int = THREADS) -> t
 
 
 def compile_flags() -> list[str]:
+    """The extension build's nvcc flags (ddfnet.ops._native, which setup.py and the JIT build use too, and
+    torch's own), with torch's and Python's headers."""
     from torch.utils import cpp_extension
-    includes = cpp_extension.include_paths('cuda')
-    return ['-DDDFNET_WITH_CUDA', '-O3', '--expt-relaxed-constexpr', '-std=c++20',  # torch's own flag
-            '-D__CUDA_NO_HALF_OPERATORS__',
-            '-D__CUDA_NO_HALF_CONVERSIONS__', '-D__CUDA_NO_BFLOAT16_CONVERSIONS__', '-D__CUDA_NO_HALF2_OPERATORS__',
-            f'-I{sys.base_prefix}/include/python{sys.version_info.major}.{sys.version_info.minor}',
-            *(f'-I{p}' for p in includes)]
+
+    from ddfnet.ops import _native
+    python = f'{sys.base_prefix}/include/python{sys.version_info.major}.{sys.version_info.minor}'
+    return ['-DDDFNET_WITH_CUDA', *_native.nvcc_flags(), *cpp_extension.COMMON_NVCC_FLAGS, '-std=c++20', f'-I{python}',
+            *(f'-I{p}' for p in cpp_extension.include_paths('cuda'))]
 
 
 def ptxas_report(nvcc: str, source: Path, arch: int, flags: list[str]) -> str:
