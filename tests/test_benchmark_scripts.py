@@ -98,3 +98,31 @@ def test_kernel_resources_reads_ptxas_and_computes_occupancy():
     assert module.occupancy(32, 0, 80) == (1.0, 'threads')
     assert module.occupancy(32, 100 * 1024, 90) == (0.25, 'shared memory')
     assert module.occupancy(32, 100 * 1024, 80) == (0.125, 'shared memory')
+
+
+def test_cuda_kernels_meet_the_occupancy_targets_on_sm90():
+    # Compiles csrc/cuda for sm_90 with ptxas' resource usage (about two minutes on two cores, no GPU): a
+    # kernel change that spills at k = 3 or falls off the occupancy targets fails here, not on a lent GPU.
+    nvcc = os.path.join(os.environ.get('CUDA_HOME', '/usr/local/cuda'), 'bin', 'nvcc')
+    if not os.access(nvcc, os.X_OK):
+        pytest.skip(f'needs nvcc (none at {nvcc}; set CUDA_HOME to the CUDA toolkit root)')
+    proc = _run('kernel_resources.py', '--arch', '90', '--check', timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert 'every k = 3 / 5 / 7 instantiation meets the occupancy targets' in proc.stdout
+
+
+def test_kernel_resources_check_flags_the_kernels_below_the_targets():
+    module = load_script('scripts/benchmarks/kernel_resources')
+
+    def row(kernel, registers, spills=0, arch='sm_90'):
+        return dict(arch=arch, kernel=kernel, registers=registers, spill_stores=spills, spill_loads=spills,
+                    occupancy=module.occupancy(registers, 0, int(arch[3:]))[0])
+
+    rows = [row('grad_sf_nchw_kernel<Half, 3>', 64), row('forward_nchw_kernel<float, 5>', 128),
+            row('grad_cf_nhwc_kernel<double, 7>', 255, spills=400), row('forward_nchw_kernel<float, 0>', 200)]
+    assert module.misses(rows) == []  # at the targets; float64 and the run-time-k kernel exempt
+    missed = module.misses([row('grad_sf_nchw_kernel<Half, 3>', 65), row('grad_cf_nchw_kernel<float, 3>', 48, 4),
+                            row('grad_sf_nchw_kernel<BFloat16, 7>', 129)])
+    assert [m.split(':')[0] for m in missed] == ['sm_90 grad_sf_nchw_kernel<Half, 3>', 'sm_90 grad_cf_nchw_kernel<float, 3>',
+                                                'sm_90 grad_sf_nchw_kernel<BFloat16, 7>']
+    assert '37.5% occupancy (target 50%, no spills)' in missed[0] and '8 bytes spilled' in missed[1]

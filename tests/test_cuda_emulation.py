@@ -90,7 +90,7 @@ def test_modes_agree_bit_for_bit(emu):
 
 @pytest.mark.parametrize('layout', ('nchw', 'nhwc'))
 @pytest.mark.parametrize('shape, k, dilation, stride', (((2, 20, 40, 40), 3, 1, 1), ((1, 40, 33, 31), 9, 1, 2),
-                                                        ((1, 64, 30, 30), 5, 2, 1)))
+                                                        ((1, 64, 30, 30), 5, 2, 1), ((3, 19, 23, 21), 7, 1, 2)))
 def test_many_grid_stride_iterations(emu, shape, k, dilation, stride, layout):
     # Grids sized for a 1-SM GPU (at most 32 blocks): every kernel's grid-stride / block-item loop runs
     # many times, and the reductions split, on shapes small enough for the emulation.
@@ -108,6 +108,27 @@ def test_emulation_errors_reach_python_as_errors(emu):
         torch.ops.ddfnet_emu.ddf(x, cf, sf, 2, 1, 1, 'mul')
     with pytest.raises(ValueError, match='variant must be one of'):
         cuda_emulation.load('msan')
+
+
+def expanded(*shape):
+    """A zero tensor of any shape that takes no memory (every stride 0)."""
+    return torch.zeros(1).expand(*shape)
+
+
+@pytest.mark.parametrize('b, c, h, w, k, message', [
+    (2 ** 31, 1, 1, 1, 3, "batch size and channels must be below 2\\^31"),
+    (1, 2 ** 31, 1, 1, 3, "batch size and channels must be below 2\\^31"),
+    (1, 1, 1, 1, 46341, 'kernel_size must be at most 46339'),
+    (1, 1, 2 ** 30, 1, 3, 'height and width must be below 2\\^30'),
+])
+def test_sizes_beyond_the_kernels_index_limits_raise_before_allocating(emu, b, c, h, w, k, message):
+    # The kernels index pixels, channels, samples and taps in 32 bits; the entry points refuse larger
+    # inputs before allocating anything (the output of a 2^31-sample batch would take 8 GB here).
+    x, cf, sf = expanded(b, c, h, w), expanded(b, c, k, k), expanded(b, k * k, h, w)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.ddfnet_emu.ddf(x, cf, sf, k, 1, 1, 'mul')
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.ddfnet_emu.ddf_backward(expanded(b, c, h, w), x, cf, sf, k, 1, 1, 'mul')
 
 
 def test_user_build_never_compiles_the_emulation():

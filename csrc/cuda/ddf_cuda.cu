@@ -56,13 +56,22 @@ struct DeviceGuard {  // the emulated kernels run on CPU tensors
 using DeviceGuard = c10::cuda::CUDAGuard;
 #endif
 
-// Call after the zero-size early returns (H, W >= 1).
-Geometry make_geometry(const at::Tensor& input, int64_t kernel_size, int64_t dilation, int64_t stride, bool mul) {
+// The index limits of the kernels (ddf_cuda.cuh), checked before anything is allocated.
+void check_sizes(const at::Tensor& input, int64_t kernel_size) {
   const int64_t height = input.size(2), width = input.size(3);
   TORCH_CHECK(height < (int64_t(1) << 30) && width < (int64_t(1) << 30) && height * width < (int64_t(1) << 31),
               "ddf (CUDA): input height and width must be below 2^30 and height * width below 2^31, got ",
               height, " x ", width);
-  TORCH_CHECK(kernel_size <= INT_MAX, "ddf (CUDA): kernel_size too large, got ", kernel_size);
+  TORCH_CHECK(input.size(0) < (int64_t(1) << 31) && input.size(1) < (int64_t(1) << 31),
+              "ddf (CUDA): the input's batch size and channels must be below 2^31, got ", input.size(0), " and ",
+              input.size(1));
+  TORCH_CHECK(kernel_size <= 46339, "ddf (CUDA): kernel_size must be at most 46339 (k * k below 2^31), got ",
+              kernel_size);
+}
+
+// Call after check_sizes and the zero-size early returns (H, W >= 1).
+Geometry make_geometry(const at::Tensor& input, int64_t kernel_size, int64_t dilation, int64_t stride, bool mul) {
+  const int64_t height = input.size(2), width = input.size(3);
   Geometry g;
   g.batch = input.size(0);
   g.channels = input.size(1);
@@ -94,6 +103,7 @@ at::Tensor forward_entry(const at::Tensor& input, const at::Tensor& channel_filt
                          int64_t kernel_size, int64_t dilation, int64_t stride, c10::string_view kernel_combine) {
   const bool mul = ddfnet::check_ddf_args(input, channel_filter, spatial_filter, kernel_size, dilation, stride,
                                           kernel_combine);
+  check_sizes(input, kernel_size);
   const DeviceGuard guard(input.device());
   const at::MemoryFormat fmt = path_format(input);
   const bool channels_last = fmt == at::MemoryFormat::ChannelsLast;
@@ -115,6 +125,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_entry(
   const bool mul = ddfnet::check_ddf_args(input, channel_filter, spatial_filter, kernel_size, dilation, stride,
                                           kernel_combine);
   ddfnet::check_grad_output(grad_output, input, stride);
+  check_sizes(input, kernel_size);
   const DeviceGuard guard(input.device());
   if (input.numel() == 0 || grad_output.numel() == 0) {  // B, C, H or W is 0: every gradient is 0
     return {at::zeros_like(input), at::zeros_like(channel_filter), at::zeros_like(spatial_filter)};

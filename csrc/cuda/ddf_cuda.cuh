@@ -42,7 +42,7 @@ namespace ddf_cuda {
 
 // Shapes and parameters of one call, as the kernels see them (filled by the entry points).
 struct Geometry {
-  int64_t batch, channels, height, width;  // input (B, C, H, W); H, W < 2^30, H * W < 2^31
+  int64_t batch, channels, height, width;  // input (B, C, H, W); B, C < 2^31, H, W < 2^30, H * W < 2^31
   int64_t out_h, out_w;                    // (H - 1) / stride + 1, (W - 1) / stride + 1 (original stride)
   int64_t dilation, stride;                // clamped to max(H, W), which changes no result (ddf.h)
   int k;                                   // kernel size, odd
@@ -62,6 +62,14 @@ void launch_grad_filters(const at::Tensor& grad_output, const at::Tensor& input,
 
 // Threads per block of every kernel (a multiple of 32).
 constexpr int kThreads = 256;
+
+// Minimum resident blocks per SM that kernels unrolled for kernel size K (0: run-time k) ask the compiler
+// for (__launch_bounds__): 4 blocks of kThreads (at most 64 registers a thread, 50% occupancy) at k = 3,
+// the size the models use, and 2 (128 registers, 25%) otherwise, where k*k accumulators must fit. float64
+// (two registers a value; a checking dtype, not a fast one) keeps every register it needs instead of
+// spilling.
+template <typename scalar_t, int K>
+constexpr int kMinBlocks = std::is_same_v<scalar_t, double> ? 1 : K == 3 ? 4 : 2;
 
 // Calls f(std::integral_constant<int, K>{}) with K = k for the unrolled kernel sizes 3, 5, 7 and K = 0
 // (kernel size read at run time, no upper limit) for every other k.
@@ -92,8 +100,66 @@ unsigned int grid_size(int64_t work, int64_t per_block);
 
 #if defined(__CUDACC__) || defined(DDFNET_CUDA_EMULATION)
 
-__device__ __forceinline__ int64_t dceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 __device__ __forceinline__ int64_t dmin(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// Kernels divide 64-bit values only outside their loops: on the GPU a 64-bit division is a called
+// subroutine (tens of instructions, and the registers live across the call are spilled to the stack),
+// while a 32-bit one is inline. Quotient and remainder of a / n for 0 <= a < 2^31 and n >= 1 (n may be
+// larger), in 32 bits.
+__device__ __forceinline__ void divmod31(int64_t a, int64_t n, int64_t& q, int64_t& r) {
+  if (n > a) {
+    q = 0;
+    r = a;
+  } else {
+    const unsigned int ua = static_cast<unsigned int>(a), un = static_cast<unsigned int>(n);
+    q = ua / un;
+    r = ua - static_cast<unsigned int>(q) * un;
+  }
+}
+
+// The position of a grid-stride loop in an index space (n0, n1, n2), last index fastest: item
+// (i0 * n1 + i1) * n2 + i2, with n1, n2 < 2^31. The loop's start and step are below 2^31 (the thread or
+// block index and the grid's thread or block count; grid_size keeps grids far below that), so splitting
+// them takes 32-bit divisions, and advancing adds the step's digits with a carry: no division per item.
+struct GridCursor {
+  int64_t i0, d0;              // the outer index and the step's outer digit
+  unsigned int i1, i2, d1, d2;  // the inner indices and the step's digits (d1 < n1, d2 < n2: one carry each)
+  unsigned int n1, n2;
+
+  __device__ __forceinline__ GridCursor(int64_t start, int64_t step, int64_t n1_, int64_t n2_)
+      : n1(static_cast<unsigned int>(n1_)), n2(static_cast<unsigned int>(n2_)) {
+    const unsigned int s = static_cast<unsigned int>(start), t = static_cast<unsigned int>(step);
+    i2 = s % n2;
+    i1 = (s / n2) % n1;
+    i0 = (s / n2) / n1;
+    d2 = t % n2;
+    d1 = (t / n2) % n1;
+    d0 = (t / n2) / n1;
+  }
+  __device__ __forceinline__ void advance() {
+    i2 += d2;  // < 2 * n2 < 2^32
+    i1 += d1;
+    i0 += d0;
+    if (i2 >= n2) {
+      i2 -= n2;
+      ++i1;
+    }
+    if (i1 >= n1) {
+      i1 -= n1;
+      ++i0;
+    }
+  }
+};
+
+// ceil(a / n) for 1 <= n and 0 <= a, n < 2^31, in 32 bits.
+__device__ __forceinline__ int64_t dceil_div31(int64_t a, int64_t n) {
+  return static_cast<unsigned int>(a + n - 1) / static_cast<unsigned int>(n);
+}
+
+// Row and column of pixel p of a plane `width` wide (p < 2^31, which the entry points check).
+__device__ __forceinline__ void pixel_coords(int64_t p, int64_t width, int64_t& y, int64_t& x) {
+  divmod31(p, width, y, x);
+}
 
 // The per-(channel, tap, pixel) filter value F from its channel part c and spatial part s.
 template <typename acc_t>
@@ -113,6 +179,29 @@ __device__ __forceinline__ int tap_offset(int64_t oy, int64_t ox, int i, int j, 
   if (iy < 0 || iy >= g.height || ix < 0 || ix >= g.width) return -1;
   return static_cast<int>(iy * g.width + ix);
 }
+
+// The K x K taps (K > 0) of output pixel (oy, ox), for walking them without recomputing each one's
+// coordinates: tap (i, j) samples plane offset base + i * row_step + j * dilation (base is the offset of
+// tap (0, 0), possibly outside the image), and lies inside the image when bit i of `rows` and bit j of
+// `cols` are set.
+template <int K>
+struct TapWindow {
+  int64_t base, row_step;
+  unsigned int rows = 0, cols = 0;
+
+  __device__ __forceinline__ TapWindow(int64_t oy, int64_t ox, const Geometry& g) {
+    const int64_t y0 = oy * g.stride - (K / 2) * g.dilation, x0 = ox * g.stride - (K / 2) * g.dilation;
+#pragma unroll
+    for (int i = 0; i < K; ++i) {
+      const int64_t y = y0 + i * g.dilation, x = x0 + i * g.dilation;
+      rows |= static_cast<unsigned int>(y >= 0 && y < g.height) << i;
+      cols |= static_cast<unsigned int>(x >= 0 && x < g.width) << i;
+    }
+    base = y0 * g.width + x0;
+    row_step = g.dilation * g.width;
+  }
+  __device__ __forceinline__ bool inside(int i, int j) const { return (rows >> i) & (cols >> j) & 1u; }
+};
 
 // The inverse (gather form, for grad_input): the output coordinate o in [0, out_size) whose kernel index
 // i samples input coordinate `in`, or -1 when there is none (in - (i - half) * dilation must be a

@@ -90,7 +90,7 @@ sum_partials_kernel(const at::opmath_type<scalar_t>* __restrict__ partial, scala
 // block's threads (1-D block, a multiple of 32), then reduced: lanes by warp_sum, warps in order 0, 1, ...
 // Output (B, C, k*k): value (plane, t) at plane * k*k + t.
 template <typename scalar_t, int K>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks<scalar_t, K>)
 grad_cf_nchw_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict__ x,
                     const scalar_t* __restrict__ sf, scalar_t* __restrict__ gcf,
                     at::opmath_type<scalar_t>* __restrict__ partial, const Geometry g, const int nsplit) {
@@ -102,11 +102,13 @@ grad_cf_nchw_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict_
   const int64_t C = g.channels, Wo = g.out_w;
   const int64_t hw = g.height * g.width, hwo = g.out_h * Wo;
   const int64_t planes = g.batch * C, n = planes * kk;
-  const int64_t span = dceil_div(hwo, nsplit);  // pixels per split
+  const int64_t span = dceil_div31(hwo, nsplit);  // pixels per split
   const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp, nwarps = blockDim.x / kWarp;
-  for (int64_t item = blockIdx.x; item < planes * nsplit; item += gridDim.x) {  // uniform per block
-    const int64_t split = item % nsplit, plane = item / nsplit, b = plane / C;
-    const int64_t p_begin = split * span, p_end = dmin(hwo, p_begin + span);
+  for (GridCursor it(blockIdx.x, gridDim.x, C, nsplit); it.i0 < g.batch; it.advance()) {  // uniform per block
+    const int64_t b = it.i0, plane = b * C + it.i1, split = it.i2;
+    // Pixel indices fit 32 bits (hwo < 2^31; p stays below hwo + blockDim.x).
+    const unsigned int p_begin = static_cast<unsigned int>(split * span);
+    const unsigned int p_end = static_cast<unsigned int>(dmin(hwo, split * span + span));
     const scalar_t* gop = go + plane * hwo;
     const scalar_t* xp = x + plane * hw;
     const scalar_t* sfb = sf + b * kk * hwo;  // tap t, pixel p at t * hwo + p
@@ -114,13 +116,14 @@ grad_cf_nchw_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict_
       acc_t acc[TC];
 #pragma unroll
       for (int tt = 0; tt < TC; ++tt) acc[tt] = acc_t(0);
-      for (int64_t p = p_begin + tid; p < p_end; p += blockDim.x) {
-        const int64_t oy = p / Wo, ox = p % Wo;
+      for (unsigned int p = p_begin + tid; p < p_end; p += blockDim.x) {
+        int64_t oy, ox;
+        pixel_coords(p, Wo, oy, ox);
         const acc_t gv = static_cast<acc_t>(gop[p]);
 #pragma unroll
         for (int tt = 0; tt < TC; ++tt) {
-          const int64_t t = (K > 0 ? 0 : t0) + tt;  // K > 0: one chunk, t0 == 0
-          const int off = tap_offset(oy, ox, static_cast<int>(t / k), static_cast<int>(t % k), half, g);
+          const int t = (K > 0 ? 0 : static_cast<int>(t0)) + tt;  // K > 0: one chunk, t0 == 0
+          const int off = tap_offset(oy, ox, t / k, t % k, half, g);
           if (off < 0) continue;
           acc_t v = gv * static_cast<acc_t>(xp[off]);
           if (g.mul) v *= static_cast<acc_t>(sfb[t * hwo + p]);
@@ -148,7 +151,7 @@ grad_cf_nchw_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict_
 // per-thread sums are then added over threadIdx.y in order 0, 1, ... through shared memory, one tap at
 // a time. Output (B, C, k*k).
 template <typename scalar_t, int K>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks<scalar_t, K>)
 grad_cf_nhwc_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict__ x,
                     const scalar_t* __restrict__ sf, scalar_t* __restrict__ gcf,
                     at::opmath_type<scalar_t>* __restrict__ partial, const Geometry g, const int nsplit) {
@@ -161,31 +164,46 @@ grad_cf_nhwc_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict_
   const int64_t hw = g.height * g.width, hwo = g.out_h * Wo;
   const int64_t n = g.batch * C * kk;
   const int cw = blockDim.x, rows = blockDim.y, tx = threadIdx.x, ty = threadIdx.y;
-  const int64_t groups = dceil_div(C, cw);
-  const int64_t span = dceil_div(hwo, nsplit);
-  for (int64_t item = blockIdx.x; item < g.batch * groups * nsplit; item += gridDim.x) {  // uniform per block
-    const int64_t split = item % nsplit, bg = item / nsplit;
-    const int64_t b = bg / groups, c = (bg % groups) * cw + tx;
+  const int64_t groups = dceil_div31(C, cw);
+  const int64_t span = dceil_div31(hwo, nsplit);
+  for (GridCursor it(blockIdx.x, gridDim.x, groups, nsplit); it.i0 < g.batch; it.advance()) {  // uniform per block
+    const int64_t b = it.i0, c = it.i1 * cw + tx, split = it.i2;
     const bool active = c < C;
-    const int64_t p_begin = split * span, p_end = dmin(hwo, p_begin + span);
+    // Pixel indices fit 32 bits (hwo < 2^31; p stays below hwo + blockDim.x).
+    const unsigned int p_begin = static_cast<unsigned int>(split * span);
+    const unsigned int p_end = static_cast<unsigned int>(dmin(hwo, split * span + span));
     const scalar_t* xb = x + b * hw * C + (active ? c : 0);  // input pixel q (of the sample) at q * C
     for (int64_t t0 = 0; t0 < kk; t0 += TC) {
       acc_t acc[TC];
 #pragma unroll
       for (int tt = 0; tt < TC; ++tt) acc[tt] = acc_t(0);
       if (active) {
-        for (int64_t p = p_begin + ty; p < p_end; p += rows) {
-          const int64_t oy = p / Wo, ox = p % Wo;
+        for (unsigned int p = p_begin + ty; p < p_end; p += rows) {
+          int64_t oy, ox;
+          pixel_coords(p, Wo, oy, ox);
           const acc_t gv = static_cast<acc_t>(go[(b * hwo + p) * C + c]);
           const scalar_t* sfp = sf + (b * hwo + p) * kk;  // tap t at sfp[t]
+          if constexpr (K > 0) {
+            const TapWindow<K> win(oy, ox, g);
+            const scalar_t* xw = xb + win.base * C;  // tap (i, j) at (i * row_step + j * dilation) * C
 #pragma unroll
-          for (int tt = 0; tt < TC; ++tt) {
-            const int64_t t = (K > 0 ? 0 : t0) + tt;  // K > 0: one chunk, t0 == 0
-            const int off = tap_offset(oy, ox, static_cast<int>(t / k), static_cast<int>(t % k), half, g);
-            if (off < 0) continue;
-            acc_t v = gv * static_cast<acc_t>(xb[off * C]);
-            if (g.mul) v *= static_cast<acc_t>(sfp[t]);
-            acc[tt] += v;
+            for (int i = 0; i < K; ++i) {
+#pragma unroll
+              for (int j = 0; j < K; ++j) {
+                if (!win.inside(i, j)) continue;
+                acc_t v = gv * static_cast<acc_t>(xw[(i * win.row_step + j * g.dilation) * C]);
+                if (g.mul) v *= static_cast<acc_t>(sfp[i * K + j]);
+                acc[i * K + j] += v;
+              }
+            }
+          } else {
+            const int t = static_cast<int>(t0);
+            const int off = tap_offset(oy, ox, t / k, t % k, half, g);
+            if (off >= 0) {
+              acc_t v = gv * static_cast<acc_t>(xb[off * C]);
+              if (g.mul) v *= static_cast<acc_t>(sfp[t]);
+              acc[0] += v;
+            }
           }
         }
       }
@@ -208,7 +226,7 @@ grad_cf_nhwc_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict_
 // grad_sf, NCHW. Work item = (split, b, pixel p), pixel fastest; a thread loops over the split's
 // channels in order. Output (B, k*k, Ho, Wo): value (b, t, p) at (b * k*k + t) * hwo + p.
 template <typename scalar_t, int K>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks<scalar_t, K>)
 grad_sf_nchw_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict__ x,
                     const scalar_t* __restrict__ cf, scalar_t* __restrict__ gsf,
                     at::opmath_type<scalar_t>* __restrict__ partial, const Geometry g, const int nsplit) {
@@ -219,27 +237,30 @@ grad_sf_nchw_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict_
   const int64_t B = g.batch, C = g.channels, Wo = g.out_w;
   const int64_t hw = g.height * g.width, hwo = g.out_h * Wo;
   const int64_t n = B * kk * hwo;
-  const int64_t span = dceil_div(C, nsplit);  // channels per split
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < nsplit * B * hwo;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t p = idx % hwo, sb = idx / hwo;
-    const int64_t b = sb % B, split = sb / B;
+  const int64_t span = dceil_div31(C, nsplit);  // channels per split
+  for (GridCursor it(static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
+                     static_cast<int64_t>(gridDim.x) * blockDim.x, B, hwo);
+       it.i0 < nsplit; it.advance()) {
+    const int64_t split = it.i0, b = it.i1, p = it.i2;
     const int64_t c_begin = split * span, c_end = dmin(C, c_begin + span);
-    const int64_t oy = p / Wo, ox = p % Wo;
+    int64_t oy, ox;
+    pixel_coords(p, Wo, oy, ox);
     for (int64_t t0 = 0; t0 < kk; t0 += TC) {
-      int off[TC];  // where the chunk's taps sample, within a plane (-1: outside the image)
       acc_t acc[TC];
 #pragma unroll
+      for (int tt = 0; tt < TC; ++tt) acc[tt] = acc_t(0);
+      int off[TC];  // where the chunk's taps sample, within a plane (-1: outside the image)
+#pragma unroll
       for (int tt = 0; tt < TC; ++tt) {
-        const int64_t t = (K > 0 ? 0 : t0) + tt;  // K > 0: one chunk, t0 == 0
-        off[tt] = tap_offset(oy, ox, static_cast<int>(t / k), static_cast<int>(t % k), half, g);
-        acc[tt] = acc_t(0);
+        const int t = (K > 0 ? 0 : static_cast<int>(t0)) + tt;  // K > 0: one chunk, t0 == 0
+        off[tt] = tap_offset(oy, ox, t / k, t % k, half, g);
       }
-      for (int64_t c = c_begin; c < c_end; ++c) {
-        const int64_t plane = b * C + c;
-        const acc_t gv = static_cast<acc_t>(go[plane * hwo + p]);
-        const scalar_t* xp = x + plane * hw;
-        const scalar_t* cfp = cf + plane * kk + (K > 0 ? 0 : t0);  // tap t0 + tt at cfp[tt]
+      // Channel c_begin's planes, advanced one plane per channel.
+      const scalar_t* gop = go + (b * C + c_begin) * hwo + p;
+      const scalar_t* xp = x + (b * C + c_begin) * hw;
+      const scalar_t* cfp = cf + (b * C + c_begin) * kk + (K > 0 ? 0 : t0);  // tap t0 + tt at cfp[tt]
+      for (int64_t c = c_begin; c < c_end; ++c, gop += hwo, xp += hw, cfp += kk) {
+        const acc_t gv = static_cast<acc_t>(*gop);
 #pragma unroll
         for (int tt = 0; tt < TC; ++tt) {
           if (off[tt] < 0) continue;
@@ -261,7 +282,7 @@ grad_sf_nchw_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict_
 // (coalesced), then group_sum adds the lanes. The loop over items is warp-uniform so every lane reaches
 // the shuffles. Output (B, Ho, Wo, k*k): value (b, p, t) at (b * hwo + p) * k*k + t.
 template <typename scalar_t, int K>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks<scalar_t, K>)
 grad_sf_nhwc_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict__ x,
                     const scalar_t* __restrict__ cft, scalar_t* __restrict__ gsf,
                     at::opmath_type<scalar_t>* __restrict__ partial, const Geometry g, const int nsplit,
@@ -274,27 +295,27 @@ grad_sf_nhwc_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict_
   const int64_t hw = g.height * g.width, hwo = g.out_h * Wo;
   const int64_t n = B * hwo * kk;
   const int64_t items = nsplit * B * hwo;
-  const int64_t span = dceil_div(C, nsplit);  // channels per split
+  const int64_t span = dceil_div31(C, nsplit);  // channels per split
   const int lane = threadIdx.x % kWarp, sub = lane % lanes, slot = lane / lanes, per_warp = kWarp / lanes;
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / kWarp;
-  for (int64_t first = warp * per_warp; first < items; first += warps * per_warp) {  // uniform per warp
-    const int64_t item = first + slot;
-    const bool active = item < items;
-    const int64_t p = active ? item % hwo : 0, sb = active ? item / hwo : 0;
-    const int64_t b = sb % B, split = sb / B;
+  GridCursor it(warp * per_warp + slot, warps * per_warp, B, hwo);  // this lane's item
+  for (int64_t first = warp * per_warp; first < items; first += warps * per_warp, it.advance()) {  // uniform per warp
+    const bool active = it.i0 < nsplit;  // item first + slot exists
+    const int64_t split = active ? it.i0 : 0, b = it.i1, p = it.i2;
     const int64_t c_begin = split * span, c_end = active ? dmin(C, c_begin + span) : c_begin;
-    const int64_t oy = p / Wo, ox = p % Wo;
+    int64_t oy, ox;
+    pixel_coords(p, Wo, oy, ox);
     const int64_t pix = b * hwo + p;  // output pixel over the whole batch
     const scalar_t* xb = x + b * hw * C;  // input pixel q (within the sample), channel c at q * C + c
-#pragma unroll
+#pragma unroll 1  // one row at a time: unrolled, the rows' loads interleave and spill at k = 3 on sm_80
     for (int64_t t0 = 0; t0 < kk; t0 += TC) {
       int off[TC];  // input pixel the chunk's taps sample, within the sample (-1: outside the image)
       acc_t acc[TC];
 #pragma unroll
       for (int tt = 0; tt < TC; ++tt) {
-        const int64_t t = t0 + tt;
-        off[tt] = tap_offset(oy, ox, static_cast<int>(t / k), static_cast<int>(t % k), half, g);
+        const int t = static_cast<int>(t0) + tt;
+        off[tt] = tap_offset(oy, ox, t / k, t % k, half, g);
         acc[tt] = acc_t(0);
       }
       const scalar_t* cfb = cft + (b * kk + t0) * C;  // tap t0 + tt, channel c at tt * C + c

@@ -37,7 +37,7 @@ int run_length(int max_run, int64_t batch, int64_t outer, int64_t split_extent) 
 // NCHW. Work item = (b, chunk of `cpt` channels starting at c0, pixel p), pixel fastest.
 
 template <typename scalar_t, int K>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks<scalar_t, K>)
 forward_nchw_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ cf,
                     const scalar_t* __restrict__ sf, scalar_t* __restrict__ out, const Geometry g,
                     const int cpt) {
@@ -46,14 +46,14 @@ forward_nchw_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
   const int64_t kk = static_cast<int64_t>(k) * k;
   const int64_t C = g.channels, H = g.height, W = g.width, Wo = g.out_w;
   const int64_t hw = H * W, hwo = g.out_h * Wo;
-  const int64_t chunks = dceil_div(C, cpt);
-  const int64_t total = g.batch * chunks * hwo;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t p = idx % hwo, bc = idx / hwo;
-    const int64_t b = bc / chunks, c0 = (bc % chunks) * cpt;
+  const int64_t chunks = dceil_div31(C, cpt);
+  for (GridCursor it(static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
+                     static_cast<int64_t>(gridDim.x) * blockDim.x, chunks, hwo);
+       it.i0 < g.batch; it.advance()) {
+    const int64_t b = it.i0, c0 = it.i1 * cpt, p = it.i2;
     const int nc = static_cast<int>(dmin(cpt, C - c0));  // channels c0 .. c0 + nc - 1
-    const int64_t oy = p / Wo, ox = p % Wo;
+    int64_t oy, ox;
+    pixel_coords(p, Wo, oy, ox);
     const scalar_t* xb = x + (b * C + c0) * hw;     // plane of channel c0; channel c0 + cc at + cc * hw
     const scalar_t* cfb = cf + (b * C + c0) * kk;   // tap t of channel c0 + cc at cc * kk + t
     const scalar_t* sfb = sf + b * kk * hwo + p;    // tap t at t * hwo
@@ -90,7 +90,7 @@ forward_nchw_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
 
 // Work item = (b, chunk of `cpt` channels starting at c0, input pixel p), pixel fastest.
 template <typename scalar_t, int K>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks<scalar_t, K>)
 grad_input_nchw_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict__ cf,
                        const scalar_t* __restrict__ sf, scalar_t* __restrict__ gx, const Geometry g,
                        const int cpt) {
@@ -99,14 +99,14 @@ grad_input_nchw_kernel(const scalar_t* __restrict__ go, const scalar_t* __restri
   const int64_t kk = static_cast<int64_t>(k) * k;
   const int64_t C = g.channels, W = g.width, Ho = g.out_h, Wo = g.out_w;
   const int64_t hw = g.height * W, hwo = Ho * Wo;
-  const int64_t chunks = dceil_div(C, cpt);
-  const int64_t total = g.batch * chunks * hw;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t p = idx % hw, bc = idx / hw;
-    const int64_t b = bc / chunks, c0 = (bc % chunks) * cpt;
+  const int64_t chunks = dceil_div31(C, cpt);
+  for (GridCursor it(static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
+                     static_cast<int64_t>(gridDim.x) * blockDim.x, chunks, hw);
+       it.i0 < g.batch; it.advance()) {
+    const int64_t b = it.i0, c0 = it.i1 * cpt, p = it.i2;
     const int nc = static_cast<int>(dmin(cpt, C - c0));
-    const int64_t iy = p / W, ix = p % W;
+    int64_t iy, ix;
+    pixel_coords(p, W, iy, ix);
     const scalar_t* gob = go + (b * C + c0) * hwo;  // channel c0 + cc, output pixel q at cc * hwo + q
     const scalar_t* cfb = cf + (b * C + c0) * kk;
     const scalar_t* sfb = sf + b * kk * hwo;        // tap t, output pixel q at t * hwo + q
@@ -170,7 +170,7 @@ struct ChannelTaps {
 };
 
 template <typename scalar_t, int K>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks<scalar_t, K>)
 forward_nhwc_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ cft,
                     const scalar_t* __restrict__ sf, scalar_t* __restrict__ out, const Geometry g,
                     const int ppt) {
@@ -179,17 +179,17 @@ forward_nhwc_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
   const int64_t kk = static_cast<int64_t>(k) * k;
   const int64_t C = g.channels, H = g.height, W = g.width, Wo = g.out_w;
   const int64_t hwo = g.out_h * Wo;
-  const int64_t runs = dceil_div(hwo, ppt);
-  const int64_t total = g.batch * runs * C;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = idx % C, br = idx / C;
-    const int64_t b = br / runs, p_begin = (br % runs) * ppt;
+  const int64_t runs = dceil_div31(hwo, ppt);
+  for (GridCursor it(static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
+                     static_cast<int64_t>(gridDim.x) * blockDim.x, runs, C);
+       it.i0 < g.batch; it.advance()) {
+    const int64_t b = it.i0, p_begin = it.i1 * ppt, c = it.i2;
     const int64_t p_end = dmin(hwo, p_begin + ppt);
     const ChannelTaps<scalar_t, K> cv(cft + b * kk * C + c, C);
     const scalar_t* xb = x + b * H * W * C + c;  // input pixel (iy, ix) at (iy * W + ix) * C
     for (int64_t p = p_begin; p < p_end; ++p) {
-      const int64_t oy = p / Wo, ox = p % Wo;
+      int64_t oy, ox;
+      pixel_coords(p, Wo, oy, ox);
       const scalar_t* sfp = sf + (b * hwo + p) * kk;  // tap t at sfp[t]
       acc_t acc = acc_t(0);
 #pragma unroll
@@ -212,7 +212,7 @@ forward_nhwc_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
 
 // Work item = (b, run of `ppt` input pixels, channel c), channel fastest.
 template <typename scalar_t, int K>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks<scalar_t, K>)
 grad_input_nhwc_kernel(const scalar_t* __restrict__ go, const scalar_t* __restrict__ cft,
                        const scalar_t* __restrict__ sf, scalar_t* __restrict__ gx, const Geometry g,
                        const int ppt) {
@@ -221,16 +221,16 @@ grad_input_nhwc_kernel(const scalar_t* __restrict__ go, const scalar_t* __restri
   const int64_t kk = static_cast<int64_t>(k) * k;
   const int64_t C = g.channels, W = g.width, Ho = g.out_h, Wo = g.out_w;
   const int64_t hw = g.height * W, hwo = Ho * Wo;
-  const int64_t runs = dceil_div(hw, ppt);
-  const int64_t total = g.batch * runs * C;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = idx % C, br = idx / C;
-    const int64_t b = br / runs, p_begin = (br % runs) * ppt;
+  const int64_t runs = dceil_div31(hw, ppt);
+  for (GridCursor it(static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
+                     static_cast<int64_t>(gridDim.x) * blockDim.x, runs, C);
+       it.i0 < g.batch; it.advance()) {
+    const int64_t b = it.i0, p_begin = it.i1 * ppt, c = it.i2;
     const int64_t p_end = dmin(hw, p_begin + ppt);
     const ChannelTaps<scalar_t, K> cv(cft + b * kk * C + c, C);
     for (int64_t p = p_begin; p < p_end; ++p) {
-      const int64_t iy = p / W, ix = p % W;
+      int64_t iy, ix;
+      pixel_coords(p, W, iy, ix);
       acc_t acc = acc_t(0);
 #pragma unroll
       for (int i = 0; i < k; ++i) {

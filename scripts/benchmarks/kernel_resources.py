@@ -2,6 +2,7 @@
 
     python scripts/benchmarks/kernel_resources.py                  # sm_80 and sm_90, a table per arch
     python scripts/benchmarks/kernel_resources.py --arch 90 --json resources.jsonl
+    python scripts/benchmarks/kernel_resources.py --arch 90 --check   # exit 1 below the targets
 
 Compiles each csrc/cuda/*.cu with setup.py's nvcc flags (nvcc under $CUDA_HOME, torch's headers) for each
 architecture with ptxas' resource usage (``--resource-usage``) and prints one row per kernel
@@ -10,6 +11,10 @@ and the theoretical occupancy of a full 256-thread block (the kernels' ``__launc
 warps per SM / the SM's 64, limited by registers (65,536 per SM, allocated per warp in units of 256), by
 shared memory (164 KiB per SM on sm_80, 228 KiB on sm_90, 1 KiB reserved per block) and by threads
 (2,048). No GPU needed; minutes per architecture on a small machine.
+
+``--check`` fails (exit status 1, one line per miss) where a float32 / float16 / bfloat16 instantiation
+unrolled for k = 3 spills or stays below 50% occupancy, or one for k = 5 / 7 below 25%: the kernel sizes
+the models use must not fall off an occupancy cliff (float64 and the run-time-k path are exempt).
 """
 from __future__ import annotations
 
@@ -79,6 +84,23 @@ def parse(report: str) -> list[dict]:
     return rows
 
 
+TARGETS = {3: 0.5, 5: 0.25, 7: 0.25}  # lowest theoretical occupancy per unrolled kernel size
+
+
+def misses(rows: list[dict]) -> list[str]:
+    """The rows below TARGETS (or spilling at k = 3), float64 and the run-time-k kernels (K = 0) exempt."""
+    found = []
+    for r in rows:
+        m = re.search(r'<(\w+), (\d+)>', r['kernel'])
+        if not m or m[1] == 'double' or int(m[2]) not in TARGETS:
+            continue
+        k, spills = int(m[2]), r['spill_stores'] + r['spill_loads']
+        if r['occupancy'] < TARGETS[k] or (k == 3 and spills):
+            found.append(f'{r["arch"]} {r["kernel"]}: {r["registers"]} registers, {r["occupancy"]:.1%} occupancy '
+                         f'(target {TARGETS[k]:.0%}{", no spills" if k == 3 else ""}), {spills} bytes spilled')
+    return found
+
+
 def demangle(names: list[str], nvcc: str) -> list[str]:
     filt = shutil.which('cu++filt', path=str(Path(nvcc).parent)) or shutil.which('c++filt')
     if not filt:
@@ -97,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--arch', type=int, nargs='+', choices=sorted(SM), default=sorted(SM))
     parser.add_argument('--jobs', type=int, default=os.cpu_count() or 1, help='nvcc processes at once')
     parser.add_argument('--json', help='also write the rows as JSON lines to this file')
+    parser.add_argument('--check', action='store_true', help='exit 1 where a kernel misses the occupancy targets')
     args = parser.parse_args(argv)
     cuda_home = os.environ.get('CUDA_HOME', '/usr/local/cuda')
     nvcc = os.path.join(cuda_home, 'bin', 'nvcc')
@@ -123,6 +146,13 @@ def main(argv: list[str] | None = None) -> int:
                   f'{r["occupancy"]:>6.0%}  {r["limited_by"]}')
     if args.json:
         Path(args.json).write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    if args.check:
+        found = misses(rows)
+        for line in found:
+            print(f'below target: {line}', file=sys.stderr)
+        print(f'\n{len(found)} instantiation(s) below the occupancy targets' if found else
+              '\nevery k = 3 / 5 / 7 instantiation meets the occupancy targets')
+        return 1 if found else 0
     return 0
 
 
