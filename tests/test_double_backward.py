@@ -118,6 +118,11 @@ def test_torch_func_transforms_match_naive(combine):
     close(per_sample, vmap(grad(loss(naive)), in_dims=(0, None, None))(batch, cf, sf))
 
 
+# torch.library.register_vmap, which gives the operators their own batching rules, is public from torch 2.5.
+HAS_REGISTER_VMAP = hasattr(torch.library, 'register_vmap')
+
+
+@pytest.mark.skipif(not HAS_REGISTER_VMAP, reason='needs torch >= 2.5 (torch.library.register_vmap)')
 @pytest.mark.parametrize('combine', COMBINES)
 def test_vmap_of_the_operators_directly(combine):
     # Batching rules of their own (one call on the folded batch, not torch's per-slice loop), for any
@@ -133,6 +138,28 @@ def test_vmap_of_the_operators_directly(combine):
         want = torch.ops.ddfnet.ddf_backward(g_i, x_i, cf_i, sf_i, 3, 1, 2, combine)
         for got_grad, want_grad in zip(grads, want):
             torch.testing.assert_close(got_grad[i], want_grad)
+
+
+def test_vmap_of_the_operators_directly_without_register_vmap_says_which_torch_it_needs(monkeypatch):
+    # Before torch 2.5 (no torch.library.register_vmap) an operator called directly under vmap raises,
+    # rather than running torch's per-slice loop with its performance warning; ddfnet.ddf still works,
+    # through its autograd.Function's rule. Checked on every torch with a stand-in operator.
+    from ddfnet.ops.registrations import _register_vmap
+    lib = torch.library.Library('ddfnet_vmap_check', 'DEF')
+    lib.define('twice(Tensor x) -> Tensor')
+    lib.impl('twice', lambda x: x * 2, 'CompositeExplicitAutograd')
+    monkeypatch.delattr(torch.library, 'register_vmap', raising=False)
+    _register_vmap(lib, 'twice', None)
+    pattern = r'torch.ops.{}.{} called directly under vmap needs torch >= 2.5'
+    with pytest.raises(RuntimeError, match=pattern.format('ddfnet_vmap_check', 'twice')):
+        vmap(torch.ops.ddfnet_vmap_check.twice)(torch.randn(2, 3))
+    x, cf, sf, g = random_inputs(2, 3, 6, 5, 3, 2, grad_output=True)
+    if not HAS_REGISTER_VMAP:  # the real operators, on such a torch
+        for name, args in (('ddf', (x, cf, sf)), ('ddf_backward', (g, x, cf, sf))):
+            with pytest.raises(RuntimeError, match=pattern.format('ddfnet', name)):
+                vmap(lambda *t: getattr(torch.ops.ddfnet, name)(*t, 3, 1, 2, 'mul'))(*(t[None] for t in args))
+    torch.testing.assert_close(vmap(_op(3, 1, 2, 'mul'))(x[None], cf[None], sf[None])[0],
+                               naive_ddf(x, cf, sf, 3, 1, 2, 'mul'))
 
 
 def test_vmap_of_ddf_on_tensors_that_require_grad():

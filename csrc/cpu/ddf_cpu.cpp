@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <string_view>
 #include <type_traits>
 #include <vector>
 
@@ -729,11 +730,16 @@ at::Tensor padded_columns(const at::Tensor& t, int64_t left, int64_t width, at::
   return out;
 }
 
+// The schema's `str` arrives as c10::string_view: std::string_view itself from torch 2.6, a class of c10's
+// own before, which does not convert implicitly to the std::string_view that check_ddf_args takes.
+// Building one from data() and size() works with both.
+std::string_view std_view(c10::string_view s) { return std::string_view(s.data(), s.size()); }
+
 at::Tensor forward_entry(const at::Tensor& input, const at::Tensor& channel_filter,
                          const at::Tensor& spatial_filter, int64_t kernel_size, int64_t dilation, int64_t stride,
                          c10::string_view kernel_combine) {
   const bool mul = check_ddf_args(input, channel_filter, spatial_filter, kernel_size, dilation, stride,
-                                  kernel_combine);
+                                  std_view(kernel_combine));
   const Geometry g = geometry(input, kernel_size, dilation, stride);
   const at::MemoryFormat fmt = format_of(input);
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
@@ -769,7 +775,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_entry(
     const at::Tensor& spatial_filter, int64_t kernel_size, int64_t dilation, int64_t stride,
     c10::string_view kernel_combine) {
   const bool mul = check_ddf_args(input, channel_filter, spatial_filter, kernel_size, dilation, stride,
-                                  kernel_combine);
+                                  std_view(kernel_combine));
   check_grad_output(grad_output, input, stride);
   const Geometry g = geometry(input, kernel_size, dilation, stride);
   const at::MemoryFormat fmt = format_of(input);

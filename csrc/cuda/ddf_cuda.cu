@@ -100,7 +100,7 @@ at::Tensor channel_filter_for(const at::Tensor& channel_filter, bool channels_la
 }
 
 at::Tensor forward_entry(const at::Tensor& input, const at::Tensor& channel_filter, const at::Tensor& spatial_filter,
-                         int64_t kernel_size, int64_t dilation, int64_t stride, c10::string_view kernel_combine) {
+                         int64_t kernel_size, int64_t dilation, int64_t stride, c10::string_view combine) { const std::string_view kernel_combine(combine.data(), combine.size());  // std::string_view from c10::string_view, a class of its own before torch 2.6
   const bool mul = ddfnet::check_ddf_args(input, channel_filter, spatial_filter, kernel_size, dilation, stride,
                                           kernel_combine);
   check_sizes(input, kernel_size);
@@ -121,7 +121,7 @@ at::Tensor forward_entry(const at::Tensor& input, const at::Tensor& channel_filt
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_entry(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& channel_filter,
     const at::Tensor& spatial_filter, int64_t kernel_size, int64_t dilation, int64_t stride,
-    c10::string_view kernel_combine) {
+    c10::string_view combine) { const std::string_view kernel_combine(combine.data(), combine.size());  // as in forward_entry
   const bool mul = ddfnet::check_ddf_args(input, channel_filter, spatial_filter, kernel_size, dilation, stride,
                                           kernel_combine);
   ddfnet::check_grad_output(grad_output, input, stride);

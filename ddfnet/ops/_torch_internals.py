@@ -1,9 +1,13 @@
 """Every private PyTorch API the DDF op relies on, in one place.
 
-Each function names what the public API lacks. All were checked against torch 2.14; revisit them with
-each new torch release (first 2.15), since private names may change or gain a public equivalent. The
-tests that fail when one of them breaks: tests/test_double_backward.py (torch.func, forward AD),
-tests/test_op.py and tests/test_export.py (autocast at the dispatcher, torch.compile/export).
+Each function names what the public API lacks. Which torch has which: all of them are in torch 2.4.1,
+2.11.0, 2.14.1 and 2.15.0 (the versions scripts/torch_versions.sh and CI test), except
+``torch._C._any_requires_grad``, which torch 2.4.1 lacks (:func:`any_requires_grad` then loops in Python).
+Of the public APIs the op uses, ``torch.library.register_vmap`` is from torch 2.5 (see
+``ddfnet.ops.registrations._register_vmap`` for what happens before). Revisit these with each new torch
+release, since private names may change or gain a public equivalent. The tests that fail when one of them
+breaks: tests/test_double_backward.py (torch.func, forward AD), tests/test_op.py and tests/test_export.py
+(autocast at the dispatcher, torch.compile/export).
 """
 from __future__ import annotations
 
@@ -34,8 +38,14 @@ def below_autograd():
 
 
 def any_requires_grad(*args: Any) -> bool:
-    # The public equivalent is a Python loop over the arguments; this C++ one runs on every op call.
-    return torch._C._any_requires_grad(*args)
+    # The public equivalent is a Python loop over the arguments; the C++ one runs on every op call, where
+    # torch has it (from 2.8). Before, the loop (the op's arguments are flat: tensors, ints, a str).
+    if _any_requires_grad is None:
+        return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    return _any_requires_grad(*args)
+
+
+_any_requires_grad = getattr(torch._C, '_any_requires_grad', None)
 
 
 def forward_ad_enabled() -> bool:

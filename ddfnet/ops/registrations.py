@@ -153,6 +153,21 @@ def _without_keyset(kernel):
     return lambda _keyset, *args: kernel(*args)
 
 
+def _register_vmap(kernels: torch.library.Library, name: str, rule) -> None:
+    """``torch.library.register_vmap`` (torch >= 2.5). Before it, the operators called directly under vmap
+    raise, at the dispatch key the rule would occupy; :func:`ddfnet.ddf` under vmap needs no registration
+    (its autograd.Function has the rule, which torch has supported since 2.0)."""
+    if hasattr(torch.library, 'register_vmap'):
+        torch.library.register_vmap(f'{kernels.ns}::{name}', rule)
+        return
+
+    def unsupported(*args, **kwargs):
+        raise RuntimeError(f'torch.ops.{kernels.ns}.{name} called directly under vmap needs torch >= 2.5 '
+                           f'(torch.library.register_vmap; this is torch {torch.__version__}); ddfnet.ddf '
+                           'supports vmap on this torch too')
+    kernels.impl(name, unsupported, 'FuncTorchBatched')
+
+
 def register_all() -> None:
     """Load the native kernels and register every kernel, rule and formula of the two operators.
 
@@ -186,7 +201,7 @@ def register_all() -> None:
     for name, kernel in autograd_kernels().items():
         kernels.impl(name, kernel, 'Autograd', with_keyset=True)
     for name, rule in operator_vmap_rules().items():
-        torch.library.register_vmap(f'ddfnet::{name}', rule)
+        _register_vmap(kernels, name, rule)
 
     # 5. FLOP formulas, for torch.utils.flop_counter (ddfnet.models.count_macs counts models with it).
     _register_flop_formula(ddf_op, _ddf_flops)
