@@ -28,6 +28,10 @@ inline int64_t clamp_to_extent(int64_t value, int64_t height, int64_t width) {
   return std::min(value, std::max<int64_t>({height, width, 1}));
 }
 
+// The schema's `str` arrives as c10::string_view: std::string_view itself from torch 2.6, a class of its
+// own before, which does not convert implicitly. Built from data() and size(), it works with both.
+inline std::string_view std_view(c10::string_view s) { return std::string_view(s.data(), s.size()); }
+
 // Validates the forward arguments with the same exception types and messages as the Python
 // check_ddf_args (ValueError / TypeError), and returns true for 'mul', false for 'add'.
 bool check_ddf_args(const at::Tensor& input, const at::Tensor& channel_filter,

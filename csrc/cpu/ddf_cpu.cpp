@@ -16,7 +16,6 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
-#include <string_view>
 #include <type_traits>
 #include <vector>
 
@@ -729,11 +728,6 @@ at::Tensor padded_columns(const at::Tensor& t, int64_t left, int64_t width, at::
   out.narrow(3, left, n).copy_(t);
   return out;
 }
-
-// The schema's `str` arrives as c10::string_view: std::string_view itself from torch 2.6, a class of c10's
-// own before, which does not convert implicitly to the std::string_view that check_ddf_args takes.
-// Building one from data() and size() works with both.
-std::string_view std_view(c10::string_view s) { return std::string_view(s.data(), s.size()); }
 
 at::Tensor forward_entry(const at::Tensor& input, const at::Tensor& channel_filter,
                          const at::Tensor& spatial_filter, int64_t kernel_size, int64_t dilation, int64_t stride,

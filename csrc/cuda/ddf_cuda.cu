@@ -100,9 +100,9 @@ at::Tensor channel_filter_for(const at::Tensor& channel_filter, bool channels_la
 }
 
 at::Tensor forward_entry(const at::Tensor& input, const at::Tensor& channel_filter, const at::Tensor& spatial_filter,
-                         int64_t kernel_size, int64_t dilation, int64_t stride, c10::string_view combine) { const std::string_view kernel_combine(combine.data(), combine.size());  // std::string_view from c10::string_view, a class of its own before torch 2.6
+                         int64_t kernel_size, int64_t dilation, int64_t stride, c10::string_view kernel_combine) {
   const bool mul = ddfnet::check_ddf_args(input, channel_filter, spatial_filter, kernel_size, dilation, stride,
-                                          kernel_combine);
+                                          ddfnet::std_view(kernel_combine));
   check_sizes(input, kernel_size);
   const DeviceGuard guard(input.device());
   const at::MemoryFormat fmt = path_format(input);
@@ -121,9 +121,9 @@ at::Tensor forward_entry(const at::Tensor& input, const at::Tensor& channel_filt
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_entry(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& channel_filter,
     const at::Tensor& spatial_filter, int64_t kernel_size, int64_t dilation, int64_t stride,
-    c10::string_view combine) { const std::string_view kernel_combine(combine.data(), combine.size());  // as in forward_entry
+    c10::string_view kernel_combine) {
   const bool mul = ddfnet::check_ddf_args(input, channel_filter, spatial_filter, kernel_size, dilation, stride,
-                                          kernel_combine);
+                                          ddfnet::std_view(kernel_combine));
   ddfnet::check_grad_output(grad_output, input, stride);
   check_sizes(input, kernel_size);
   const DeviceGuard guard(input.device());
