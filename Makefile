@@ -6,9 +6,10 @@
 # VENV (default .venv) is created if missing and reused afterwards; the install is the README's.
 VENV ?= .venv
 PYTHON ?= python3
+# The install compiles the CUDA kernels when a GPU is visible, or when TORCH_CUDA_ARCH_LIST (e.g. "8.0;9.0+PTX")
+# or DDFNET_BUILD_CUDA=1 asks for them (setup.py); on a machine without a GPU, the CPU kernel alone.
 CUDA_HOME ?= /usr/local/cuda
-TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
-export CUDA_HOME TORCH_CUDA_ARCH_LIST
+export CUDA_HOME
 
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.ddfnet-installed

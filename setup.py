@@ -3,10 +3,12 @@
 A pure-Python install always works; ddfnet then JIT-compiles ``csrc/`` at first import (cached). The
 native kernels are compiled ahead of time into ``ddfnet._C`` when torch is importable in the build
 environment, i.e. with ``pip install --no-build-isolation -e .`` (pip's default isolated build
-environment has no torch, and installing a second torch there would risk an ABI mismatch). The CUDA
-kernels are included when nvcc (``CUDA_HOME``) and a CUDA build of torch are present;
-``TORCH_CUDA_ARCH_LIST`` picks the architectures (default "8.0;9.0+PTX": A100, H100/H200, and PTX that
-newer GPUs compile at load time). Set
+environment has no torch, and installing a second torch there would risk an ABI mismatch). The CPU kernel
+always; the CUDA kernels when a GPU is visible or they are asked for (``DDFNET_BUILD_CUDA=1``, or
+``TORCH_CUDA_ARCH_LIST`` naming the architectures; default "8.0;9.0+PTX": A100, H100/H200, and PTX that
+newer GPUs compile at load time) and nvcc (``CUDA_HOME``) matches torch's CUDA major version
+(``ddfnet.ops._native.cuda_build``). Where they cannot be, the build says why in one line and compiles the
+CPU kernel only, unless ``DDFNET_BUILD_CUDA=1`` asked for them: then it fails. Set
 ``DDFNET_NO_EXTENSION=1`` to skip the ahead-of-time build.
 
 The CUDA kernels compiled for the CPU (the tests' emulation, ``tests/support/cuda_emulation``) are no part of
@@ -15,6 +17,7 @@ the install: the tests JIT-compile them on first use.
 import glob
 import importlib.util
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -36,17 +39,16 @@ def native_extension():
     if not cpp or os.environ.get('DDFNET_NO_EXTENSION') == '1':
         return [], {}
     try:
-        import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:  # an isolated build environment without torch: pure Python, JIT at first use
         return [], {}
     native = _native_module()
     cxx, nvcc = native.cxx_flags(), native.nvcc_flags()
-    with_cuda = bool(cuda) and CUDA_HOME is not None and torch.version.cuda is not None
-    if with_cuda and not native.cuda_toolkit_root(CUDA_HOME):
-        print(f'ddfnet: CUDA_HOME={CUDA_HOME} is not a CUDA toolkit root (no include/cuda_runtime.h); '
-              'building the CPU kernels only. Set CUDA_HOME to the toolkit root to build the CUDA ones.')
-        with_cuda = False
+    with_cuda, why_not = native.cuda_build(CUDA_HOME) if cuda else (False, 'no CUDA sources')
+    if not with_cuda:
+        if os.environ.get(native.BUILD_CUDA_ENV, '').strip() == '1':
+            raise SystemExit(f'ddfnet: {native.BUILD_CUDA_ENV}=1, but the CUDA kernels cannot be built: {why_not}')
+        print(f'ddfnet: building the CPU kernel only: {why_not}', file=sys.stderr)
     if with_cuda:
         os.environ.setdefault('TORCH_CUDA_ARCH_LIST', '8.0;9.0+PTX')  # A100, H100/H200; PTX for newer GPUs
         ext = CUDAExtension('ddfnet._C', cpp + cuda, define_macros=[('DDFNET_WITH_CUDA', None)],

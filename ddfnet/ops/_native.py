@@ -9,6 +9,8 @@ tests' oracle runs).
 import glob
 import importlib
 import os
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,6 +19,7 @@ from types import ModuleType
 import torch
 
 FORCE_REFERENCE_ENV = 'DDFNET_FORCE_REFERENCE'
+BUILD_CUDA_ENV = 'DDFNET_BUILD_CUDA'
 CSRC = Path(__file__).resolve().parents[2] / 'csrc'
 
 
@@ -40,6 +43,48 @@ def cuda_toolkit_root(cuda_home: str | None) -> bool:
     return cuda_home is not None and os.path.exists(os.path.join(cuda_home, 'include', 'cuda_runtime.h'))
 
 
+def nvcc_version(cuda_home: str) -> tuple[int, int] | None:
+    """(major, minor) of ``cuda_home``'s nvcc, or None when it does not run."""
+    try:
+        out = subprocess.run([os.path.join(cuda_home, 'bin', 'nvcc'), '--version'], capture_output=True, text=True,
+                             timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r'release (\d+)\.(\d+)', out)
+    return (int(m[1]), int(m[2])) if m else None
+
+
+def cuda_build(cuda_home: str | None) -> tuple[bool, str]:
+    """Whether a build compiles the CUDA kernels, and if not, why not.
+
+    They are compiled when a GPU is visible, or when asked for (``DDFNET_BUILD_CUDA=1``, or a
+    ``TORCH_CUDA_ARCH_LIST`` naming the architectures), and can be: a CUDA build of torch, a CUDA toolkit
+    root in ``cuda_home`` whose nvcc has torch's CUDA major version (torch refuses to compile with another).
+    Otherwise the CPU kernel alone is built, in seconds rather than minutes; ``DDFNET_BUILD_CUDA=0`` asks
+    for that. Raises ValueError for a ``DDFNET_BUILD_CUDA`` other than 0 or 1.
+    """
+    asked = os.environ.get(BUILD_CUDA_ENV, '').strip()
+    if asked not in ('', '0', '1'):
+        raise ValueError(f'{BUILD_CUDA_ENV} must be 0 or 1, got {asked!r}')
+    if asked == '0':
+        return False, f'{BUILD_CUDA_ENV}=0'
+    if torch.version.cuda is None:
+        return False, f'torch {torch.__version__} is a build without CUDA'
+    if asked != '1' and not os.environ.get('TORCH_CUDA_ARCH_LIST') and not torch.cuda.is_available():
+        return False, (f'no GPU is visible (set {BUILD_CUDA_ENV}=1 or TORCH_CUDA_ARCH_LIST to compile the CUDA '
+                       'kernels for another machine)')
+    if not cuda_toolkit_root(cuda_home):
+        return False, (f'CUDA_HOME={cuda_home} is not a CUDA toolkit root (no include/cuda_runtime.h); set CUDA_HOME '
+                       'to one')
+    version = nvcc_version(cuda_home)
+    if version is None:
+        return False, f'{cuda_home}/bin/nvcc does not run'
+    if version[0] != int(torch.version.cuda.split('.')[0]):
+        return False, (f'nvcc under CUDA_HOME={cuda_home} is CUDA {version[0]}.{version[1]}, torch was built with '
+                       f'CUDA {torch.version.cuda} (torch refuses another major version)')
+    return True, ''
+
+
 def _sources() -> tuple[list[str], list[str]]:
     cpp = sorted(glob.glob(str(CSRC / '**' / '*.cpp'), recursive=True))
     cuda = sorted(glob.glob(str(CSRC / '**' / '*.cu'), recursive=True))
@@ -52,7 +97,7 @@ def _jit_build(prebuilt_error: str) -> ModuleType:
     from ddfnet.utils.io import extension_build_dir  # here: setup.py loads this file by path, without ddfnet
 
     cpp, cuda = _sources()
-    with_cuda = bool(cuda) and torch.cuda.is_available() and cuda_toolkit_root(cpp_extension.CUDA_HOME)
+    with_cuda = bool(cuda) and torch.cuda.is_available() and cuda_build(cpp_extension.CUDA_HOME)[0]
     name = 'ddfnet_native_cuda' if with_cuda else 'ddfnet_native'
     build_dir = extension_build_dir(name)
     inputs = cpp + (cuda if with_cuda else []) + glob.glob(str(CSRC / '**' / '*.h'), recursive=True) \

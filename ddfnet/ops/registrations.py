@@ -80,6 +80,9 @@ def _warn_slow_path(device_type: str) -> None:
         why = _no_extension_reason
     else:
         why = f'the native kernels were built for {", ".join(native_device_types())} only'
+        if device_type == 'cuda':
+            why += ('; reinstall with DDFNET_BUILD_CUDA=1, and CUDA_HOME a CUDA toolkit of torch\'s CUDA major '
+                    f'version {torch.version.cuda}, for the CUDA kernels')
     warnings.warn(f'ddfnet: no native DDF kernel for device type {device_type!r} ({why}); using the '
                   'pure-PyTorch reference implementation (correct, but slower).',
                   DDFSlowPathWarning, stacklevel=3)
