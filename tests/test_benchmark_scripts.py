@@ -106,7 +106,7 @@ def test_cuda_kernels_meet_the_occupancy_targets_on_sm90():
     nvcc = os.path.join(os.environ.get('CUDA_HOME', '/usr/local/cuda'), 'bin', 'nvcc')
     if not os.access(nvcc, os.X_OK):
         pytest.skip(f'needs nvcc (none at {nvcc}; set CUDA_HOME to the CUDA toolkit root)')
-    proc = _run('kernel_resources.py', '--arch', '90', '--check', timeout=900)
+    proc = run_script('scripts/benchmarks/kernel_resources.py', '--arch', '90', '--check', timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert 'every k = 3 / 5 / 7 instantiation meets the occupancy targets' in proc.stdout
 
