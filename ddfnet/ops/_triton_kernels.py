@@ -9,6 +9,11 @@ code. A program owns a tile of BLOCK_P pixels x BLOCK_C channels of one sample a
 loads in flight and spill. Reductions run in a fixed order with no atomics, so results are bitwise
 reproducible: the filter gradients accumulate a tile per program over pixel (channel) tiles in order and
 reduce it once at the end.
+
+The kernels use triton.language's builtins and this module's own jit functions only (tl.full, not tl.zeros;
+tl.reduce with :func:`_add`, not tl.sum): triton's interpreter runs a jit function as Python only when
+``TRITON_INTERPRET=1`` was set as it was decorated, and torch imports triton (decorating triton.language's
+own jit functions) before a test can set it; this module is imported on first use, after.
 """
 import triton
 import triton.language as tl
@@ -23,6 +28,11 @@ def _filter(cf, sf, MUL: tl.constexpr):
 
 
 @triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
 def ddf_forward_kernel(x, cf, sf, out, C, H, W, Ho, Wo, D, S,
                        sxb, sxc, sxh, sxw, scb, scc, sci, scj, ssb, sst, ssh, ssw, sob, soc, soh, sow,
                        K: tl.constexpr, MUL: tl.constexpr, ACC: tl.constexpr,
@@ -32,7 +42,7 @@ def ddf_forward_kernel(x, cf, sf, out, C, H, W, Ho, Wo, D, S,
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     p_in, c_in = p < Ho * Wo, c < C
     oy, ox = p // Wo, p % Wo
-    acc = tl.zeros((BLOCK_P, BLOCK_C), ACC)
+    acc = tl.full((BLOCK_P, BLOCK_C), 0, ACC)
     for i in range(K):
         iy = oy * S + (i - K // 2) * D
         for j in range(K):
@@ -59,7 +69,7 @@ def ddf_grad_input_kernel(g, cf, sf, gx, C, H, W, Ho, Wo, D, S,
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     p_in, c_in = p < H * W, c < C
     y, x = p // W, p % W
-    acc = tl.zeros((BLOCK_P, BLOCK_C), ACC)
+    acc = tl.full((BLOCK_P, BLOCK_C), 0, ACC)
     for i in range(K):
         ty = y - (i - K // 2) * D
         oy = ty // S
@@ -89,7 +99,7 @@ def ddf_grad_channel_filter_kernel(g, x, sf, gcf, C, H, W, Ho, Wo, D, S,
     b = tl.program_id(2).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_in = c < C
-    acc = tl.zeros((BLOCK_P, BLOCK_C), ACC)
+    acc = tl.full((BLOCK_P, BLOCK_C), 0, ACC)
     for start in range(0, Ho * Wo, BLOCK_P):
         p = start + tl.arange(0, BLOCK_P)
         oy, ox = p // Wo, p % Wo
@@ -106,7 +116,7 @@ def ddf_grad_channel_filter_kernel(g, x, sf, gcf, C, H, W, Ho, Wo, D, S,
             acc += gv * xv * sv[:, None]
         else:
             acc += gv * xv
-    tl.store(gcf + b * scb + c * scc + i * sci + j * scj, tl.sum(acc, axis=0).to(gcf.dtype.element_ty),
+    tl.store(gcf + b * scb + c * scc + i * sci + j * scj, tl.reduce(acc, 0, _add).to(gcf.dtype.element_ty),
              mask=c_in)
 
 
@@ -126,7 +136,7 @@ def ddf_grad_spatial_filter_kernel(g, x, cf, gsf, C, H, W, Ho, Wo, D, S,
     iy = oy * S + (i - K // 2) * D
     ix = ox * S + (j - K // 2) * D
     hit = p_in & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-    acc = tl.zeros((BLOCK_P, BLOCK_C), ACC)
+    acc = tl.full((BLOCK_P, BLOCK_C), 0, ACC)
     for start in range(0, C, BLOCK_C):
         c = start + tl.arange(0, BLOCK_C)
         c_in = c < C
@@ -140,5 +150,5 @@ def ddf_grad_spatial_filter_kernel(g, x, cf, gsf, C, H, W, Ho, Wo, D, S,
             acc += gv * xv * cv[None, :]
         else:
             acc += gv * xv
-    tl.store(gsf + b * ssb + tap * sst + oy * ssh + ox * ssw, tl.sum(acc, axis=1).to(gsf.dtype.element_ty),
+    tl.store(gsf + b * ssb + tap * sst + oy * ssh + ox * ssw, tl.reduce(acc, 1, _add).to(gsf.dtype.element_ty),
              mask=p_in)
