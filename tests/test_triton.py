@@ -3,6 +3,7 @@ interpreter: the four outputs, both combines, both layouts, float32/16, bfloat16
 dilation 1-3, stride 1-3, odd sizes, batch 0 and 1, every autotune configuration, non-contiguous inputs,
 determinism. Slow: the interpreter takes about a second per small case (k = 9 several).
 """
+import importlib
 import itertools
 import os
 import subprocess
@@ -13,10 +14,6 @@ import pytest
 import torch
 
 pytest.importorskip('triton')
-# Read when triton's @jit decorates the kernels, i.e. when ddfnet.ops._triton_kernels is first imported
-# (by the first kernel call); only these tests run them on the CPU.
-os.environ['TRITON_INTERPRET'] = '1'
-
 from support import backends  # noqa: E402
 from support.backends import NAMES, TOLERANCES, dtype_id, inputs, run  # noqa: E402
 from test_kernels import every_other, transposed  # noqa: E402
@@ -24,6 +21,21 @@ from test_kernels import every_other, transposed  # noqa: E402
 from ddfnet.ops import triton_ddf  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.triton]
+
+
+@pytest.fixture(scope='module', autouse=True)
+def interpreted_kernels():
+    """The kernels as triton's interpreter runs them: TRITON_INTERPRET is read as @triton.jit decorates them,
+    when ddfnet.ops._triton_kernels is (re)imported; set for that moment only, so nothing else in this process
+    or its children is interpreted."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv('TRITON_INTERPRET', '1')
+        module = importlib.import_module('ddfnet.ops._triton_kernels')
+        importlib.reload(module)
+    triton_ddf._kernels.cache_clear()
+    yield
+    importlib.reload(module)
+    triton_ddf._kernels.cache_clear()
 
 OPS = SimpleNamespace(ddf=triton_ddf.forward, ddf_backward=triton_ddf.backward)
 # The interpreter rounds float32 to bfloat16 by truncation (a GPU rounds to nearest): one unit in the last place.
