@@ -15,8 +15,7 @@ import torch
 
 pytest.importorskip('triton')
 from support import backends  # noqa: E402
-from support.backends import NAMES, TOLERANCES, dtype_id, inputs, run  # noqa: E402
-from test_kernels import every_other, transposed  # noqa: E402
+from support.backends import NAMES, TOLERANCES, dtype_id, every_other, inputs, run, transposed  # noqa: E402
 
 from ddfnet.ops import triton_ddf  # noqa: E402
 

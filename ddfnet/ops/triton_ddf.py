@@ -12,7 +12,6 @@ channels, image size, k, dtype and layout; on CPU tensors, under triton's interp
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import torch
 from torch import Tensor
@@ -32,8 +31,12 @@ CONFIGS = {name: _TILE_CONFIGS for name in KERNELS}
 
 
 def available() -> bool:
-    """Whether triton can be imported (the kernels still need a GPU, or its interpreter on CPU tensors)."""
-    return importlib.util.find_spec('triton') is not None
+    """Whether triton imports (the kernels still need a GPU, or its interpreter on CPU tensors)."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # absent, or broken (a triton built for another torch, a missing libcuda stub)
+        return False
+    return True
 
 
 @functools.cache
