@@ -68,6 +68,12 @@ def test_forced_kernels_are_registered_for_cuda(forced, force_reference):
     assert implementation == forced and registered == [str(want)] * 2, proc.stdout
 
 
+def test_force_reference_means_the_reference_on_cuda_too():
+    code = 'import ddfnet; print(ddfnet.ops.implementation("cuda"))'
+    proc = _fresh('', code, '1')
+    assert proc.returncode == 0 and proc.stdout.split() == ['reference'], proc.stdout + proc.stderr
+
+
 def test_bad_value_fails_the_import_in_one_line():
     proc = _fresh('cudnn', 'import ddfnet')
     assert proc.returncode != 0

@@ -219,8 +219,10 @@ def register_all() -> None:
         return
     # 1. Schemas and native kernels: the extension's TORCH_LIBRARY, or the same schemas from Python.
     _extension, _no_extension_reason = _native.load()
-    _cuda_kernels = choose_cuda_kernels(os.environ.get(CUDA_KERNELS_ENV, '').strip(),
-                                        _extension is not None and bool(_extension.with_cuda), triton_ddf.available)
+    # DDFNET_FORCE_REFERENCE=1 means the reference everywhere (the tests' oracle), unless CUDA is told otherwise.
+    forced = os.environ.get(CUDA_KERNELS_ENV, '').strip() or ('reference' if _native.force_reference() else '')
+    _cuda_kernels = choose_cuda_kernels(forced, _extension is not None and bool(_extension.with_cuda),
+                                        triton_ddf.available)
     if _extension is None:
         definitions = torch.library.Library('ddfnet', 'DEF')
         for schema in SCHEMAS.values():
