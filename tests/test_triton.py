@@ -1,7 +1,7 @@
 """The Triton kernels (ddfnet.ops.triton_ddf) against the float64 reference, on CPU tensors under triton's
 interpreter: the four outputs, both combines, both layouts, float32/16, bfloat16 (and float64), k 1-9,
-dilation 1-3, stride 1-3, odd sizes, batch 0 and 1, every autotune configuration, non-contiguous inputs,
-determinism. Slow: the interpreter takes about a second per small case (k = 9 several).
+dilation 1-3, stride 1-3, odd sizes, batch 0 and 1, every autotune configuration and the autotuned path,
+non-contiguous inputs, determinism. Slow: the interpreter takes about a second per small case (k = 9 several).
 """
 import importlib
 import itertools
@@ -79,6 +79,25 @@ def test_every_configuration(config, layout):
     ops = SimpleNamespace(ddf=lambda *a: triton_ddf.forward(*a, config=config),
                           ddf_backward=lambda *a: triton_ddf.backward(*a, config=config))
     check(ops, x, cf, sf, grad, 3, 2, 1, 'mul')
+
+
+def test_autotuned_path(monkeypatch):
+    # What CUDA tensors run: the autotuner picks, per key, the configuration its benchmark finds fastest. Here
+    # the benchmark runs each candidate once and rates the second (16 x 64) fastest; the layouts get separate
+    # entries.
+    launch = triton_ddf._launch
+    monkeypatch.setattr(triton_ddf, '_launch', lambda *args, on_cuda, **kwargs: launch(*args, **kwargs, on_cuda=True))
+    timings = itertools.cycle((3.0, 1.0, 2.0, 4.0))
+    for _, tuned in triton_ddf._kernels().values():
+        monkeypatch.setattr(tuned, '_do_bench', lambda call, quantiles: (call(), [next(timings)] * 3)[1])
+        tuned.cache.clear()
+    for layout in ('nchw', 'nhwc'):
+        # The first call tunes (each candidate writes the whole output), the second runs the choice alone.
+        for seed in (0, 1):
+            check(OPS, *inputs('cpu', (1, 19, 9, 7), 3, 2, layout=layout, seed=seed), 3, 1, 2, 'mul')
+    for name, (_, tuned) in triton_ddf._kernels().items():
+        assert len(tuned.cache) == 2, name
+        assert {(c.kwargs['BLOCK_P'], c.kwargs['BLOCK_C']) for c in tuned.cache.values()} == {(16, 64)}, name
 
 
 @pytest.mark.parametrize('shape', ((1, 3, 7, 5), (0, 4, 6, 5), (2, 0, 6, 5), (2, 3, 0, 5)))

@@ -87,7 +87,7 @@ def forward(input: Tensor, channel_filter: Tensor, spatial_filter: Tensor, kerne
         _launch('forward', lambda p, c: (_cdiv(out_h * out_w, p), _cdiv(channels, c), batch),
                 (input, channel_filter, spatial_filter, out, channels, height, width, out_h, out_w, dilation, stride,
                  *input.stride(), *channel_filter.stride(), *spatial_filter.stride(), *out.stride()),
-                kernel_size, kernel_combine, input.dtype, config, input.is_cuda)
+                kernel_size, kernel_combine, input.dtype, config, on_cuda=input.is_cuda)
     return out
 
 
