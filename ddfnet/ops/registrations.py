@@ -129,16 +129,6 @@ def _ddf_backward_reference_kernel(grad_output, input, channel_filter, spatial_f
                                   stride, kernel_combine)
 
 
-def _ddf_triton_kernel(input, channel_filter, spatial_filter, kernel_size, dilation, stride, kernel_combine):
-    return triton_ddf.forward(input, channel_filter, spatial_filter, kernel_size, dilation, stride, kernel_combine)
-
-
-def _ddf_backward_triton_kernel(grad_output, input, channel_filter, spatial_filter, kernel_size, dilation, stride,
-                                kernel_combine):
-    return triton_ddf.backward(grad_output, input, channel_filter, spatial_filter, kernel_size, dilation, stride,
-                               kernel_combine)
-
-
 def _ddf_fake(input, channel_filter, spatial_filter, kernel_size, dilation, stride, kernel_combine):
     check_ddf_args(input, channel_filter, spatial_filter, kernel_size, dilation, stride, kernel_combine)
     return new_output(input, output_size(input.shape[2], stride), output_size(input.shape[3], stride),
@@ -237,7 +227,7 @@ def register_all() -> None:
     kernels.impl('ddf', _ddf_reference_kernel, 'CompositeExplicitAutograd')
     kernels.impl('ddf_backward', _ddf_backward_reference_kernel, 'CompositeExplicitAutograd')
     # CUDA tensors: the Triton kernels, or the reference in place of native ones (DDFNET_CUDA_KERNELS).
-    cuda = {'triton': (_ddf_triton_kernel, _ddf_backward_triton_kernel),
+    cuda = {'triton': (triton_ddf.forward, triton_ddf.backward),
             'reference': (_ddf_reference_kernel, _ddf_backward_reference_kernel)}.get(_cuda_kernels)
     if cuda is not None and (_cuda_kernels == 'triton' or 'cuda' in native_device_types()):
         with warnings.catch_warnings():  # torch's "overriding a previously registered kernel" for csrc/cuda's
