@@ -12,7 +12,7 @@ import itertools
 import pytest
 import torch
 from support.backends import (BACKENDS, COMBINES, DEVICE_BACKENDS, LAYOUTS, NAMES, TOLERANCES, check, dtype_id,
-                              inputs, marks, params, require, run)
+                              every_other, inputs, marks, params, require, run, transposed)
 
 import ddfnet
 from ddfnet.ops import ddf_backward_reference, ddf_forward_reference
@@ -84,23 +84,6 @@ LAUNCH_SHAPES = [((4, 20, 161, 159), 3, 1, 1), ((4, 20, 161, 159), 7, 2, 2), ((1
 def test_launch_configurations(backend, shape, k, dilation, stride, layout):
     ops = require(backend)
     check(ops, *inputs(backend, shape, k, stride, torch.float32, layout), k, dilation, stride, 'mul', tol=(1e-4, 1e-3))
-
-
-def transposed(t):
-    """Same values, strides of the transposed tensor: neither contiguous nor channels_last."""
-    return t.transpose(2, 3).contiguous().transpose(2, 3)
-
-
-def every_other(t, dim, memory_format=torch.contiguous_format):
-    """Same values, a view of every other entry (along `dim`) of a twice larger tensor."""
-    shape = list(t.shape)
-    shape[dim] *= 2
-    big = torch.zeros(shape, dtype=t.dtype, device=t.device).contiguous(memory_format=memory_format)
-    index = [slice(None)] * t.dim()
-    index[dim] = slice(None, None, 2)
-    view = big[tuple(index)]
-    view.copy_(t)
-    return view
 
 
 @pytest.mark.parametrize('backend', params())

@@ -13,19 +13,23 @@ Autograd kernels and vmap rules of :mod:`ddfnet.ops.autograd`, FLOP formulas, th
 the TorchScript ONNX symbolic. With them ``torch.library.opcheck`` passes and
 ``torch.compile(fullgraph=True)`` traces through the op without graph breaks. When the extension cannot
 be loaded or built (see :mod:`ddfnet.ops._native`), or ``DDFNET_FORCE_REFERENCE=1`` is set, the same
-schemas are defined here instead. Any device without a native kernel runs the pure-PyTorch reference in
-:mod:`ddfnet.ops.reference` and says so once with a :class:`DDFSlowPathWarning`; :func:`implementation`
-tells which one a device type gets.
+schemas are defined here instead. A CUDA tensor runs the native CUDA kernels when the extension has them,
+else the Triton kernels of :mod:`ddfnet.ops.triton_ddf` when triton imports, else the reference;
+``DDFNET_CUDA_KERNELS=native|triton|reference`` forces one. Any other device without a native kernel runs
+the pure-PyTorch reference in :mod:`ddfnet.ops.reference`; the reference says so once with a
+:class:`DDFSlowPathWarning`. :func:`implementation` tells which one a device type gets.
 """
 from __future__ import annotations
 
+import os
 import warnings
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
 from torch.utils import flop_counter
 
-from . import _native, _torch_internals
+from . import _native, _torch_internals, triton_ddf
 from .autocast import autocast_inputs
 from .autograd import autograd_kernels, operator_vmap_rules
 from .checks import check_ddf_args
@@ -33,7 +37,10 @@ from .decomposition import register_torchscript_symbolic
 from .reference import ddf_backward_reference, ddf_forward_reference, new_output, output_size
 
 __all__ = ['register_all', 'implementation', 'native_device_types', 'native_unavailable_reason',
-           'DDFSlowPathWarning', 'SCHEMAS']
+           'choose_cuda_kernels', 'DDFSlowPathWarning', 'SCHEMAS', 'CUDA_KERNELS_ENV']
+
+CUDA_KERNELS_ENV = 'DDFNET_CUDA_KERNELS'
+CUDA_KERNELS = ('native', 'triton', 'reference')  # in order of preference
 
 # The schemas of csrc/ddf.cpp, for the pure-Python fallback only; a test checks they match the C++ ones.
 SCHEMAS = {
@@ -53,6 +60,7 @@ _extension: ModuleType | None = None
 _no_extension_reason = 'ddfnet.ops.registrations.register_all() has not run'
 _libraries: list[torch.library.Library] = []  # registrations live as long as their Library object
 _warned: set[str] = set()
+_cuda_kernels: str | None = None  # what CUDA tensors run, chosen by register_all()
 
 
 def native_device_types() -> tuple[str, ...]:
@@ -63,8 +71,27 @@ def native_device_types() -> tuple[str, ...]:
 
 
 def implementation(device_type: str) -> str:
-    """'native' or 'reference': which DDF implementation runs on ``device_type``."""
+    """'native', 'triton' (CUDA only) or 'reference': which DDF implementation runs on ``device_type``."""
+    if device_type == 'cuda' and _cuda_kernels is not None:
+        return _cuda_kernels
     return 'native' if device_type in native_device_types() else 'reference'
+
+
+def choose_cuda_kernels(forced: str, native: bool, triton_imports: Callable[[], bool]) -> str:
+    """The kernels CUDA tensors run: ``forced`` (the value of ``DDFNET_CUDA_KERNELS``) when set, else the
+    first available of native (``native``: the extension has CUDA kernels), triton, reference.
+
+    Raises ValueError, in one line naming the available ones, for an unknown or unavailable choice.
+    """
+    if not forced and native:
+        return 'native'  # triton is not even imported
+    available = [name for name, ok in zip(CUDA_KERNELS, (native, triton_imports(), True)) if ok]
+    if not forced:
+        return available[0]
+    if forced not in available:
+        why = 'unknown' if forced not in CUDA_KERNELS else 'not available here'
+        raise ValueError(f'{CUDA_KERNELS_ENV}={forced!r} is {why}; available: {", ".join(available)}')
+    return forced
 
 
 def native_unavailable_reason() -> str:
@@ -177,11 +204,15 @@ def register_all() -> None:
     ``ddfnet/ops/__init__.py`` calls it once; the steps run in the order they need (the schemas first).
     A second call does nothing.
     """
-    global _extension, _no_extension_reason
+    global _extension, _no_extension_reason, _cuda_kernels
     if _libraries:
         return
     # 1. Schemas and native kernels: the extension's TORCH_LIBRARY, or the same schemas from Python.
     _extension, _no_extension_reason = _native.load()
+    # DDFNET_FORCE_REFERENCE=1 means the reference everywhere (the tests' oracle), unless CUDA is told otherwise.
+    forced = os.environ.get(CUDA_KERNELS_ENV, '').strip() or ('reference' if _native.force_reference() else '')
+    _cuda_kernels = choose_cuda_kernels(forced, _extension is not None and bool(_extension.with_cuda),
+                                        triton_ddf.available)
     if _extension is None:
         definitions = torch.library.Library('ddfnet', 'DEF')
         for schema in SCHEMAS.values():
@@ -195,6 +226,14 @@ def register_all() -> None:
     # CompositeExplicitAutograd key: backend kernels registered in C++ take precedence over it.
     kernels.impl('ddf', _ddf_reference_kernel, 'CompositeExplicitAutograd')
     kernels.impl('ddf_backward', _ddf_backward_reference_kernel, 'CompositeExplicitAutograd')
+    # CUDA tensors: the Triton kernels, or the reference in place of native ones (DDFNET_CUDA_KERNELS).
+    cuda = {'triton': (triton_ddf.forward, triton_ddf.backward),
+            'reference': (_ddf_reference_kernel, _ddf_backward_reference_kernel)}.get(_cuda_kernels)
+    if cuda is not None and (_cuda_kernels == 'triton' or 'cuda' in native_device_types()):
+        with warnings.catch_warnings():  # torch's "overriding a previously registered kernel" for csrc/cuda's
+            warnings.simplefilter('ignore')
+            kernels.impl('ddf', cuda[0], 'CUDA')
+            kernels.impl('ddf_backward', cuda[1], 'CUDA')
 
     # 3. Fake kernels: shapes, dtypes and strides for torch.compile, torch.export and meta tensors.
     torch.library.register_fake('ddfnet::ddf', _ddf_fake)

@@ -94,3 +94,20 @@ def check(ops, x, cf, sf, grad, k, dilation, stride, combine, tol=None):
     for name, g, arg in zip(NAMES[1:], got[1:], (x, cf, sf)):
         assert g.stride() == torch.empty_like(arg).stride(), name
     return got
+
+
+def transposed(t):
+    """Same values, strides of the transposed tensor: neither contiguous nor channels_last."""
+    return t.transpose(2, 3).contiguous().transpose(2, 3)
+
+
+def every_other(t, dim, memory_format=torch.contiguous_format):
+    """Same values, a view of every other entry (along `dim`) of a twice larger tensor."""
+    shape = list(t.shape)
+    shape[dim] *= 2
+    big = torch.zeros(shape, dtype=t.dtype, device=t.device).contiguous(memory_format=memory_format)
+    index = [slice(None)] * t.dim()
+    index[dim] = slice(None, None, 2)
+    view = big[tuple(index)]
+    view.copy_(t)
+    return view
