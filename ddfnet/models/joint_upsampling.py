@@ -75,9 +75,10 @@ class DDFUpJointUpsamplingNet(nn.Module):
                  guide_features_per_step: int = 16, kernel_size: int = 5, residual: bool = False,
                  ddf_kwargs: dict[str, Any] | None = None):
         super().__init__()
-        steps = _check_scale(type(self).__name__, scale_factor)
+        self.name = type(self).__name__  # for error messages: type(self) does not script
+        steps = _check_scale(self.name, scale_factor)
         if min(channels, guide_channels, features, guide_features_per_step) < 1:
-            raise ValueError(f'{type(self).__name__}: channel counts must be >= 1')
+            raise ValueError(f'{self.name}: channel counts must be >= 1')
         self.scale_factor = scale_factor
         self.channels = channels
         self.guide_channels = guide_channels
@@ -94,7 +95,7 @@ class DDFUpJointUpsamplingNet(nn.Module):
         self.final_branch = _conv_stack([features, features, channels], kernel_size)
 
     def forward(self, target_low: Tensor, guide: Tensor) -> Tensor:
-        _check_inputs(type(self).__name__, target_low, guide, self.channels, self.guide_channels, self.scale_factor)
+        _check_inputs(self.name, target_low, guide, self.channels, self.guide_channels, self.scale_factor)
         x = self.target_branch(target_low)
         guide_features = self.guide_branch(guide)
         width = self.guide_features_per_step
@@ -114,11 +115,12 @@ class BilinearJointUpsampling(nn.Module):
 
     def __init__(self, scale_factor: int, channels: int = 1, guide_channels: int = 3):
         super().__init__()
-        _check_scale(type(self).__name__, scale_factor)
+        self.name = type(self).__name__
+        _check_scale(self.name, scale_factor)
         self.scale_factor = scale_factor
         self.channels = channels
         self.guide_channels = guide_channels
 
     def forward(self, target_low: Tensor, guide: Tensor) -> Tensor:
-        _check_inputs(type(self).__name__, target_low, guide, self.channels, self.guide_channels, self.scale_factor)
+        _check_inputs(self.name, target_low, guide, self.channels, self.guide_channels, self.scale_factor)
         return F.interpolate(target_low, scale_factor=float(self.scale_factor), mode='bilinear', align_corners=False)
