@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from ddfnet.cli import OneLineArgumentParser, UserError, parse_args, resolved_config, run_main
 from ddfnet.data.rgbd import RGBDFolder, center_sample, ensure_rgbd_demo
@@ -129,15 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
     check_args(args)
     device = init_distributed(args)
-    torch.manual_seed(args.seed + args.rank)
+    torch.manual_seed(args.seed)  # one initialisation on every rank (what DDP would broadcast anyway)
     root = data_root(args)
     train_set = RGBDFolder(root, 'train', args.scale_factor)
     val_set = RGBDFolder(root, 'val', args.scale_factor)
     sampler = DistributedSampler(train_set, seed=args.seed) if args.distributed else None
-    val_sampler = DistributedSampler(val_set, shuffle=False) if args.distributed else None
+    if args.distributed:  # every rank scores its own share of the images, none twice (no padding sampler)
+        val_set = Subset(val_set, range(args.rank, len(val_set), args.world_size))
     train_loader = DataLoader(train_set, args.batch_size, shuffle=sampler is None, sampler=sampler,
                               num_workers=args.workers, drop_last=True)
-    val_loader = DataLoader(val_set, args.batch_size, sampler=val_sampler, num_workers=args.workers)
+    val_loader = DataLoader(val_set, args.batch_size, num_workers=args.workers)
     try:
         model = DDFUpJointUpsamplingNet(args.scale_factor, features=args.features, kernel_size=args.kernel_size,
                                         residual=args.residual, ddf_kwargs=dict(kernel_size=args.kernel_size))
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.evaluate_only:
         if args.checkpoint:
             model.load_state_dict(model_state_dict(load_checkpoint(args.checkpoint), args.checkpoint))
-        result = {'scale_factor': args.scale_factor, 'images': len(val_set), **score(model, val_loader, args, device,
+        result = {'scale_factor': args.scale_factor, **score(model, val_loader, args, device,
                                                                                      amp_autocast)}
         say(f"x{args.scale_factor}: RMSE (x1e-2) {result['rmse']:.3f}, bilinear {result['bilinear_rmse']:.3f}")
         return 0

@@ -116,3 +116,19 @@ def test_demo_config_beats_bilinear_clearly(tmp_path, capsys):
     assert call_main(script, PROG, argv, capsys)[0] == 0
     results = json.loads((output / 'results.json').read_text())
     assert results['rmse'] < 0.8 * results['bilinear_rmse'], results
+
+
+@pytest.mark.slow  # two torchrun worker processes
+def test_torchrun_scores_like_one_process(tiny_root, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from support.runner import repo_env, script_path
+    argv = [*_argv(tiny_root, tmp_path / 'run'), '--evaluate-only']
+    code, single, _ = call_main(load_script('scripts/train_joint_upsampling'), PROG, argv, capsys)
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc-per-node', '2',
+                           str(script_path('scripts/train_joint_upsampling')), *argv],
+                          capture_output=True, text=True, env=repo_env(OMP_NUM_THREADS='1'), timeout=300)
+    assert code == 0 and proc.returncode == 0, proc.stderr[-2000:]
+    # The 4 validation pairs split 2 + 2 over the ranks; the same model on every rank, sums all-reduced.
+    assert proc.stdout.strip() == single.strip()

@@ -6,7 +6,8 @@ submodule names, an ordered dict of backbone features in and the pyramid out) wi
 upsampled x2 by a :class:`~ddfnet.layers.DDFUpPack` instead of nearest interpolation: the place CARAFE
 takes in MMDetection's ``FPN_CARAFE``. It drops into torchvision's Faster R-CNN, Mask R-CNN and RetinaNet
 through :class:`BackboneWithDDFUpFPN`. With ``upsample='nearest'`` it computes exactly torchvision's FPN,
-and torchvision's ``fasterrcnn_resnet50_fpn`` weights load into :func:`fasterrcnn_resnet50_ddfup_fpn`.
+and torchvision's ``fasterrcnn_resnet50_fpn`` weights load into :func:`fasterrcnn_resnet50_ddfup_fpn` with
+``upsample='nearest'`` (with 'ddf', all but the DDF-Up layers').
 """
 from __future__ import annotations
 
