@@ -107,12 +107,13 @@ def test_configs_resolve(path):
     assert args.scale_factor in (4, 8, 16) and args.epochs >= 1 and args.lr > 0
 
 
-@pytest.mark.slow  # about two minutes of training on two cores
+@pytest.mark.slow  # the demo config as the README runs it: about 2.5 minutes on two idle cores
 def test_demo_config_beats_bilinear_clearly(tmp_path, capsys):
+    # Not shortened: the RMSE stays near bilinear's for about 300 steps before it drops, whatever the lr.
     script = load_script('scripts/train_joint_upsampling')
     output = tmp_path / 'run'
     argv = ['--config', str(ROOT / 'configs' / 'joint_upsampling' / 'demo.yaml'), '--data-dir', str(tmp_path / 'cache'),
-            '--output', str(output), '--epochs', '12']
+            '--output', str(output)]
     assert call_main(script, PROG, argv, capsys)[0] == 0
     results = json.loads((output / 'results.json').read_text())
     assert results['rmse'] < 0.8 * results['bilinear_rmse'], results
