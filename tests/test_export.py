@@ -168,3 +168,71 @@ def test_torch_compile_fullgraph_forward_backward(name):
     torch.testing.assert_close(out, expected)
     for got, param in zip(compiled_grads, model.parameters(), strict=True):
         torch.testing.assert_close(got, param.grad)
+
+
+# The DDF-Up models: the FPN inside a backbone (what torchvision's detectors and create_feature_extractor trace),
+# the detectors as torchvision scripts them, and the joint-upsampling network.
+
+def _fpn_backbone(upsample='ddf'):
+    from torchvision.models import resnet18
+    from torchvision.models._utils import IntermediateLayerGetter
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+    from ddfnet.models import BackboneWithDDFUpFPN
+    torch.manual_seed(0)
+    body = IntermediateLayerGetter(resnet18(), {f'layer{i + 1}': str(i) for i in range(4)})
+    return BackboneWithDDFUpFPN(body, [64, 128, 256, 512], 32, upsample=upsample,
+                                extra_blocks=LastLevelMaxPool()).eval()
+
+
+@pytest.mark.parametrize('upsample', ['ddf', 'nearest'])
+def test_ddf_up_fpn_traces_and_scripts_like_eager_at_odd_sizes(upsample):
+    model = _fpn_backbone(upsample)
+    traced = torch.fx.symbolic_trace(model)  # plain FX: the DDF-Up layers are traced through to the op
+    if upsample == 'ddf':
+        assert torch.ops.ddfnet.ddf in [node.target for node in traced.graph.nodes]
+    scripted = _scripted_round_trip(model)
+    for x in (torch.randn(2, 3, 67, 61), torch.randn(1, 3, 64, 64)):
+        with torch.no_grad():
+            expected = model(x)
+            for got in (traced(x), scripted(x)):
+                assert list(got) == list(expected) == ['0', '1', '2', '3', 'pool']
+                for name in expected:
+                    torch.testing.assert_close(got[name], expected[name])
+
+
+@pytest.mark.filterwarnings('ignore:RCNN always returns a')  # torchvision's note on scripted detectors
+@pytest.mark.parametrize('builder', ['fasterrcnn_resnet50_ddfup_fpn', 'fasterrcnn_ddf_resnet50_ddfup_fpn'])
+def test_ddf_up_detectors_script_like_torchvisions(builder):
+    from ddfnet import models
+    torch.manual_seed(0)
+    kwargs = dict(backbone_kwargs=dict(layers=(1, 1, 1, 1))) if 'ddf_resnet' in builder else {}
+    model = getattr(models, builder)(num_classes=5, min_size=64, max_size=96, box_score_thresh=0.0, **kwargs).eval()
+    scripted = torch.jit.script(model)
+    images = [torch.rand(3, 70, 90), torch.rand(3, 64, 67)]
+    with torch.no_grad():
+        _, got = scripted(images)  # a scripted torchvision detector returns (losses, detections)
+        expected = model(images)
+    assert len(got[0]['boxes']) > 0
+    for g, e in zip(got, expected, strict=True):
+        for key in ('boxes', 'labels', 'scores'):
+            torch.testing.assert_close(g[key], e[key])
+
+
+def test_joint_upsampling_traces_and_scripts_like_eager():
+    from timm.models import create_feature_extractor
+
+    from ddfnet.models import DDFUpJointUpsamplingNet
+    torch.manual_seed(0)
+    model = DDFUpJointUpsamplingNet(8).eval()
+    # timm's tracer, whose leaves (DDFUpPack, the input checks) keep their size checks out of the graph.
+    traced = create_feature_extractor(model, return_nodes=['final_branch'])
+    scripted = _scripted_round_trip(model)
+    for batch in (1, 3):
+        low, guide = torch.randn(batch, 1, 5, 4), torch.randn(batch, 3, 40, 32)
+        with torch.no_grad():
+            expected = model(low, guide)
+            torch.testing.assert_close(traced(low, guide)['final_branch'], expected)
+            torch.testing.assert_close(scripted(low, guide), expected)
+    with pytest.raises(torch.jit.Error, match=r'at x8 the guide must be \(3, 3, 40, 32\) for a 5x4 input'):
+        scripted(low, guide[:, :, :-8])

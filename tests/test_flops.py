@@ -110,3 +110,26 @@ def test_count_flops_bad_dyconv_aggregation():
     assert proc.returncode != 0 and 'invalid choice' in proc.stderr and 'Traceback' not in proc.stderr
     proc = _run('--model', 'dy_resnet18', '--batch-size', '0')
     assert proc.returncode != 0 and '--batch-size must be positive' in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_count_fpn_flops_gives_ddf_ups_extra_cost_at_the_papers_size():
+    proc = run_script('scripts/count_fpn_flops')
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result['img_size'] == [800, 1333] and result['padded_size'] == [800, 1344]
+    # Worked by hand: 3 DDF-Up layers (on P3-P5: 100x168, 50x84, 25x42 pixels) of 4 branches each; per branch
+    # and low-resolution pixel a 3x3 depth-wise and a 1x1 conv (256 channels -> 9 taps) and the op (1.5 MACs
+    # per tap and channel), per branch and layer the channel branch's pooled 1x1 convs (256 -> 51 -> 256 * 9).
+    pixels, branches, channels, taps = 100 * 168 + 50 * 84 + 25 * 42, 4, 256, 9
+    conv = pixels * branches * 2 * channels * taps + 3 * branches * (channels * 51 + 51 * channels * taps)
+    op = pixels * branches * 1.5 * channels * taps
+    assert result['extra_by_op']['conv'] == pytest.approx(conv / 1e9, abs=1e-4)
+    assert result['extra_by_op']['ddf_op'] == pytest.approx(op / 1e9, abs=1e-4)
+    assert result['extra_gmacs'] == pytest.approx((conv + op) / 1e9, abs=2e-3)
+    assert result['fpn_gmacs']['ddf'] - result['fpn_gmacs']['nearest'] == pytest.approx(result['extra_gmacs'], abs=1e-3)
+
+
+def test_count_fpn_flops_refuses_bad_sizes_in_one_line():
+    proc = run_script('scripts/count_fpn_flops', '--img-size', '16', '800')
+    assert proc.returncode == 2 and proc.stdout == ''
+    assert proc.stderr.strip().splitlines()[-1].endswith('--img-size must be at least 32 32, got 16 800')

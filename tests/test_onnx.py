@@ -336,3 +336,46 @@ def test_check_forward_fails_with_status_1_above_the_tolerance_and_removes_the_f
     code, _, err = call(lambda: export.main(_tiny_export_argv(out, '--check-forward')), 'onnx_export.py', capsys)
     assert code == 1 and 'check forward failed' in '\n'.join(err) and f'{out} not written' in err[-1]
     assert not list(tmp_path.iterdir())
+
+
+class PyramidLevels(nn.Module):
+    """A backbone with FPN whose dict of levels is returned as a tuple (one ONNX output per level)."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x):
+        return tuple(self.backbone(x).values())
+
+
+def test_ddf_up_fpn_exports_to_standard_operators_and_matches_onnxruntime(tmp_path):
+    from torchvision.models import resnet18
+    from torchvision.models._utils import IntermediateLayerGetter
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+    from ddfnet.models import BackboneWithDDFUpFPN
+    body = IntermediateLayerGetter(resnet18(), {f'layer{i + 1}': str(i) for i in range(4)})
+    model = PyramidLevels(BackboneWithDDFUpFPN(body, [64, 128, 256, 512], 32, extra_blocks=LastLevelMaxPool()))
+    path = tmp_path / 'fpn.onnx'
+    export_onnx(model, torch.randn(2, 3, 67, 61), path)  # odd sizes: the upsampled levels are cropped
+    found, ops = domains(path)
+    assert found <= set(STANDARD_DOMAINS) and 'DepthToSpace' in ops, (found, ops)  # DDF-Up's pixel shuffle
+    names = ['0', '1', '2', '3', 'pool']
+    assert sum(assert_parity(model, path, torch.randn(batch, 3, 67, 61), names) for batch in (1, 3)) == 10
+
+
+def test_joint_upsampling_exports_to_standard_operators_and_matches_onnxruntime(tmp_path):
+    import onnxruntime
+
+    from ddfnet.models import DDFUpJointUpsamplingNet
+    model = DDFUpJointUpsamplingNet(4).eval()
+    path = tmp_path / 'joint.onnx'
+    low, guide = torch.randn(2, 1, 6, 5), torch.randn(2, 3, 24, 20)
+    with torch.no_grad():
+        torch.onnx.export(model, (low, guide), str(path), input_names=['depth', 'guide'], verbose=False)
+        expected = model(low, guide)
+    found, _ = domains(path)
+    assert found <= set(STANDARD_DOMAINS), found
+    got = onnxruntime.InferenceSession(str(path)).run(None, {'depth': low.numpy(), 'guide': guide.numpy()})[0]
+    assert (torch.from_numpy(got) - expected).abs().max() / expected.abs().max() <= TOLERANCE

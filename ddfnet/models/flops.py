@@ -23,8 +23,10 @@ __all__ = ['count_macs']
 _OP_PARTS = {'convolution': 'conv', 'mm': 'linear', 'addmm': 'linear', 'bmm': 'matmul', 'ddf': 'ddf_op'}
 
 
-def count_macs(model: nn.Module, img_size: int = 224, in_chans: int = 3, batch_size: int = 1) -> dict[str, Any]:
-    """Count one forward pass of ``model`` on a (batch_size, in_chans, img_size, img_size) input, per image.
+def count_macs(model: nn.Module, img_size: int | tuple[int, int] = 224, in_chans: int = 3,
+               batch_size: int = 1) -> dict[str, Any]:
+    """Count one forward pass of ``model`` on a (batch_size, in_chans, img_size, img_size) input, per image
+    (``img_size`` may be a (height, width) pair: detectors run on 800x1333 images).
 
     The batch size matters only for layers that choose their evaluation order by it: a DynamicConv2d
     mixes kernels for a single sample and, in its default 'auto' order, mixes outputs in late stages of
@@ -37,8 +39,9 @@ def count_macs(model: nn.Module, img_size: int = 224, in_chans: int = 3, batch_s
     """
     if batch_size < 1:
         raise ValueError(f'count_macs: batch_size must be >= 1, got {batch_size}')
+    height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
     model = model.eval()
-    x = torch.zeros(batch_size, in_chans, img_size, img_size)
+    x = torch.zeros(batch_size, in_chans, height, width)
     counter = FlopCounterMode(display=False, depth=1)
     with counter, torch.no_grad():
         model(x)

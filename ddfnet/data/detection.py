@@ -1,0 +1,164 @@
+"""Object detection data in COCO format: a checked folder reader, and an embedded generated set.
+
+A COCO-format folder holds ``<split>/annotations.json`` (COCO's ``images``, ``annotations`` with ``bbox`` as
+[x, y, width, height] in pixels, ``categories``) and the images it names under ``<split>/images/``. The
+reader checks the whole file when it opens it, so a bad annotation (a box outside its image, an unknown
+category or image id, a missing image file) is one ValueError naming it, before any training starts.
+
+The generated set ("detection-demo") places one to three of the classification demo's shapes, each in its
+own colour, at random non-overlapping positions on a textured background; each shape's box is its drawn
+extent. Like the other demo data it is a pure function of (split, index), written once, atomically.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .demo import _mask, default_cache_dir
+
+__all__ = ['CATEGORIES', 'CocoDetectionFolder', 'ensure_detection_demo', 'render_detection_scene']
+
+VERSION = 1  # bump when the drawing changes, so stale caches are not reused
+CATEGORIES = ('circle', 'square', 'triangle', 'ring', 'cross')  # COCO category ids 1..5
+
+
+def render_detection_scene(rng: np.random.Generator, size: int = 128) -> tuple[np.ndarray, list[list[float]], list[int]]:
+    """One image: (size, size, 3) uint8, the shapes' boxes as [x0, y0, x1, y1] pixels and their category ids."""
+    y, x = np.mgrid[0:size, 0:size] + 0.5
+    background = rng.uniform(0, 1, 3)
+    image = background + rng.uniform(-0.2, 0.2, 3) * (x[..., None] / size - 0.5)
+    boxes: list[list[float]] = []
+    labels: list[int] = []
+    for _ in range(rng.integers(1, 4)):
+        for _attempt in range(20):  # rejection sampling: shapes do not overlap, so every box is fully visible
+            radius = rng.uniform(0.1, 0.2) * size
+            cx, cy = rng.uniform(radius, size - radius, 2)
+            turn = rng.uniform(0, 2 * np.pi)
+            label = int(rng.integers(len(CATEGORIES)))
+            u = ((x - cx) * np.cos(turn) + (y - cy) * np.sin(turn)) / size
+            v = (-(x - cx) * np.sin(turn) + (y - cy) * np.cos(turn)) / size
+            mask = _mask(CATEGORIES[label], u, v, r=radius / size, period=0.2)
+            rows, cols = np.nonzero(mask)
+            if rows.size < 16:
+                continue
+            box = [float(cols.min()), float(rows.min()), float(cols.max() + 1), float(rows.max() + 1)]
+            if all(box[2] <= b[0] or b[2] <= box[0] or box[3] <= b[1] or b[3] <= box[1] for b in boxes):
+                colour = rng.uniform(0, 1, 3)
+                while np.abs(colour - background).sum() < 0.6:  # keep the shape visible
+                    colour = rng.uniform(0, 1, 3)
+                image[mask] = colour
+                boxes.append(box)
+                labels.append(label + 1)
+                break
+    image = image + rng.normal(0, 0.04, image.shape)
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8), boxes, labels
+
+
+def ensure_detection_demo(cache_dir: str | None = None, train: int = 256, val: int = 64, size: int = 128) -> str:
+    """Path of the generated COCO-format folder (``train`` and ``val`` images of ``size`` x ``size``), written
+    on first use."""
+    root = os.path.join(cache_dir or default_cache_dir(), f'detection-demo-v{VERSION}-{train}x{val}-{size}px')
+    if os.path.isdir(root):
+        return root
+    os.makedirs(os.path.dirname(root), exist_ok=True)
+    partial = tempfile.mkdtemp(prefix='.detection-partial-', dir=os.path.dirname(root))
+    try:
+        for split_id, (split, count) in enumerate((('train', train), ('val', val))):
+            os.makedirs(os.path.join(partial, split, 'images'))
+            images, annotations = [], []
+            for index in range(count):
+                image, boxes, labels = render_detection_scene(np.random.default_rng([VERSION, split_id, index]), size)
+                name = f'{index:05d}.png'
+                Image.fromarray(image).save(os.path.join(partial, split, 'images', name))
+                images.append({'id': index + 1, 'file_name': name, 'width': size, 'height': size})
+                for (x0, y0, x1, y1), label in zip(boxes, labels):
+                    annotations.append({'id': len(annotations) + 1, 'image_id': index + 1, 'category_id': label,
+                                        'bbox': [x0, y0, x1 - x0, y1 - y0], 'area': (x1 - x0) * (y1 - y0),
+                                        'iscrowd': 0})
+            categories = [{'id': i + 1, 'name': name} for i, name in enumerate(CATEGORIES)]
+            with open(os.path.join(partial, split, 'annotations.json'), 'w') as f:
+                json.dump({'images': images, 'annotations': annotations, 'categories': categories}, f)
+        try:
+            os.rename(partial, root)
+        except OSError:  # another process finished first; its folder is identical
+            if not os.path.isdir(root):
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return root
+
+
+def _checked_annotations(path: str, data: Any, image_dir: str) -> tuple[list[dict], dict[int, list[dict]]]:
+    """The images of COCO file ``path`` and their annotations by image id; one ValueError for the first problem."""
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ('images', 'annotations',
+                                                                                      'categories')):
+        raise ValueError(f'{path}: not a COCO annotation file (needs lists images, annotations, categories)')
+    categories = {c.get('id') for c in data['categories']}
+    images = {}
+    for image in data['images']:
+        if not {'id', 'file_name', 'width', 'height'} <= set(image):
+            raise ValueError(f'{path}: image entry {image} lacks id, file_name, width or height')
+        if not os.path.isfile(os.path.join(image_dir, image['file_name'])):
+            raise ValueError(f"{path}: image {image['id']} file {image['file_name']} is not in {image_dir}")
+        images[image['id']] = image
+    by_image: dict[int, list[dict]] = {i: [] for i in images}
+    for ann in data['annotations']:
+        name = f"{path}: annotation {ann.get('id')}"
+        image = images.get(ann.get('image_id'))
+        if image is None:
+            raise ValueError(f"{name} names image {ann.get('image_id')}, which the file does not list")
+        if ann.get('category_id') not in categories:
+            raise ValueError(f"{name} has category {ann.get('category_id')}, not one of {sorted(categories)}")
+        bbox = ann.get('bbox')
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(n, (int, float)) for n in bbox)):
+            raise ValueError(f'{name}: bbox must be [x, y, width, height], got {bbox}')
+        x, y, w, h = bbox
+        if w <= 0 or h <= 0 or x < 0 or y < 0 or x + w > image['width'] or y + h > image['height']:
+            raise ValueError(f"{name}: box {bbox} (x, y, width, height) is empty or outside its image "
+                             f"{image['file_name']} of {image['width']}x{image['height']}")
+        by_image[image['id']].append(ann)
+    return list(images.values()), by_image
+
+
+class CocoDetectionFolder(Dataset):
+    """``(image, target)`` pairs of ``root/<split>`` as torchvision's detectors take them: image a (3, H, W)
+    float tensor in [0, 1]; target ``boxes`` (N, 4) [x0, y0, x1, y1], ``labels`` (N,) category ids and
+    ``image_id``. Crowd annotations are left out. The annotation file is checked when the folder is opened."""
+
+    def __init__(self, root: str, split: str):
+        path = os.path.join(root, split, 'annotations.json')
+        if not os.path.isfile(path):
+            raise ValueError(f'{os.path.join(root, split)} has no annotations.json (COCO format)')
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f'{path}: not valid JSON ({e})') from None
+        self.image_dir = os.path.join(root, split, 'images')
+        self.images, self.annotations = _checked_annotations(path, data, self.image_dir)
+        self.categories = {c['id']: c.get('name', str(c['id'])) for c in data['categories']}
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        info = self.images[index]
+        with Image.open(os.path.join(self.image_dir, info['file_name'])) as image:
+            pixels = np.asarray(image.convert('RGB'), dtype=np.float32) / 255
+        if pixels.shape[:2] != (info['height'], info['width']):
+            raise ValueError(f"{info['file_name']} is {pixels.shape[1]}x{pixels.shape[0]}, its annotation file says "
+                             f"{info['width']}x{info['height']}")
+        anns = [a for a in self.annotations[info['id']] if not a.get('iscrowd', 0)]
+        boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a['bbox'] for a in anns)],
+                             dtype=torch.float32).reshape(-1, 4)
+        return (torch.from_numpy(pixels).permute(2, 0, 1).contiguous(),
+                {'boxes': boxes, 'labels': torch.tensor([a['category_id'] for a in anns], dtype=torch.int64),
+                 'image_id': torch.tensor(info['id'])})
