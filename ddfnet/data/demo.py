@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
@@ -64,22 +65,16 @@ def render(label: int, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.n
     return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
 
 
-def ensure_demo_dataset(cache_dir: str | None = None, per_class: int = 256) -> str:
-    """Path of the demo ImageFolder with ``per_class`` training and ``per_class // 4`` validation images per
-    class, writing it on first use."""
-    root = os.path.join(cache_dir or default_cache_dir(), f'demo-v{VERSION}-{len(CLASSES)}x{per_class}-{IMAGE_SIZE}px')
+def write_once(root: str, fill: Callable[[str], None]) -> str:
+    """``root``, written on first use: ``fill(folder)`` writes into a temporary sibling folder that is renamed
+    to ``root`` when complete, so an interrupted run leaves nothing half-written and concurrent runs (the
+    ranks of a torchrun job) agree on one identical result."""
     if os.path.isdir(root):
         return root
     os.makedirs(os.path.dirname(root), exist_ok=True)
-    partial = tempfile.mkdtemp(prefix='.demo-partial-', dir=os.path.dirname(root))
+    partial = tempfile.mkdtemp(prefix=f'.{os.path.basename(root)}.partial-', dir=os.path.dirname(root))
     try:
-        for split_id, (split, count) in enumerate((('train', per_class), ('val', max(1, per_class // 4)))):
-            for label, name in enumerate(CLASSES):
-                folder = os.path.join(partial, split, name)
-                os.makedirs(folder)
-                for index in range(count):
-                    rng = np.random.default_rng([VERSION, split_id, label, index])
-                    Image.fromarray(render(label, rng)).save(os.path.join(folder, f'{index:05d}.png'))
+        fill(partial)
         try:
             os.rename(partial, root)
         except OSError:  # another process finished first; its folder is identical
@@ -88,3 +83,20 @@ def ensure_demo_dataset(cache_dir: str | None = None, per_class: int = 256) -> s
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return root
+
+
+def ensure_demo_dataset(cache_dir: str | None = None, per_class: int = 256) -> str:
+    """Path of the demo ImageFolder with ``per_class`` training and ``per_class // 4`` validation images per
+    class, writing it on first use."""
+    root = os.path.join(cache_dir or default_cache_dir(), f'demo-v{VERSION}-{len(CLASSES)}x{per_class}-{IMAGE_SIZE}px')
+
+    def fill(partial: str) -> None:
+        for split_id, (split, count) in enumerate((('train', per_class), ('val', max(1, per_class // 4)))):
+            for label, name in enumerate(CLASSES):
+                folder = os.path.join(partial, split, name)
+                os.makedirs(folder)
+                for index in range(count):
+                    rng = np.random.default_rng([VERSION, split_id, label, index])
+                    Image.fromarray(render(label, rng)).save(os.path.join(folder, f'{index:05d}.png'))
+
+    return write_once(root, fill)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import numpy as np
@@ -22,7 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .demo import _mask, default_cache_dir
+from .demo import _mask, default_cache_dir, write_once
 
 __all__ = ['CATEGORIES', 'CocoDetectionFolder', 'ensure_detection_demo', 'render_detection_scene']
 
@@ -66,11 +64,8 @@ def ensure_detection_demo(cache_dir: str | None = None, train: int = 256, val: i
     """Path of the generated COCO-format folder (``train`` and ``val`` images of ``size`` x ``size``), written
     on first use."""
     root = os.path.join(cache_dir or default_cache_dir(), f'detection-demo-v{VERSION}-{train}x{val}-{size}px')
-    if os.path.isdir(root):
-        return root
-    os.makedirs(os.path.dirname(root), exist_ok=True)
-    partial = tempfile.mkdtemp(prefix='.detection-partial-', dir=os.path.dirname(root))
-    try:
+
+    def fill(partial: str) -> None:
         for split_id, (split, count) in enumerate((('train', train), ('val', val))):
             os.makedirs(os.path.join(partial, split, 'images'))
             images, annotations = [], []
@@ -86,14 +81,8 @@ def ensure_detection_demo(cache_dir: str | None = None, train: int = 256, val: i
             categories = [{'id': i + 1, 'name': name} for i, name in enumerate(CATEGORIES)]
             with open(os.path.join(partial, split, 'annotations.json'), 'w') as f:
                 json.dump({'images': images, 'annotations': annotations, 'categories': categories}, f)
-        try:
-            os.rename(partial, root)
-        except OSError:  # another process finished first; its folder is identical
-            if not os.path.isdir(root):
-                raise
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    return root
+
+    return write_once(root, fill)
 
 
 def _checked_annotations(path: str, data: Any, image_dir: str) -> tuple[list[dict], dict[int, list[dict]]]:

@@ -10,15 +10,13 @@ classification demo it is a pure function of (split, index), written once to a c
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .demo import _mask, default_cache_dir
+from .demo import _mask, default_cache_dir, write_once
 
 __all__ = ['RGBDFolder', 'ensure_rgbd_demo', 'render_scene', 'center_sample']
 
@@ -51,11 +49,8 @@ def ensure_rgbd_demo(cache_dir: str | None = None, train: int = 512, val: int = 
     """Path of the generated RGB-D folder (``train`` and ``val`` pairs of ``size`` x ``size``), written on
     first use."""
     root = os.path.join(cache_dir or default_cache_dir(), f'rgbd-demo-v{VERSION}-{train}x{val}-{size}px')
-    if os.path.isdir(root):
-        return root
-    os.makedirs(os.path.dirname(root), exist_ok=True)
-    partial = tempfile.mkdtemp(prefix='.rgbd-partial-', dir=os.path.dirname(root))
-    try:
+
+    def fill(partial: str) -> None:
         for split_id, (split, count) in enumerate((('train', train), ('val', val))):
             for kind in ('rgb', 'depth'):
                 os.makedirs(os.path.join(partial, split, kind))
@@ -64,14 +59,8 @@ def ensure_rgbd_demo(cache_dir: str | None = None, train: int = 512, val: int = 
                 Image.fromarray(rgb).save(os.path.join(partial, split, 'rgb', f'{index:05d}.png'))
                 millimetres = Image.fromarray((depth * 1000).round().astype(np.uint16))  # a 16-bit PNG
                 millimetres.save(os.path.join(partial, split, 'depth', f'{index:05d}.png'))
-        try:
-            os.rename(partial, root)
-        except OSError:  # another process finished first; its folder is identical
-            if not os.path.isdir(root):
-                raise
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    return root
+
+    return write_once(root, fill)
 
 
 class RGBDFolder(Dataset):
