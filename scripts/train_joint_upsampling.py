@@ -32,7 +32,7 @@ from ddfnet.cli import OneLineArgumentParser, UserError, parse_args, resolved_co
 from ddfnet.data.rgbd import RGBDFolder, center_sample, ensure_rgbd_demo
 from ddfnet.models import BilinearJointUpsampling, DDFUpJointUpsamplingNet
 from ddfnet.models.joint_upsampling import SCALE_FACTORS
-from ddfnet.training.checkpoint import LAST, save_checkpoint
+from ddfnet.training.checkpoint import save_checkpoint, start_or_resume
 from ddfnet.training.distributed import init_distributed
 from ddfnet.training.engine import autocast_context
 from ddfnet.utils.io import write_results
@@ -161,17 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs * len(train_loader))
     start_epoch, best = 0, math.inf
-    last = os.path.join(args.output, LAST)
-    if args.resume:
-        if not os.path.isfile(last):
-            raise UserError(f'--resume: no {LAST} in {args.output}')
-        state = load_checkpoint(last)
+    state = start_or_resume(args.output, args.resume)
+    if state is not None:
         model.load_state_dict(state['model'])
         optimizer.load_state_dict(state['optimizer'])
         scheduler.load_state_dict(state['scheduler'])
         start_epoch, best = state['epoch'] + 1, state['best_rmse']
-    elif os.path.isfile(last):
-        raise UserError(f'{args.output} holds a run: pass --resume to continue it, or another --output')
     os.makedirs(args.output, exist_ok=True)
     trained = DistributedDataParallel(model) if args.distributed else model
     generator = torch.Generator().manual_seed(args.seed + args.rank)

@@ -1,9 +1,10 @@
 """Object detection data in COCO format: a checked folder reader, and an embedded generated set.
 
-A COCO-format folder holds ``<split>/annotations.json`` (COCO's ``images``, ``annotations`` with ``bbox`` as
-[x, y, width, height] in pixels, ``categories``) and the images it names under ``<split>/images/``. The
-reader checks the whole file when it opens it, so a bad annotation (a box outside its image, an unknown
-category or image id, a missing image file) is one ValueError naming it, before any training starts.
+A COCO-format folder holds, per split, an annotation file (COCO's ``images``, ``annotations`` with ``bbox``
+as [x, y, width, height] in pixels, ``categories``) and the images it names: ``<split>/annotations.json``
+with ``<split>/images/``, or COCO 2017's own layout. The reader checks the whole file when it opens it, so a
+bad annotation (a box outside its image by more than a pixel, an unknown category or image id, a missing
+image file) is one ValueError naming it, before any training starts.
 
 The generated set ("detection-demo") places one to three of the classification demo's shapes, each in its
 own colour, at random non-overlapping positions on a textured background; each shape's box is its drawn
@@ -11,6 +12,8 @@ extent. Like the other demo data it is a pure function of (split, index), writte
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 from typing import Any
@@ -18,11 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from torch import Tensor
 from torch.utils.data import Dataset
 
 from .demo import _mask, default_cache_dir, write_once
 
-__all__ = ['CATEGORIES', 'CocoDetectionFolder', 'ensure_detection_demo', 'render_detection_scene']
+__all__ = ['CATEGORIES', 'CocoDetectionFolder', 'coco_scores', 'coco_split_paths', 'collate_detection', 'ensure_detection_demo',
+           'render_detection_scene']
 
 VERSION = 1  # bump when the drawing changes, so stale caches are not reused
 CATEGORIES = ('circle', 'square', 'triangle', 'ring', 'cross')  # COCO category ids 1..5
@@ -85,6 +90,10 @@ def ensure_detection_demo(cache_dir: str | None = None, train: int = 256, val: i
     return write_once(root, fill)
 
 
+# How far (pixels) a box may reach past its image's edge: rounding in annotation tools; such boxes are clipped.
+_EDGE = 1.0
+
+
 def _checked_annotations(path: str, data: Any, image_dir: str) -> tuple[list[dict], dict[int, list[dict]]]:
     """The images of COCO file ``path`` and their annotations by image id; one ValueError for the first problem."""
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ('images', 'annotations',
@@ -110,28 +119,42 @@ def _checked_annotations(path: str, data: Any, image_dir: str) -> tuple[list[dic
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(n, (int, float)) for n in bbox)):
             raise ValueError(f'{name}: bbox must be [x, y, width, height], got {bbox}')
         x, y, w, h = bbox
-        if w <= 0 or h <= 0 or x < 0 or y < 0 or x + w > image['width'] or y + h > image['height']:
+        if w <= 0 or h <= 0 or x < -_EDGE or y < -_EDGE or x + w > image['width'] + _EDGE or y + h > image['height'] + _EDGE:
             raise ValueError(f"{name}: box {bbox} (x, y, width, height) is empty or outside its image "
                              f"{image['file_name']} of {image['width']}x{image['height']}")
         by_image[image['id']].append(ann)
     return list(images.values()), by_image
 
 
-class CocoDetectionFolder(Dataset):
-    """``(image, target)`` pairs of ``root/<split>`` as torchvision's detectors take them: image a (3, H, W)
-    float tensor in [0, 1]; target ``boxes`` (N, 4) [x0, y0, x1, y1], ``labels`` (N,) category ids and
-    ``image_id``. Crowd annotations are left out. The annotation file is checked when the folder is opened."""
+def coco_split_paths(root: str, split: str) -> tuple[str, str]:
+    """(annotation file, image folder) of ``split`` under ``root``: ``<split>/annotations.json`` and
+    ``<split>/images/`` (the generated set's layout), or COCO 2017's ``annotations/instances_<split>2017.json``
+    and ``<split>2017/``; a ValueError naming both when neither is there."""
+    layouts = [(os.path.join(root, split, 'annotations.json'), os.path.join(root, split, 'images')),
+               (os.path.join(root, 'annotations', f'instances_{split}2017.json'), os.path.join(root, f'{split}2017'))]
+    for annotation_file, image_dir in layouts:
+        if os.path.isfile(annotation_file) and os.path.isdir(image_dir):
+            return annotation_file, image_dir
+    raise ValueError(f"{root} has no COCO-format '{split}' split: neither {split}/annotations.json with {split}/images/ "
+                     f"nor annotations/instances_{split}2017.json with {split}2017/")
 
-    def __init__(self, root: str, split: str):
-        path = os.path.join(root, split, 'annotations.json')
-        if not os.path.isfile(path):
-            raise ValueError(f'{os.path.join(root, split)} has no annotations.json (COCO format)')
+
+class CocoDetectionFolder(Dataset):
+    """``(image, target)`` pairs of a COCO-format split (:func:`coco_split_paths`) as torchvision's detectors take them: image a (3, H, W)
+    float tensor in [0, 1]; target ``boxes`` (N, 4) [x0, y0, x1, y1], ``labels`` (N,) category ids and
+    ``image_id``. Crowd annotations are left out. The annotation file is checked when the folder is opened.
+    ``hflip``: mirror each image (and its boxes) left-right with probability 1/2, torchvision's detection
+    training augmentation."""
+
+    def __init__(self, root: str, split: str, hflip: bool = False):
+        path, self.image_dir = coco_split_paths(root, split)
         try:
             with open(path) as f:
                 data = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f'{path}: not valid JSON ({e})') from None
-        self.image_dir = os.path.join(root, split, 'images')
+        self.annotation_file = path
+        self.hflip = hflip
         self.images, self.annotations = _checked_annotations(path, data, self.image_dir)
         self.categories = {c['id']: c.get('name', str(c['id'])) for c in data['categories']}
 
@@ -148,6 +171,44 @@ class CocoDetectionFolder(Dataset):
         anns = [a for a in self.annotations[info['id']] if not a.get('iscrowd', 0)]
         boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a['bbox'] for a in anns)],
                              dtype=torch.float32).reshape(-1, 4)
-        return (torch.from_numpy(pixels).permute(2, 0, 1).contiguous(),
+        boxes = torch.minimum(boxes.clamp(min=0), torch.tensor([info['width'], info['height']] * 2))
+        image = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+        if self.hflip and torch.rand(()) < 0.5:
+            image = image.flip(-1)
+            boxes = torch.stack([info['width'] - boxes[:, 2], boxes[:, 1], info['width'] - boxes[:, 0], boxes[:, 3]], 1)
+        return (image,
                 {'boxes': boxes, 'labels': torch.tensor([a['category_id'] for a in anns], dtype=torch.int64),
                  'image_id': torch.tensor(info['id'])})
+
+
+def collate_detection(batch: list[tuple[Tensor, dict[str, Tensor]]]) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+    """A DataLoader ``collate_fn`` for detection: images and targets as lists (their sizes may differ)."""
+    images, targets = zip(*batch) if batch else ((), ())
+    return list(images), list(targets)
+
+
+def coco_scores(annotation_file: str, detections: list[dict[str, Any]]) -> dict[str, float]:
+    """COCO box AP (percent) of ``detections`` against ``annotation_file``, computed by pycocotools'
+    ``COCOeval``: ``map`` (AP at IoU 0.5:0.95, the COCO metric), ``map50``, ``map75``, ``map_small``,
+    ``map_medium``, ``map_large`` (-1 where the set has no object of that size).
+
+    ``detections`` are COCO results: ``image_id``, ``category_id``, ``bbox`` [x, y, width, height] and
+    ``score``. Every image of the file counts, detected or not; no detections at all score 0.
+    """
+    try:
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+    except ImportError:
+        raise ImportError('COCO scoring needs pycocotools: pip install "ddfnet[detection]"') from None
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress and the table
+        truth = COCO(annotation_file)
+        if not detections:  # COCO.loadRes rejects an empty list
+            return dict.fromkeys(_AP_NAMES, 0.0)
+        evaluation = COCOeval(truth, truth.loadRes(detections), 'bbox')
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    return {name: round(100 * float(v), 3) if v >= 0 else -1.0 for name, v in zip(_AP_NAMES, evaluation.stats)}
+
+
+_AP_NAMES = ('map', 'map50', 'map75', 'map_small', 'map_medium', 'map_large')  # COCOeval.stats[:6]

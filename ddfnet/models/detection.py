@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from timm.layers import register_notrace_function
 from torch import Tensor, nn
-from torchvision.models import resnet50
 from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.resnet import Bottleneck, ResNet
 from torchvision.models.detection import FasterRCNN
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool
@@ -174,12 +174,14 @@ def _freeze(body: nn.Module, trainable: int) -> None:
 
 
 def _fasterrcnn(name: str, body: nn.Module, in_channels_list: list[int], upsample: str, num_classes: int,
-                backbone_checkpoint: str | os.PathLike | None, trainable: int, ddf_kwargs: dict[str, Any] | None,
-                kwargs: dict[str, Any]) -> FasterRCNN:
+                backbone_checkpoint: str | os.PathLike | None, trainable: int, fpn_channels: int,
+                ddf_kwargs: dict[str, Any] | None, kwargs: dict[str, Any]) -> FasterRCNN:
     if backbone_checkpoint is not None:
         _load_backbone(body, backbone_checkpoint, name)
     _freeze(body, trainable)
-    backbone = BackboneWithDDFUpFPN(body, in_channels_list, 256, upsample=upsample, extra_blocks=LastLevelMaxPool(),
+    if fpn_channels < 1:
+        raise ValueError(f'{name}: fpn_channels must be positive, got {fpn_channels}')
+    backbone = BackboneWithDDFUpFPN(body, in_channels_list, fpn_channels, upsample=upsample, extra_blocks=LastLevelMaxPool(),
                                     ddf_kwargs=ddf_kwargs)
     levels = [str(i) for i in range(len(in_channels_list))]
     roi_pool = kwargs.get('box_roi_pool')
@@ -192,29 +194,33 @@ def _fasterrcnn(name: str, body: nn.Module, in_channels_list: list[int], upsampl
 def fasterrcnn_resnet50_ddfup_fpn(*, upsample: str = 'ddf', num_classes: int = 91,
                                   backbone_checkpoint: str | os.PathLike | None = None,
                                   trainable_backbone_layers: int | None = None, returned_layers: list[int] | None = None,
-                                  ddf_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> FasterRCNN:
+                                  fpn_channels: int = 256, ddf_kwargs: dict[str, Any] | None = None,
+                                  backbone_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> FasterRCNN:
     """torchvision's Faster R-CNN with a torchvision ResNet-50 and a DDF-Up FPN (``upsample='ddf'``) or its
     nearest-upsampling FPN (``upsample='nearest'``, torchvision's ``fasterrcnn_resnet50_fpn`` exactly).
 
     ``backbone_checkpoint``: an ImageNet ResNet-50 classifier's weights (torchvision key names), loaded
     strictly; then, as in torchvision, batch norm is frozen and ``trainable_backbone_layers`` (default 3)
     of the 5 stages train. Nothing is downloaded. ``returned_layers`` picks the stages (1-4) the FPN takes;
-    ``kwargs`` go to ``FasterRCNN`` (``min_size``, ``max_size``, ``box_roi_pool``, ...).
+    ``fpn_channels`` is the pyramid's width (the paper's and torchvision's: 256); ``backbone_kwargs`` go to
+    torchvision's ``ResNet`` (``layers``, default ResNet-50's ``(3, 4, 6, 3)``); ``kwargs`` go to
+    ``FasterRCNN`` (``min_size``, ``max_size``, ``box_roi_pool``, ...).
     """
     pretrained = backbone_checkpoint is not None
     stages = _returned_stages(returned_layers)
-    resnet = resnet50(norm_layer=FrozenBatchNorm2d if pretrained else nn.BatchNorm2d)
+    resnet_kwargs = {'layers': (3, 4, 6, 3), **(backbone_kwargs or {})}
+    resnet = ResNet(Bottleneck, norm_layer=FrozenBatchNorm2d if pretrained else nn.BatchNorm2d, **resnet_kwargs)
     body = IntermediateLayerGetter(resnet, return_layers={f'layer{s}': str(i) for i, s in enumerate(stages)})
     return _fasterrcnn('fasterrcnn_resnet50_ddfup_fpn', body, [256 * 2 ** (s - 1) for s in stages], upsample,
                        num_classes, backbone_checkpoint, _trainable_layers(pretrained, trainable_backbone_layers),
-                       ddf_kwargs, kwargs)
+                       fpn_channels, ddf_kwargs, kwargs)
 
 
 def fasterrcnn_ddf_resnet50_ddfup_fpn(*, upsample: str = 'ddf', num_classes: int = 91,
                                       backbone_checkpoint: str | os.PathLike | None = None,
                                       trainable_backbone_layers: int | None = None,
-                                      returned_layers: list[int] | None = None, ddf_kwargs: dict[str, Any] | None = None,
-                                      backbone_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> FasterRCNN:
+                                      returned_layers: list[int] | None = None, fpn_channels: int = 256,
+                                      ddf_kwargs: dict[str, Any] | None = None, backbone_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> FasterRCNN:
     """:func:`fasterrcnn_resnet50_ddfup_fpn` with a DDF-ResNet-50 backbone: timm's ``ddf_resnet50`` with
     ``features_only`` (``backbone_kwargs`` go to ``timm.create_model``, e.g. ``layers``).
 
@@ -227,4 +233,4 @@ def fasterrcnn_ddf_resnet50_ddfup_fpn(*, upsample: str = 'ddf', num_classes: int
                              norm_layer=_frozen_batch_norm if pretrained else nn.BatchNorm2d, **(backbone_kwargs or {}))
     return _fasterrcnn('fasterrcnn_ddf_resnet50_ddfup_fpn', body, body.feature_info.channels(), upsample,
                        num_classes, backbone_checkpoint, _trainable_layers(pretrained, trainable_backbone_layers),
-                       ddf_kwargs, kwargs)
+                       fpn_channels, ddf_kwargs, kwargs)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..cli import UserError
 from ..utils.io import TMP_SUFFIX as _TMP_SUFFIX
 from ..utils.io import atomic_write
 from ..utils.weights import WeightsFileError, load_checkpoint
@@ -89,6 +90,20 @@ def save_checkpoint(run_dir: str, state: dict[str, Any], *, is_best: bool = Fals
         periodic = periodic_checkpoints(run_dir)
         for path in periodic[:-keep] if keep > 0 else periodic:
             os.remove(path)
+
+
+def start_or_resume(run_dir: str, resume: bool) -> dict[str, Any] | None:
+    """The state a training script starts from: with ``resume``, the run's ``last`` checkpoint (a
+    :class:`UserError` when it has none); otherwise ``None`` for a new run, after checking that ``run_dir``
+    holds no run a new one would overwrite."""
+    last = os.path.join(run_dir, LAST)
+    if resume:
+        if not os.path.isfile(last):
+            raise UserError(f'--resume: no {LAST} in {run_dir}')
+        return load_checkpoint(last)
+    if os.path.isfile(last):
+        raise UserError(f'{run_dir} holds a run: pass --resume to continue it, or another --output')
+    return None
 
 
 def rng_state() -> dict[str, Any]:
