@@ -25,7 +25,7 @@ define INSTALL
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install setuptools wheel ninja
-	$(BIN)/pip install --no-build-isolation -e ".[test,onnx,wds]"
+	$(BIN)/pip install --no-build-isolation -e ".[test,onnx,wds,detection]"
 endef
 $(INSTALLED): setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 	$(if $(filter setup.py pyproject.toml,$?),$(INSTALL),$(BIN)/pip install --no-build-isolation --no-deps --no-index -e .)

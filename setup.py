@@ -75,7 +75,8 @@ setup(
     install_requires=['torch>=2.4', 'torchvision', 'timm>=1.0', 'pyyaml', 'tensorboard', 'ninja'],
     extras_require={'test': ['pytest>=7', 'pytest-xdist>=3.2'],  # make test-all runs in two workers
                     'onnx': ['onnx>=1.16', 'onnxscript>=0.2', 'onnxruntime>=1.18'],  # ddfnet.export_onnx
-                    'wds': ['webdataset>=1.0']},  # --dataset wds/NAME shards
+                    'wds': ['webdataset>=1.0'],  # --dataset wds/NAME shards
+                    'detection': ['pycocotools>=2.0']},  # COCO box AP in scripts/train_detection.py
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

@@ -9,7 +9,7 @@
 # and a copy of this checkout src-VERSION (its tracked and untracked, not ignored files: the work tree as
 # it is, uncommitted edits included; the checkout itself, its own build included, is left alone). There:
 # torch==VERSION and its torchvision (the map below), setuptools wheel ninja, then `pip install
-# --no-build-isolation -e ".[test,onnx,wds]"`, which builds the CPU kernels only (CUDA_HOME and CUDA_PATH
+# --no-build-isolation -e ".[test,onnx,wds,detection]"`, which builds the CPU kernels only (CUDA_HOME and CUDA_PATH
 # empty: the CUDA build is slow, and the machine's nvcc need not match an older torch's CUDA), and
 # `python -m pytest -q -m "not slow" tests`; the output goes to torch-VERSION.log. pip runs with
 # PIP_CONFIG_FILE=/dev/null, so that a machine-wide pip configuration (a constraints file capping torch,
@@ -64,7 +64,7 @@ for v in "${versions[@]}"; do
     test -x "$venv/bin/python" || "$PYTHON" -m venv "$venv"
     "$venv/bin/python" -m pip install -q "torch==$v" "torchvision==${TORCHVISION[$v]}"
     "$venv/bin/python" -m pip install -q setuptools wheel ninja
-    cd "$src" && CUDA_HOME= CUDA_PATH= "$venv/bin/python" -m pip install -q --no-build-isolation -e ".[test,onnx,wds]"
+    cd "$src" && CUDA_HOME= CUDA_PATH= "$venv/bin/python" -m pip install -q --no-build-isolation -e ".[test,onnx,wds,detection]"
   ) >"$log" 2>&1
   rc=$?
   if [ $rc -ne 0 ]; then

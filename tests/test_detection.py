@@ -111,6 +111,17 @@ def test_detectors_follow_torchvisions_detection_api(build, kwargs):
         assert ((detection['labels'] >= 1) & (detection['labels'] < 5)).all()
 
 
+@pytest.mark.parametrize('build', [fasterrcnn_resnet50_ddfup_fpn, fasterrcnn_ddf_resnet50_ddfup_fpn])
+def test_builders_take_the_pyramid_width_and_stage_depths(build):
+    model = build(num_classes=3, fpn_channels=24, **ONE_BLOCK, **SMALL)
+    assert model.backbone.out_channels == 24 and model.rpn.head.conv[0][0].in_channels == 24
+    assert all(block.in_channels == 24 for block in model.backbone.fpn.upsample_blocks)
+    body = model.backbone.body
+    assert [len(getattr(body, f'layer{i}')) for i in range(1, 5)] == [1, 1, 1, 1]
+    with pytest.raises(ValueError, match='fpn_channels must be positive, got 0'):
+        build(fpn_channels=0, **ONE_BLOCK)
+
+
 def test_fpn_drops_into_retinanet():
     torch.manual_seed(0)
     body = timm.create_model('resnet18', features_only=True, out_indices=(2, 3, 4), feature_cls='dict',

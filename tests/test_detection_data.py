@@ -1,6 +1,5 @@
 """The generated detection set and the COCO-format reader (ddfnet/data/detection.py): deterministic images
 whose boxes are exactly the drawn shapes, torchvision's target format, and one-line errors for bad files."""
-import copy
 import json
 import shutil
 from pathlib import Path
@@ -9,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from ddfnet.data.detection import CATEGORIES, CocoDetectionFolder, ensure_detection_demo, render_detection_scene
+from ddfnet.data.detection import (CATEGORIES, CocoDetectionFolder, coco_scores, ensure_detection_demo,
+                                   render_detection_scene)
 from ddfnet.models import fasterrcnn_ddf_resnet50_ddfup_fpn
 
 
@@ -96,5 +96,54 @@ def test_a_size_that_disagrees_with_the_file_is_refused(root, tmp_path):
     folder = _write(root, tmp_path, lambda d: d['images'][0].update(width=80))
     with pytest.raises(ValueError, match='00000.png is 64x64, its annotation file says 80x64'):
         CocoDetectionFolder(folder, 'val')[0]
-    with pytest.raises(ValueError, match='has no annotations.json'):
+    with pytest.raises(ValueError, match=r"has no COCO-format 'test' split: neither test/annotations.json .* nor "
+                                         r'annotations/instances_test2017.json with test2017/'):
         CocoDetectionFolder(folder, 'test')
+
+
+def test_coco_2017_layout_and_boxes_a_rounding_error_past_the_edge(root, tmp_path):
+    coco = tmp_path / 'coco'
+    shutil.copytree(Path(root, 'val', 'images'), coco / 'val2017')
+    data = json.loads(Path(root, 'val', 'annotations.json').read_text())
+    data['annotations'][0]['bbox'] = [60.0, -0.5, 4.5, 10.0]  # half a pixel past the top and right edges
+    (coco / 'annotations').mkdir()
+    (coco / 'annotations' / 'instances_val2017.json').write_text(json.dumps(data))
+    dataset = CocoDetectionFolder(str(coco), 'val')
+    assert dataset.annotation_file == str(coco / 'annotations' / 'instances_val2017.json')
+    assert dataset[0][1]['boxes'][0].tolist() == [60.0, 0.0, 64.0, 9.5]  # clipped to the image
+
+
+def test_horizontal_flip_mirrors_image_and_boxes(root):
+    plain, flipping = CocoDetectionFolder(root, 'train'), CocoDetectionFolder(root, 'train', hflip=True)
+    torch.manual_seed(0)
+    flips = 0
+    for _ in range(8):
+        (image, target), (mirror, moved) = plain[1], flipping[1]
+        if torch.equal(mirror, image):
+            assert torch.equal(moved['boxes'], target['boxes'])
+            continue
+        flips += 1
+        assert torch.equal(mirror, image.flip(-1))
+        x0, y0, x1, y1 = target['boxes'].unbind(1)
+        assert torch.equal(moved['boxes'], torch.stack([64 - x1, y0, 64 - x0, y1], 1))
+        assert torch.equal(moved['labels'], target['labels'])
+    assert 0 < flips < 8
+
+
+def test_coco_scores_are_pycocotools_box_ap(root):
+    dataset = CocoDetectionFolder(root, 'val')
+    truth = [(int(t['image_id']), box, int(label)) for _, t in dataset for box, label in zip(t['boxes'].tolist(),
+                                                                                             t['labels'].tolist())]
+
+    def results(shift=0.0, label_offset=0):
+        return [{'image_id': i, 'category_id': (label - 1 + label_offset) % len(CATEGORIES) + 1,
+                 'bbox': [x0 + shift, y0, x1 - x0, y1 - y0], 'score': 0.9} for i, (x0, y0, x1, y1), label in truth]
+
+    perfect = coco_scores(dataset.annotation_file, results())
+    assert perfect['map'] == perfect['map50'] == perfect['map75'] == 100.0
+    # Boxes shifted by a third of their smallest width: IoU about 0.5, below the stricter thresholds.
+    shift = min(x1 - x0 for _, (x0, _, x1, _), _ in truth) / 3
+    shifted = coco_scores(dataset.annotation_file, results(shift))
+    assert 0 < shifted['map'] < shifted['map50'] <= 100.0 and shifted['map75'] < 100.0
+    assert coco_scores(dataset.annotation_file, results(label_offset=1))['map'] == 0.0  # every label wrong
+    assert coco_scores(dataset.annotation_file, [])['map'] == 0.0
