@@ -8,8 +8,8 @@ always; the CUDA kernels when a GPU is visible or they are asked for (``DDFNET_B
 ``TORCH_CUDA_ARCH_LIST`` naming the architectures; default "8.0;9.0+PTX": A100, H100/H200, and PTX that
 newer GPUs compile at load time) and nvcc (``CUDA_HOME``) matches torch's CUDA major version
 (``ddfnet.ops._native.cuda_build``). Where they cannot be, the build says why in one line and compiles the
-CPU kernel only, unless ``DDFNET_BUILD_CUDA=1`` asked for them: then it fails. Set
-``DDFNET_NO_EXTENSION=1`` to skip the ahead-of-time build.
+CPU kernel only, unless ``DDFNET_BUILD_CUDA=1`` asked for them: then it fails. The same holds when nvcc fails
+to compile them (:func:`cpu_fallback`). Set ``DDFNET_NO_EXTENSION=1`` to skip the ahead-of-time build.
 
 The CUDA kernels compiled for the CPU (the tests' emulation, ``tests/support/cuda_emulation``) are no part of
 the install: the tests JIT-compile them on first use.
@@ -32,6 +32,26 @@ def _native_module():
     return module
 
 
+def cpu_fallback(build_ext, cpu_extension, asked: bool):
+    """``build_ext`` that, when building the CUDA kernels fails and they were not asked for (``asked``:
+    ``DDFNET_BUILD_CUDA=1``), says why in one line and builds ``cpu_extension``, the CPU kernel, instead."""
+    class BuildWithCPUFallback(build_ext):
+        def build_extensions(self):
+            patched = self.compiler.compile, self.compiler._compile  # torch's BuildExtension wraps them per call
+            try:
+                super().build_extensions()
+            except Exception as e:  # nvcc's error, or ninja's 'Error compiling objects for extension'
+                if asked:
+                    raise
+                lines = [line for line in str(e).splitlines() if line.strip()]
+                print(f'ddfnet: building the CUDA kernels failed ({lines[-1] if lines else type(e).__name__}); '
+                      'building the CPU kernel only', file=sys.stderr)
+                self.compiler.compile, self.compiler._compile = patched
+                self.extensions = [cpu_extension]
+                super().build_extensions()
+    return BuildWithCPUFallback
+
+
 def native_extension():
     """The ``ddfnet._C`` extension and its build command, or ``([], {})`` for a pure-Python install."""
     cpp = sorted(glob.glob(os.path.join('csrc', '**', '*.cpp'), recursive=True))
@@ -49,13 +69,15 @@ def native_extension():
         if os.environ.get(native.BUILD_CUDA_ENV, '').strip() == '1':
             raise SystemExit(f'ddfnet: {native.BUILD_CUDA_ENV}=1, but the CUDA kernels cannot be built: {why_not}')
         print(f'ddfnet: building the CPU kernel only: {why_not}', file=sys.stderr)
-    if with_cuda:
-        os.environ.setdefault('TORCH_CUDA_ARCH_LIST', '8.0;9.0+PTX')  # A100, H100/H200; PTX for newer GPUs
-        ext = CUDAExtension('ddfnet._C', cpp + cuda, define_macros=[('DDFNET_WITH_CUDA', None)],
-                            extra_compile_args={'cxx': cxx, 'nvcc': nvcc})
-    else:
-        ext = CppExtension('ddfnet._C', cpp, extra_compile_args={'cxx': cxx})
-    return [ext], {'build_ext': BuildExtension.with_options(use_ninja=True)}
+    cpu_ext = CppExtension('ddfnet._C', cpp, extra_compile_args={'cxx': cxx})
+    build_ext = BuildExtension.with_options(use_ninja=True)
+    if not with_cuda:
+        return [cpu_ext], {'build_ext': build_ext}
+    os.environ.setdefault('TORCH_CUDA_ARCH_LIST', '8.0;9.0+PTX')  # A100, H100/H200; PTX for newer GPUs
+    ext = CUDAExtension('ddfnet._C', cpp + cuda, define_macros=[('DDFNET_WITH_CUDA', None)],
+                        extra_compile_args={'cxx': cxx, 'nvcc': nvcc})
+    asked = os.environ.get(native.BUILD_CUDA_ENV, '').strip() == '1'
+    return [ext], {'build_ext': cpu_fallback(build_ext, cpu_ext, asked)}
 
 
 ext_modules, cmdclass = native_extension()

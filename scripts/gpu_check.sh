@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Everything this project needs from a GPU, in one call on a fresh machine (an H100 by default, sometimes an
 # H200): check the environment, build the extension for sm_90 with all cores, run exactly the CUDA cases of
-# the tests (tests/test_kernels.py's cuda backend and tests/test_cuda.py), time the op on DDF-ResNet-50's
-# layer shapes and the paper's shapes (fp32/bf16, NCHW/NHWC, forward and forward+backward, next to the
-# depth-wise 3x3 conv, % of the device's HBM bandwidth), train.py with the native kernels next to the
+# the tests (tests/test_kernels.py's cuda backend, tests/test_cuda.py, and the Triton kernels' cuda cases in
+# tests/test_triton.py, compiled for the GPU), time the op on DDF-ResNet-50's layer shapes and the paper's
+# shapes (fp32/bf16, NCHW/NHWC, forward and forward+backward, next to the depth-wise 3x3 conv, % of the
+# device's HBM bandwidth; on the layer shapes the Triton kernels too, autotuned, with the time of their first
+# call: compiling and autotuning), train.py with the native kernels next to the
 # reference, the model benchmark (ddf_resnet50 / resnet50, AMP bf16, channels_last, training and inference
 # images/s and peak memory; eager, then torch.compile) and a profiler table of one training step.
 #
@@ -21,7 +23,8 @@
 # --dry-run: what would waste the call, found on the CPU: the CUDA test part collects the GPU call's
 # selection (pytest --collect-only) and fails unless it is exactly the CUDA cases, the caps are checked
 # against the budget, and every other part runs on the CPU on tiny problems (the extension already built
-# here; the CUDA tests' stand-in is chosen in cuda_tests_stand_in below). tests/test_gpu_check.py runs it.
+# here; the CUDA tests' stand-in is chosen in cuda_tests_stand_in below; the Triton kernels are timed under
+# triton's interpreter, TRITON_INTERPRET=1). tests/test_gpu_check.py runs it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -48,10 +51,13 @@ fi
 # (the dry run fails otherwise).
 PARTS=(environment build test_cuda op_layers train_native train_reference train_compare model_50 compile_50
        profile op_paper)
-declare -A CAPS=([environment]=15 [build]=140 [test_cuda]=80 [op_layers]=40 [train_native]=55
-                 [train_reference]=40 [train_compare]=10 [model_50]=30 [compile_50]=90 [profile]=20 [op_paper]=20)
-# The dry run's own caps where the CPU needs longer (collecting the op grid twice on 2 busy cores).
-declare -A DRY_CAPS=([test_cuda]=300 [train_native]=120 [train_reference]=90 [compile_50]=120)
+# The Triton kernels add to test_cuda (about 150 compilations) and op_layers (autotuning 4 kernels x 4
+# configurations per shape, dtype and format); the training and model parts give up a little each.
+declare -A CAPS=([environment]=15 [build]=135 [test_cuda]=110 [op_layers]=70 [train_native]=45
+                 [train_reference]=30 [train_compare]=10 [model_50]=20 [compile_50]=70 [profile]=15 [op_paper]=20)
+# The dry run's own caps where the CPU needs longer (collecting the op grid twice on 2 busy cores; the
+# Triton kernels interpreted, seconds per call).
+declare -A DRY_CAPS=([test_cuda]=300 [op_layers]=240 [train_native]=120 [train_reference]=90 [compile_50]=120)
 cap() { if [ $DRY_RUN = 1 ] && [ -n "${DRY_CAPS[$1]:-}" ]; then echo "${DRY_CAPS[$1]}"; else echo "${CAPS[$1]}"; fi; }
 CAPS_TOTAL=0
 for name in "${PARTS[@]}"; do CAPS_TOTAL=$((CAPS_TOTAL + CAPS[$name])); done
@@ -74,9 +80,10 @@ INCOMPLETE=0   # parts that failed, timed out or were skipped for lack of time: 
 STOPPED=''     # set when the environment part fails: every later part is skipped with this reason
 
 # The GPU call's test selection, by mark (tests/support/backends.py marks each backend's cases; test_cuda.py
-# is marked cuda throughout): the cuda backend's cases and the GPU-only tests, never the emulation's (it is
-# not built on the GPU machine) nor the CPU kernel's (make test-all runs those).
-CUDA_TEST_FILES='tests/test_kernels.py tests/test_cuda.py'
+# is marked cuda throughout; test_triton.py's cuda cases run the Triton kernels on CUDA tensors): the cuda
+# cases and the GPU-only tests, never the emulation's (it is not built on the GPU machine), the CPU kernel's
+# nor the Triton interpreter's (make test-all runs those).
+CUDA_TEST_FILES='tests/test_kernels.py tests/test_cuda.py tests/test_triton.py'
 CUDA_SELECTION='cuda and not emu'
 # The dry run's stand-in for the GPU, in this one place: the CUDA kernels' own source compiled against the
 # emulation layer (CPU tensors, torch.ops.ddfnet_emu) when that test-only extension is already built here,
@@ -139,7 +146,8 @@ if [ $DRY_RUN = 1 ]; then
   DEVICE=cpu
   OP_PAPER=(--shapes 1x8x12x12 1x8x9x13 --dtypes fp32 bf16 --warmup 0 --rounds 1)
   OP_LAYERS=(--model-layers ddf_resnet26 --layer-batch 1 --layer-img-size 32 --dtypes fp32 --formats nhwc
-             --warmup 0 --rounds 1)
+             --warmup 0 --rounds 1 --triton)
+  OP_INTERPRET=1  # op_layers times the Triton kernels on CPU tensors: under triton's interpreter
   PAIR=(ddf_resnet26 resnet18)
   # float32: bfloat16 convolutions are slow on this CPU, and the dry run checks the plumbing, not the figures;
   # for the same reason compile uses the eager backend (inductor's C++ build takes minutes here).
@@ -152,9 +160,11 @@ if [ $DRY_RUN = 1 ]; then
   NOTES+=("dry run on the CPU: the GPU call's test selection collected and checked; the op grid's $STAND_IN backend ran in place of cuda")
 else
   DEVICE=cuda
-  # No reference path here: at these sizes it alone would take the part's time.
+  # No reference path here: at these sizes it alone would take the part's time. The Triton kernels on the
+  # layer shapes only: autotuning the paper's large shapes would take op_paper's cap several times over.
   OP_PAPER=(--shapes 32x256x56x56 32x256x112x112 32x256x224x224 2x256x200x300 --no-reference --warmup 3 --rounds 10)
-  OP_LAYERS=(--model-layers ddf_resnet50 --layer-batch 256 --no-reference --warmup 3 --rounds 10)
+  OP_LAYERS=(--model-layers ddf_resnet50 --layer-batch 256 --no-reference --warmup 3 --rounds 10 --triton)
+  OP_INTERPRET=0
   PAIR=(ddf_resnet50 resnet50)
   MODEL=(--batch-size 256 --img-size 224 --warmup 3 --rounds 10 --amp bf16 --channels-last)
   COMPILE=inductor
@@ -229,7 +239,7 @@ PY
 }
 
 # The GPU call's selection, collected: it must be exactly the cases with the cuda backend in test_kernels.py
-# and every case of test_cuda.py but the emulation's.
+# and test_triton.py and every case of test_cuda.py but the emulation's.
 check_cuda_selection() {
   "$PY" -m pytest --collect-only -q -p no:cacheprovider -p no:randomly $CUDA_TEST_FILES >"$WORK/test_cuda_all.txt" || return 1
   "$PY" -m pytest --collect-only -q -p no:cacheprovider -p no:randomly -m "$CUDA_SELECTION" $CUDA_TEST_FILES \
@@ -245,9 +255,9 @@ every, selected = ids(sys.argv[1]), ids(sys.argv[2])
 want = [n for n in every if 'emu' not in params(n)
         and (n.startswith('tests/test_cuda.py::') or 'cuda' in params(n))]
 extra, missing = sorted(set(selected) - set(want)), sorted(set(want) - set(selected))
-print(f'selected {len(selected)} of {len(every)} collected: '
-      f'{sum(n.startswith("tests/test_kernels.py") for n in selected)} in test_kernels.py, '
-      f'{sum(n.startswith("tests/test_cuda.py") for n in selected)} in test_cuda.py')
+files = ', '.join(f'{sum(n.startswith(f"tests/{f}::") for n in selected)} in {f}'
+                  for f in ('test_kernels.py', 'test_cuda.py', 'test_triton.py'))
+print(f'selected {len(selected)} of {len(every)} collected: {files}')
 for n in extra[:20]:
     print('SELECTED BUT NOT A CUDA CASE', n)
 for n in missing[:20]:
@@ -328,7 +338,7 @@ if [ -z "$STOPPED" ] && [ "$IMPL" != native ]; then
   NOTES+=("NATIVE KERNELS NOT ACTIVE (implementation: ${IMPL:-unknown}): later parts ran the reference path")
 fi
 part test_cuda test_cuda
-part op_layers "$PY" scripts/benchmarks/benchmark_op.py --device $DEVICE "${OP_LAYERS[@]}" --json "$WORK/op_layers.jsonl"
+part op_layers env TRITON_INTERPRET=$OP_INTERPRET "$PY" scripts/benchmarks/benchmark_op.py --device $DEVICE "${OP_LAYERS[@]}" --json "$WORK/op_layers.jsonl"
 part train_native train_run native $EPOCHS_NATIVE
 part train_reference train_run reference $EPOCHS_REFERENCE
 part train_compare compare_training

@@ -37,6 +37,21 @@ def test_benchmark_op_covers_dtypes_formats_and_modes(tmp_path):
     assert {(r['dtype'], r['format'], r['mode']) for r in rows} == {
         (d, f, m) for d in ('fp32', 'bf16') for f in ('nchw', 'nhwc') for m in ('forward', 'fwd+bwd')}
     assert all(ENV_KEYS <= r.keys() and r['ddf_ms'] > 0 and r['reference_ms'] > 0 for r in rows)
+    assert all(r['triton_ms'] is None and r['triton_first_call_ms'] is None for r in rows)  # without --triton
+
+
+def test_benchmark_op_times_the_triton_kernels_beside_the_others(tmp_path):
+    # On CPU tensors under triton's interpreter: the plumbing, not the figures.
+    out = tmp_path / 'rows.jsonl'
+    proc = run_script('scripts/benchmarks/benchmark_op.py', '--device', 'cpu', '--shapes', '1x4x5x5', '--dtypes',
+                      'fp32', '--formats', 'nhwc', '--warmup', '0', '--rounds', '1', '--triton', '--json', str(out),
+                      env={**os.environ, 'TRITON_INTERPRET': '1'})
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r['mode'] for r in rows] == ['forward', 'fwd+bwd']
+    assert all(r['triton_ms'] > 0 and r['triton_first_call_ms'] > 0 and r['ddf_ms'] > 0 for r in rows)
+    assert all(r['ratio_triton_dwconv'] > 0 and r['triton_gbps'] is not None and r['triton_pct_peak'] is None for r in rows)
+    assert '1st call' in proc.stdout.splitlines()[1]
 
 
 @pytest.mark.parametrize('script, args, message', [
@@ -46,6 +61,7 @@ def test_benchmark_op_covers_dtypes_formats_and_modes(tmp_path):
      'resnet18 cannot run this input: Expected more than 1 value per channel'),  # BatchNorm on 1x1 features
     ('benchmark_op.py', ['--device', 'meta'], "device 'meta' is not usable"),
     ('benchmark_op.py', ['--shapes', '1x2x3'], 'BxCxHxW'),
+    ('benchmark_op.py', ['--device', 'cpu', '--triton'], '--triton on a CPU device needs TRITON_INTERPRET=1'),
 ])
 def test_benchmark_scripts_reject_bad_input(script, args, message):
     proc = _run(script, *args)

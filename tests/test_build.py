@@ -1,9 +1,11 @@
 """Which kernels an install compiles (ddfnet.ops._native.cuda_build, used by setup.py and the JIT build): the
 CUDA kernels where a GPU will use them or they are asked for, and the CPU kernel alone, with one line saying
-why, where they cannot be built."""
+why, where they cannot be built or nvcc fails on them."""
 import os
+import runpy
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -87,6 +89,37 @@ def test_setup_py_fails_when_the_cuda_kernels_were_asked_for_and_cannot_be_built
     assert proc.stderr.strip().splitlines()[-1] == (
         f'ddfnet: DDFNET_BUILD_CUDA=1, but the CUDA kernels cannot be built: CUDA_HOME={tmp_path} is not a CUDA '
         'toolkit root (no include/cuda_runtime.h); set CUDA_HOME to one')
+
+
+def test_a_failed_cuda_build_falls_back_to_the_cpu_kernel_in_one_line(monkeypatch, capsys):
+    import setuptools
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(setuptools, 'setup', lambda **kwargs: None)
+    cpu_fallback = runpy.run_path(str(ROOT / 'setup.py'))['cpu_fallback']
+    capsys.readouterr()
+
+    class Build:  # torch's BuildExtension as far as the fallback sees it, with nvcc failing
+        def __init__(self, extensions):
+            self.extensions, self.built = extensions, []
+            self.compiler = SimpleNamespace(compile='compile', _compile='_compile')
+
+        def build_extensions(self):
+            assert (self.compiler.compile, self.compiler._compile) == ('compile', '_compile')  # unwrapped
+            if any(source.endswith('.cu') for ext in self.extensions for source in ext.sources):
+                self.compiler.compile = 'wrapped'
+                raise RuntimeError('ninja: build stopped: subcommand failed.\nError compiling objects for extension')
+            self.built += self.extensions
+
+    cuda_ext, cpu_ext = SimpleNamespace(sources=['ddf.cpp', 'ddf_cuda.cu']), SimpleNamespace(sources=['ddf.cpp'])
+    build = cpu_fallback(Build, cpu_ext, asked=False)([cuda_ext])
+    build.build_extensions()
+    assert build.built == [cpu_ext]
+    assert capsys.readouterr().err.splitlines() == ['ddfnet: building the CUDA kernels failed (Error compiling objects '
+                                                    'for extension); building the CPU kernel only']
+    asked = cpu_fallback(Build, cpu_ext, asked=True)([cuda_ext])  # DDFNET_BUILD_CUDA=1: the failure stands
+    with pytest.raises(RuntimeError, match='Error compiling objects for extension'):
+        asked.build_extensions()
+    assert asked.built == [] and capsys.readouterr().err == ''
 
 
 def test_make_asks_for_no_cuda_kernels_of_its_own():

@@ -1,6 +1,7 @@
-"""scripts/gpu_check.sh --dry-run: the GPU call's test selection is exactly the CUDA cases, the parts' caps fit
-its budget, every other part runs on the CPU (tiny problems), the summary names each with its status, and
-results.tar.gz holds what each part produced; bad arguments are one line."""
+"""scripts/gpu_check.sh --dry-run: the GPU call's test selection is exactly the CUDA cases (the Triton kernels'
+among them), the parts' caps fit its budget, every other part runs on the CPU (tiny problems; the Triton
+kernels' timing under triton's interpreter), the summary names each with its status, and results.tar.gz holds
+what each part produced; bad arguments are one line."""
 import json
 import os
 import re
@@ -74,6 +75,11 @@ def test_dry_run_checks_the_gpu_calls_selection_is_exactly_the_cuda_cases(dry_ru
     assert not [n for n in selected if backend(n) == 'emu']
     assert sorted(n for n in every if backend(n) == 'cuda') == sorted(n for n in selected if backend(n) == 'cuda')
     assert len([n for n in selected if n.startswith('tests/test_kernels.py::')]) > 1000
+    # The Triton kernels on CUDA tensors: every test of test_triton.py that runs them, none interpreted.
+    triton = {n.partition('[')[0] for n in selected if n.startswith('tests/test_triton.py::')}
+    assert triton and triton == {n.partition('[')[0] for n in every
+                                 if n.startswith('tests/test_triton.py::') and '[' in n}
+    assert not [n for n in selected if 'interpreter' in n]
     assert re.search(r'selected \d+ of \d+ collected', (results / 'test_cuda.log').read_text())
 
 
@@ -86,6 +92,9 @@ def test_dry_run_benchmark_and_training_results(dry_run):
     assert {r['stride'] for r in rows} == {1, 2} and all(r['layers'] for r in rows)
     assert all(r['peak_gbps'] is None and r['peak_source'] == 'unknown' and r['ddf_pct_peak'] is None for r in rows)
     assert all(r['implementation'] == 'native' for r in rows)
+    # The Triton kernels beside them (interpreted here), the first call apart, no % of an unknown peak.
+    assert all(r['triton_ms'] > 0 and r['triton_first_call_ms'] > 0 and r['triton_gbps'] is not None
+               and r['triton_pct_peak'] is None for r in rows)
     compare = json.loads((results / 'train_compare.json').read_text())
     assert len(compare['native']) == 8 and len(compare['reference']) == 4 and all(compare['checks'].values())
     assert 'ddfnet::ddf' in (results / 'profile_train_step.txt').read_text()

@@ -19,7 +19,7 @@ from torch import Tensor
 from .checks import check_ddf_args
 from .reference import new_output, output_size
 
-__all__ = ['available', 'forward', 'backward', 'CONFIGS', 'KERNELS']
+__all__ = ['available', 'forward', 'backward', 'check_sizes', 'CONFIGS', 'KERNELS']
 
 KERNELS = ('forward', 'grad_input', 'grad_channel_filter', 'grad_spatial_filter')
 # Per kernel (BLOCK_P pixels, BLOCK_C channels, num_warps, num_stages). Tiles of 1024 elements: the forward
@@ -75,11 +75,32 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+INDEX_LIMIT = 2 ** 31  # the kernels index within a sample in int32 (only the sample's offset is int64)
+GRID_LIMIT = 65535  # programs along a CUDA grid's second and third axes
+
+
+def check_sizes(kernel_size: int, *tensors: Tensor) -> None:
+    """Raises ValueError unless the kernels' int32 index arithmetic holds for these tensors: per sample
+    (dimensions 1-3) fewer than 2^31 elements and a farthest element, sum of (size - 1) * |stride|, below 2^31;
+    and the grid fits: batch, k * k and channels / 8 (the narrowest channel block) at most 65535."""
+    batch, channels = tensors[0].shape[:2]
+    if max(batch, kernel_size * kernel_size, _cdiv(channels, 8)) > GRID_LIMIT:
+        raise ValueError(f'ddf (Triton): batch, kernel_size ** 2 and channels / 8 must be at most {GRID_LIMIT}, '
+                         f'got {batch}, {kernel_size ** 2} and {channels} channels')
+    for t in tensors:
+        elements = t.shape[1] * t.shape[2] * t.shape[3]
+        farthest = sum((n - 1) * abs(s) for n, s in zip(t.shape[1:], t.stride()[1:]) if n)
+        if max(elements, farthest) >= INDEX_LIMIT:
+            raise ValueError(f'ddf (Triton): a sample of each tensor must span fewer than 2^31 elements (int32 '
+                             f'indexing), got sizes {tuple(t.shape)} with strides {t.stride()}')
+
+
 def forward(input: Tensor, channel_filter: Tensor, spatial_filter: Tensor, kernel_size: int, dilation: int,
             stride: int, kernel_combine: str, *, config: int | None = None) -> Tensor:
     """The DDF op's output, by the Triton forward kernel (``config``: an index into ``CONFIGS['forward']``
     instead of autotuning)."""
     check_ddf_args(input, channel_filter, spatial_filter, kernel_size, dilation, stride, kernel_combine)
+    check_sizes(kernel_size, input, channel_filter, spatial_filter)
     batch, channels, height, width = input.shape
     out_h, out_w = output_size(height, stride), output_size(width, stride)
     out = new_output(input, out_h, out_w, input.dtype)
@@ -109,6 +130,7 @@ def backward(grad_output: Tensor, input: Tensor, channel_filter: Tensor, spatial
     deterministic (fixed-order sums, no atomics); ``config`` as in :func:`forward`."""
     check_ddf_args(input, channel_filter, spatial_filter, kernel_size, dilation, stride, kernel_combine)
     _check_grad_output(grad_output, input, stride)
+    check_sizes(kernel_size, input, channel_filter, spatial_filter, grad_output)
     batch, channels, height, width = input.shape
     out_h, out_w = grad_output.shape[2:]
     taps = kernel_size * kernel_size

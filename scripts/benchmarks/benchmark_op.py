@@ -3,6 +3,7 @@
 
     python scripts/benchmarks/benchmark_op.py --dtypes fp32 bf16 --formats nchw nhwc --json ddf_op.jsonl
     python scripts/benchmarks/benchmark_op.py --model-layers ddf_resnet50 --layer-batch 256 --peak-gbps 4800
+    python scripts/benchmarks/benchmark_op.py --model-layers ddf_resnet50 --layer-batch 256 --triton
 
 Problems: each --shapes entry at --kernel-size / --stride / --dilation / --combine, and with
 --model-layers MODEL the op calls of that timm model's DDF layers (found by running it once on the meta
@@ -17,6 +18,11 @@ Contenders, per (shape, dtype, memory format), forward and forward+backward:
              on GPU (autotuned: cudnn.benchmark is on); forward+backward is the grads of input and weight.
   reference  ddf_forward_reference (+ ddf_backward_reference), called directly. It is slow, so it is
              skipped with --no-reference, and on CPU when B*C*Ho*Wo*k*k exceeds 1e8 ('skip' in the table).
+  triton     with --triton: the Triton kernels (ddfnet.ops.triton_ddf.forward, + backward), called
+             directly, whatever ddf runs; autotuned on CUDA tensors, triton's interpreter on CPU tensors
+             (TRITON_INTERPRET=1 set for the process). Its first call per configuration, untimed by the
+             rounds, is reported apart ('1st call': compiling and autotuning; fwd+bwd's first call comes
+             after the forward's, so it is the backward kernels' tuning plus one forward).
 NHWC puts the input, the spatial filter and grad_out in channels_last. Contenders run interleaved
 round by round so noise hits them alike; times are medians over --rounds after --warmup rounds, taken
 with CUDA events on GPU (L2 flushed before each call, so data starts in device memory) and
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import statistics
 import sys
 import warnings
@@ -125,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--warmup', type=int, default=5, help='untimed rounds first (default: 5)')
     parser.add_argument('--rounds', type=int, default=20, help='timed rounds; the median is reported (default: 20)')
     parser.add_argument('--no-reference', action='store_true', help='skip the (slow) reference path')
+    parser.add_argument('--triton', action='store_true',
+                        help='also time the Triton kernels and their first call (compile + autotune); on CPU '
+                             'needs TRITON_INTERPRET=1')
     parser.add_argument('--peak-gbps', type=float, help='peak memory bandwidth in GB/s (default: from the device)')
     parser.add_argument('--json', help='also write the JSON lines to this file')
     args = parser.parse_args(argv)
@@ -144,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         device = usable_device(args.device or default_device())
     except ValueError as e:
         parser.error(str(e))
+    if args.triton:
+        from ddfnet.ops import triton_ddf
+        if not triton_ddf.available():
+            parser.error('--triton: triton does not import')
+        if device.type != 'cuda' and os.environ.get('TRITON_INTERPRET', '') != '1':
+            parser.error("--triton on a CPU device needs TRITON_INTERPRET=1 (triton's interpreter)")
     k, dil, stride, combine = args.kernel_size, args.dilation, args.stride, args.combine
     shapes = args.shapes if args.shapes or args.model_layers else DEFAULT_SHAPES
     problems = [Problem(shape, k, dil, stride, combine) for shape in shapes or []]
@@ -189,8 +205,9 @@ def main(argv: list[str] | None = None) -> int:
             samples = {name: [s.elapsed_time(e) for s, e in pairs] for name, pairs in samples.items()}
         return {name: statistics.median(times) for name, times in samples.items()}
 
-    def bench(problem: Problem, dtype, fmt: str, with_reference: bool) -> dict:
-        """Median ms per (mode, contender) for one configuration; its tensors die on return."""
+    def bench(problem: Problem, dtype, fmt: str, with_reference: bool) -> tuple[dict, dict]:
+        """Median ms per (mode, contender) for one configuration, and ms of the Triton kernels' first call per
+        mode (empty without --triton); its tensors die on return."""
         shape, k, dil, stride, combine = problem[:5]
         batch, channels, height, width = shape
         out_h, out_w = (height - 1) // stride + 1, (width - 1) // stride + 1
@@ -230,7 +247,18 @@ def main(argv: list[str] | None = None) -> int:
                ('fwd+bwd', 'ddf'): ddf_fwd_bwd, ('fwd+bwd', 'dwconv'): conv_fwd_bwd}
         if with_reference:
             fns.update({('forward', 'reference'): ref_fwd, ('fwd+bwd', 'reference'): ref_fwd_bwd})
-        return time_ms(fns)
+        first = {}
+        if args.triton:
+            def triton_fwd() -> object:
+                return triton_ddf.forward(x, cf, sf, *ddf_args)
+
+            def triton_fwd_bwd() -> object:
+                triton_ddf.forward(x, cf, sf, *ddf_args)
+                return triton_ddf.backward(grad_out, x, cf, sf, *ddf_args)
+
+            first = {'forward': timed(triton_fwd, device) * 1e3, 'fwd+bwd': timed(triton_fwd_bwd, device) * 1e3}
+            fns.update({('forward', 'triton'): triton_fwd, ('fwd+bwd', 'triton'): triton_fwd_bwd})
+        return time_ms(fns), first
 
     env = dict(environment(device), implementation=ddfnet.ops.implementation(device.type),
                peak_gbps=None if peak is None else round(peak, 1), peak_source=peak_source, cudnn_benchmark=cuda,
@@ -240,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
           f'{"unknown" if peak is None else f"{peak:.0f} GB/s ({peak_source})"}; medians of {args.rounds} '
           f'rounds after {args.warmup} warm-up, ms')
     header = (f'{"shape":<16}{"k/s/d comb":<12}{"dtype":<6}{"fmt":<6}{"mode":<9}{"ddf":>10}{"dwconv":>10}{"reference":>11}'
-              f'{"ddf/dw":>8}{"GB/s":>9}{"%peak":>7}')
+              f'{"ddf/dw":>8}{"GB/s":>9}{"%peak":>7}'
+              + (f'{"triton":>10}{"tr/dw":>8}{"tr %peak":>9}{"1st call":>10}' if args.triton else ''))
     print(header + '\n' + '-' * len(header))
     rows, skipped_note = [], ''
     dtypes = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -253,26 +282,36 @@ def main(argv: list[str] | None = None) -> int:
         skip = '--no-reference' if args.no_reference else None
         if skip is None and not cuda and out * k * k > REFERENCE_CPU_LIMIT:
             skip = f'CPU and B*C*Ho*Wo*k*k > {REFERENCE_CPU_LIMIT:,}'
-        medians = bench(problem, dtypes[dtype_name], fmt, with_reference=skip is None)
+        medians, first = bench(problem, dtypes[dtype_name], fmt, with_reference=skip is None)
         # The bandwidth model of the docstring: backward re-reads x and both filters and reads grad_out.
         elements = {'forward': x + cf + sf + out, 'fwd+bwd': (x + cf + sf + out) + out + 2 * (x + cf + sf)}
         for mode, count in elements.items():
-            ddf_ms, conv_ms, ref_ms = (medians.get((mode, c)) for c in ('ddf', 'dwconv', 'reference'))
+            ddf_ms, conv_ms, ref_ms, tr_ms = (medians.get((mode, c)) for c in ('ddf', 'dwconv', 'reference', 'triton'))
             nbytes = count * dtypes[dtype_name].itemsize
             gbps = nbytes / (ddf_ms * 1e-3) / 1e9
             pct = None if peak is None else 100 * gbps / peak
+            tr_gbps = None if tr_ms is None else nbytes / (tr_ms * 1e-3) / 1e9
+            tr_pct = None if tr_gbps is None or peak is None else 100 * tr_gbps / peak
+            triton = dict(triton_ms=None if tr_ms is None else round(tr_ms, 4),
+                          triton_first_call_ms=round(first[mode], 4) if first else None,
+                          ratio_triton_dwconv=None if tr_ms is None else round(tr_ms / conv_ms, 3),
+                          triton_gbps=None if tr_gbps is None else round(tr_gbps, 1),
+                          triton_pct_peak=None if tr_pct is None else round(tr_pct, 1))
             rows.append(dict(shape='x'.join(map(str, shape)), batch=batch, channels=channels, height=height,
                              width=width, kernel_size=k, dilation=dil, stride=stride, combine=combine,
                              dtype=dtype_name, format=fmt, mode=mode, ddf_ms=round(ddf_ms, 4),
                              dwconv_ms=round(conv_ms, 4), reference_ms=None if ref_ms is None else round(ref_ms, 4),
                              reference_skipped=skip, ratio_ddf_dwconv=round(ddf_ms / conv_ms, 3),
                              ddf_bytes=nbytes, ddf_gbps=round(gbps, 1),
-                             ddf_pct_peak=None if pct is None else round(pct, 1), layers=list(layers), **env))
+                             ddf_pct_peak=None if pct is None else round(pct, 1), **triton, layers=list(layers),
+                             **env))
             skipped_note = f'skip: reference not run ({skip})' if skip else skipped_note
             print(f'{rows[-1]["shape"]:<16}{f"{k}/{stride}/{dil} {combine}":<12}{dtype_name:<6}{fmt:<6}{mode:<9}'
                   f'{ddf_ms:>10.3f}{conv_ms:>10.3f}'
                   f'{"skip" if ref_ms is None else f"{ref_ms:.3f}":>11}{ddf_ms / conv_ms:>8.2f}'
-                  f'{gbps:>9.1f}{"-" if pct is None else f"{pct:.1f}":>7}', flush=True)
+                  f'{gbps:>9.1f}{"-" if pct is None else f"{pct:.1f}":>7}'
+                  + (f'{tr_ms:>10.3f}{tr_ms / conv_ms:>8.2f}{"-" if tr_pct is None else f"{tr_pct:.1f}":>9}'
+                     f'{first[mode]:>10.1f}' if first else ''), flush=True)
     if skipped_note:
         print(skipped_note)
     emit_json_lines(rows, args.json)
