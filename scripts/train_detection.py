@@ -18,11 +18,13 @@ the baseline its results are shown next to. Each epoch ends with a checkpoint (`
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -35,7 +37,7 @@ from ddfnet.training.checkpoint import save_checkpoint, start_or_resume
 from ddfnet.training.distributed import init_distributed
 from ddfnet.training.engine import autocast_context
 from ddfnet.utils.io import write_results
-from ddfnet.utils.weights import load_checkpoint, model_state_dict
+from ddfnet.utils.weights import load_checkpoint, load_weights, model_state_dict
 
 MODELS = {'fasterrcnn_resnet50_ddfup_fpn': fasterrcnn_resnet50_ddfup_fpn,
           'fasterrcnn_ddf_resnet50_ddfup_fpn': fasterrcnn_ddf_resnet50_ddfup_fpn}
@@ -43,6 +45,9 @@ CONFIG_KEYS = ('data', 'data_dir', 'model', 'upsample', 'backbone_checkpoint', '
                'trainable_backbone_layers', 'fpn_channels', 'min_size', 'max_size', 'proposals', 'test_proposals',
                'rpn_batch_size', 'box_batch_size', 'epochs', 'batch_size', 'lr', 'momentum', 'weight_decay',
                'lr_steps', 'warmup_iters', 'hflip', 'seed', 'workers', 'amp', 'amp_dtype', 'device', 'output')
+
+# What a resumed run may set anew; the rest must be what the run was started with.
+RESUME_MAY_CHANGE = ('data_dir', 'epochs', 'workers', 'device', 'output')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +104,8 @@ def check_args(args: argparse.Namespace) -> None:
                         f'got {args.lr_steps}')
     if args.checkpoint and not args.evaluate_only:
         raise UserError('--checkpoint is for --evaluate-only (--resume continues a run in --output)')
+    if importlib.util.find_spec('pycocotools') is None:
+        raise UserError('scoring needs pycocotools: pip install "ddfnet[detection]"')
     if args.backbone_checkpoint and not os.path.isfile(args.backbone_checkpoint):
         raise UserError(f'--backbone-checkpoint {args.backbone_checkpoint}: no such file')
 
@@ -146,11 +153,14 @@ def score(model: torch.nn.Module, loader, annotation_file: str, device: torch.de
             detections += [{'image_id': int(target['image_id']), 'category_id': label, 'bbox': box, 'score': s}
                            for box, label, s in zip(boxes.tolist(), out['labels'].tolist(),
                                                     out['scores'].float().tolist())]
-    if dist.is_initialized():
-        gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, detections)
-        detections = [d for part in gathered for d in part]
-    return coco_scores(annotation_file, detections)
+    if not dist.is_initialized():
+        return coco_scores(annotation_file, detections)
+    # Rank 0 scores every rank's detections and tells the others the result.
+    gathered: list | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(detections, gathered)
+    result = [coco_scores(annotation_file, [d for part in gathered for d in part]) if gathered else None]
+    dist.broadcast_object_list(result)
+    return result[0]
 
 
 def lr_factor(step: int, steps_per_epoch: int, args: argparse.Namespace) -> float:
@@ -182,8 +192,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.evaluate_only:
         if args.checkpoint:
-            model.load_state_dict(model_state_dict(load_checkpoint(args.checkpoint), args.checkpoint))
+            load_weights(model, model_state_dict(load_checkpoint(args.checkpoint), args.checkpoint), args.checkpoint,
+                         type(model).__name__)
         report(args.checkpoint or 'untrained', score(model, val_loader, annotation_file, device, amp_autocast))
+        if dist.is_initialized():
+            dist.destroy_process_group()
         return 0
 
     if len(train_loader) == 0:
@@ -194,8 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, args))
     # float16 autocast needs loss scaling (bfloat16 has float32's range); a disabled scaler is a no-op.
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and args.amp_dtype == 'float16')
-    state = start_or_resume(args.output, args.resume)
+    state = start_or_resume(args.output, args.resume, resolved_config(args, CONFIG_KEYS), RESUME_MAY_CHANGE)
     if state is not None:
+        if state['steps_per_epoch'] != steps_per_epoch:  # the schedule counts steps: a new world size moves it
+            raise UserError(f"--resume: the run in {args.output} took {state['steps_per_epoch']} steps an epoch, "
+                            f'this one would take {steps_per_epoch} (resume with as many processes)')
         for name, part in (('model', model), ('optimizer', optimizer), ('scheduler', scheduler), ('scaler', scaler)):
             part.load_state_dict(state[name])
         start_epoch, best, untrained = state['epoch'] + 1, state['best_map'], state['untrained']
@@ -209,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     for epoch in range(start_epoch, args.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
-        torch.manual_seed(args.seed + 1000 * epoch + args.rank)  # the flips: a resumed run repeats them
+        # The flips' random numbers, from (seed, epoch, rank) alone: a resumed run draws what it would have.
+        torch.manual_seed(int(np.random.SeedSequence([args.seed, epoch, args.rank]).generate_state(1)[0]))
         trained.train()
         started, sums = time.time(), {}
         for step, (images, targets) in enumerate(train_loader):
@@ -239,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             save_checkpoint(args.output, {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
                                           'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict(),
                                           'epoch': epoch, 'best_map': best, 'untrained': untrained,
+                                          'steps_per_epoch': steps_per_epoch,
                                           'config': resolved_config(args, CONFIG_KEYS)}, is_best=is_best)
         mean = ', '.join(f'{k.removeprefix("loss_")} {v / steps_per_epoch:.3f}' for k, v in sums.items())
         say(f'epoch {epoch}: loss {mean}; {time.time() - started:.1f} s')

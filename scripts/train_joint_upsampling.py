@@ -36,10 +36,13 @@ from ddfnet.training.checkpoint import save_checkpoint, start_or_resume
 from ddfnet.training.distributed import init_distributed
 from ddfnet.training.engine import autocast_context
 from ddfnet.utils.io import write_results
-from ddfnet.utils.weights import load_checkpoint, model_state_dict
+from ddfnet.utils.weights import load_checkpoint, load_weights, model_state_dict
 
 CONFIG_KEYS = ('data', 'data_dir', 'scale_factor', 'features', 'kernel_size', 'residual', 'epochs', 'batch_size', 'lr', 'crop_size',
                'max_depth', 'border', 'seed', 'workers', 'amp', 'amp_dtype', 'device', 'output')
+
+# What a resumed run may set anew; the rest must be what the run was started with.
+RESUME_MAY_CHANGE = ('data_dir', 'epochs', 'workers', 'device', 'output')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.evaluate_only:
         if args.checkpoint:
-            model.load_state_dict(model_state_dict(load_checkpoint(args.checkpoint), args.checkpoint))
+            load_weights(model, model_state_dict(load_checkpoint(args.checkpoint), args.checkpoint), args.checkpoint,
+                         type(model).__name__)
         result = {'scale_factor': args.scale_factor, **score(model, val_loader, args, device,
                                                                                      amp_autocast)}
         say(f"x{args.scale_factor}: RMSE (x1e-2) {result['rmse']:.3f}, bilinear {result['bilinear_rmse']:.3f}")
@@ -161,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs * len(train_loader))
     start_epoch, best = 0, math.inf
-    state = start_or_resume(args.output, args.resume)
+    state = start_or_resume(args.output, args.resume, resolved_config(args, CONFIG_KEYS), RESUME_MAY_CHANGE)
     if state is not None:
         model.load_state_dict(state['model'])
         optimizer.load_state_dict(state['optimizer'])

@@ -180,6 +180,8 @@ def test_bad_input_is_refused_in_one_line():
         fasterrcnn_resnet50_ddfup_fpn(returned_layers=[2, 5])
     with pytest.raises(ValueError, match='trainable_backbone_layers must be in 0..5'):
         fasterrcnn_resnet50_ddfup_fpn(trainable_backbone_layers=6)
+    with pytest.raises(ValueError, match='trainable_backbone_layers=3 would freeze randomly initialised stages'):
+        fasterrcnn_resnet50_ddfup_fpn(trainable_backbone_layers=3)
     pool = MultiScaleRoIAlign(['p2', 'p3'], 7, 2)
     with pytest.raises(ValueError, match=r"featmap_names \['p2', 'p3'\] name levels the FPN does not output"):
         fasterrcnn_resnet50_ddfup_fpn(box_roi_pool=pool)

@@ -76,9 +76,10 @@ def _box_outside(data):
 
 
 @pytest.mark.parametrize('change, message', [
-    (_box_outside, r'annotation 1: box \[50.0, 10.0, 20.0, 5.0\] \(x, y, width, height\) is empty or outside '
+    (_box_outside, r'annotation 1: box \[50.0, 10.0, 20.0, 5.0\] \(x, y, width, height\) is negative or outside '
                    r'its image 00000.png of 64x64'),
-    (lambda d: d['annotations'][0].update(bbox=[1, 2, 0, 5]), r'annotation 1: box \[1, 2, 0, 5\] .* is empty'),
+    (lambda d: d['annotations'][0].update(bbox=[1, 2, -1, 5]), r'annotation 1: box \[1, 2, -1, 5\] .* is negative'),
+    (lambda d: d['categories'][0].update(id=0), r'category ids must be integers >= 1 \(0 is the background\), got 0'),
     (lambda d: d['annotations'][0].update(category_id=9), r'annotation 1 has category 9, not one of \[1, 2, 3, 4, 5\]'),
     (lambda d: d['annotations'][0].update(image_id=99), 'annotation 1 names image 99, which the file does not list'),
     (lambda d: d['annotations'][0].update(bbox=[1, 2, 3]), r'annotation 1: bbox must be \[x, y, width, height\]'),
@@ -111,6 +112,17 @@ def test_coco_2017_layout_and_boxes_a_rounding_error_past_the_edge(root, tmp_pat
     dataset = CocoDetectionFolder(str(coco), 'val')
     assert dataset.annotation_file == str(coco / 'annotations' / 'instances_val2017.json')
     assert dataset[0][1]['boxes'][0].tolist() == [60.0, 0.0, 64.0, 9.5]  # clipped to the image
+    # Boxes of zero height (COCO 2017 has some) or empty once clipped: left out of the targets, with a warning.
+    labels = dataset[0][1]['labels']
+    data['annotations'][0]['bbox'] = [10.0, 20.0, 5.0, 0.0]
+    data['annotations'][1]['bbox'] = [64.2, 3.0, 0.5, 4.0]
+    (coco / 'annotations' / 'instances_val2017.json').write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match=r'2 annotations with an empty box \(e.g. annotation 1\) are left out'):
+        dataset = CocoDetectionFolder(str(coco), 'val')
+    first_two = [a['image_id'] for a in data['annotations'][:2]]
+    kept = sum(len(dataset[i][1]['labels']) for i in range(len(dataset)))
+    assert kept == len(data['annotations']) - 2 and dataset.empty_boxes == [1, 2] and first_two[0] == 1
+    assert len(dataset[0][1]['labels']) == len(labels) - first_two.count(1)
 
 
 def test_horizontal_flip_mirrors_image_and_boxes(root):

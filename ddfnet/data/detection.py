@@ -3,8 +3,10 @@
 A COCO-format folder holds, per split, an annotation file (COCO's ``images``, ``annotations`` with ``bbox``
 as [x, y, width, height] in pixels, ``categories``) and the images it names: ``<split>/annotations.json``
 with ``<split>/images/``, or COCO 2017's own layout. The reader checks the whole file when it opens it, so a
-bad annotation (a box outside its image by more than a pixel, an unknown category or image id, a missing
-image file) is one ValueError naming it, before any training starts.
+bad annotation (a box outside its image by more than a pixel, an unknown category or image id, a category id
+below 1, a missing image file) is one ValueError naming it, before any training starts. Boxes are clipped to
+their image; those left empty (COCO 2017 has a few of zero height) are left out of the targets, with a
+warning.
 
 The generated set ("detection-demo") places one to three of the classification demo's shapes, each in its
 own colour, at random non-overlapping positions on a textured background; each shape's box is its drawn
@@ -16,6 +18,7 @@ import contextlib
 import io
 import json
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -94,12 +97,17 @@ def ensure_detection_demo(cache_dir: str | None = None, train: int = 256, val: i
 _EDGE = 1.0
 
 
-def _checked_annotations(path: str, data: Any, image_dir: str) -> tuple[list[dict], dict[int, list[dict]]]:
-    """The images of COCO file ``path`` and their annotations by image id; one ValueError for the first problem."""
+def _checked_annotations(path: str, data: Any, image_dir: str) -> tuple[list[dict], dict[Any, list], list]:
+    """The images of COCO file ``path``, the boxes ([x0, y0, x1, y1] clipped to the image) and category ids
+    of their non-crowd annotations by image id, and the ids of annotations left out for an empty box; one
+    ValueError for the first problem."""
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ('images', 'annotations',
                                                                                       'categories')):
         raise ValueError(f'{path}: not a COCO annotation file (needs lists images, annotations, categories)')
     categories = {c.get('id') for c in data['categories']}
+    for category in categories:  # the detectors' label 0 is the background
+        if not (isinstance(category, int) and not isinstance(category, bool) and category >= 1):
+            raise ValueError(f'{path}: category ids must be integers >= 1 (0 is the background), got {category!r}')
     images = {}
     for image in data['images']:
         if not {'id', 'file_name', 'width', 'height'} <= set(image):
@@ -107,7 +115,8 @@ def _checked_annotations(path: str, data: Any, image_dir: str) -> tuple[list[dic
         if not os.path.isfile(os.path.join(image_dir, image['file_name'])):
             raise ValueError(f"{path}: image {image['id']} file {image['file_name']} is not in {image_dir}")
         images[image['id']] = image
-    by_image: dict[int, list[dict]] = {i: [] for i in images}
+    by_image: dict[Any, list] = {i: [] for i in images}
+    empty = []
     for ann in data['annotations']:
         name = f"{path}: annotation {ann.get('id')}"
         image = images.get(ann.get('image_id'))
@@ -119,11 +128,16 @@ def _checked_annotations(path: str, data: Any, image_dir: str) -> tuple[list[dic
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(n, (int, float)) for n in bbox)):
             raise ValueError(f'{name}: bbox must be [x, y, width, height], got {bbox}')
         x, y, w, h = bbox
-        if w <= 0 or h <= 0 or x < -_EDGE or y < -_EDGE or x + w > image['width'] + _EDGE or y + h > image['height'] + _EDGE:
-            raise ValueError(f"{name}: box {bbox} (x, y, width, height) is empty or outside its image "
-                             f"{image['file_name']} of {image['width']}x{image['height']}")
-        by_image[image['id']].append(ann)
-    return list(images.values()), by_image
+        width, height = image['width'], image['height']
+        if w < 0 or h < 0 or x < -_EDGE or y < -_EDGE or x + w > width + _EDGE or y + h > height + _EDGE:
+            raise ValueError(f"{name}: box {bbox} (x, y, width, height) is negative or outside its image "
+                             f"{image['file_name']} of {width}x{height}")
+        box = [max(x, 0), max(y, 0), min(x + w, width), min(y + h, height)]
+        if box[2] <= box[0] or box[3] <= box[1]:  # COCO 2017 has a few boxes of zero height
+            empty.append(ann.get('id'))
+        elif not ann.get('iscrowd', 0):
+            by_image[image['id']].append((box, ann['category_id']))
+    return list(images.values()), by_image, empty
 
 
 def coco_split_paths(root: str, split: str) -> tuple[str, str]:
@@ -155,7 +169,11 @@ class CocoDetectionFolder(Dataset):
             raise ValueError(f'{path}: not valid JSON ({e})') from None
         self.annotation_file = path
         self.hflip = hflip
-        self.images, self.annotations = _checked_annotations(path, data, self.image_dir)
+        self.images, self.boxes, self.empty_boxes = _checked_annotations(path, data, self.image_dir)
+        if self.empty_boxes:  # left out of the targets (torchvision's detectors refuse empty boxes), as
+            # torchvision's detection reference and MMDetection do
+            warnings.warn(f'{path}: {len(self.empty_boxes)} annotations with an empty box (e.g. annotation '
+                          f'{self.empty_boxes[0]}) are left out of the training targets', stacklevel=2)
         self.categories = {c['id']: c.get('name', str(c['id'])) for c in data['categories']}
 
     def __len__(self) -> int:
@@ -168,17 +186,14 @@ class CocoDetectionFolder(Dataset):
         if pixels.shape[:2] != (info['height'], info['width']):
             raise ValueError(f"{info['file_name']} is {pixels.shape[1]}x{pixels.shape[0]}, its annotation file says "
                              f"{info['width']}x{info['height']}")
-        anns = [a for a in self.annotations[info['id']] if not a.get('iscrowd', 0)]
-        boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a['bbox'] for a in anns)],
-                             dtype=torch.float32).reshape(-1, 4)
-        boxes = torch.minimum(boxes.clamp(min=0), torch.tensor([info['width'], info['height']] * 2))
+        boxes = torch.tensor([box for box, _ in self.boxes[info['id']]], dtype=torch.float32).reshape(-1, 4)
+        labels = torch.tensor([category for _, category in self.boxes[info['id']]], dtype=torch.int64)
         image = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
         if self.hflip and torch.rand(()) < 0.5:
             image = image.flip(-1)
             boxes = torch.stack([info['width'] - boxes[:, 2], boxes[:, 1], info['width'] - boxes[:, 0], boxes[:, 3]], 1)
         return (image,
-                {'boxes': boxes, 'labels': torch.tensor([a['category_id'] for a in anns], dtype=torch.int64),
-                 'image_id': torch.tensor(info['id'])})
+                {'boxes': boxes, 'labels': labels, 'image_id': torch.tensor(info['id'])})
 
 
 def collate_detection(batch: list[tuple[Tensor, dict[str, Tensor]]]) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
@@ -193,7 +208,7 @@ def coco_scores(annotation_file: str, detections: list[dict[str, Any]]) -> dict[
     ``map_medium``, ``map_large`` (-1 where the set has no object of that size).
 
     ``detections`` are COCO results: ``image_id``, ``category_id``, ``bbox`` [x, y, width, height] and
-    ``score``. Every image of the file counts, detected or not; no detections at all score 0.
+    ``score``. Every image of the file counts, detected or not; no detections at all score 0 everywhere.
     """
     try:
         from pycocotools.coco import COCO

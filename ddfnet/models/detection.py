@@ -145,6 +145,9 @@ def _trainable_layers(pretrained: bool, trainable_backbone_layers: int | None) -
         return 3 if pretrained else 5
     if not 0 <= trainable_backbone_layers <= 5:
         raise ValueError(f'trainable_backbone_layers must be in 0..5, got {trainable_backbone_layers}')
+    if not pretrained and trainable_backbone_layers < 5:  # (torchvision warns and trains all 5)
+        raise ValueError(f'trainable_backbone_layers={trainable_backbone_layers} would freeze randomly initialised '
+                         'stages: pass backbone_checkpoint, or leave it at 5')
     return trainable_backbone_layers
 
 

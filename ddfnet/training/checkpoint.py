@@ -92,18 +92,32 @@ def save_checkpoint(run_dir: str, state: dict[str, Any], *, is_best: bool = Fals
             os.remove(path)
 
 
-def start_or_resume(run_dir: str, resume: bool) -> dict[str, Any] | None:
-    """The state a training script starts from: with ``resume``, the run's ``last`` checkpoint (a
-    :class:`UserError` when it has none); otherwise ``None`` for a new run, after checking that ``run_dir``
-    holds no run a new one would overwrite."""
+def start_or_resume(run_dir: str, resume: bool, config: dict[str, Any] | None = None,
+                    may_change: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    """The state a training script starts from: with ``resume``, the run's ``last`` checkpoint; otherwise
+    ``None`` for a new run, after checking that ``run_dir`` holds no run a new one would overwrite.
+
+    A resumed run must be the same run: each value of ``config`` but those named in ``may_change`` must equal
+    the one the checkpoint saved under ``'config'``, and the run must have epochs left (``config['epochs']``
+    beyond the checkpoint's ``'epoch'``). Anything else is a :class:`UserError` in one line.
+    """
     last = os.path.join(run_dir, LAST)
-    if resume:
-        if not os.path.isfile(last):
-            raise UserError(f'--resume: no {LAST} in {run_dir}')
-        return load_checkpoint(last)
-    if os.path.isfile(last):
-        raise UserError(f'{run_dir} holds a run: pass --resume to continue it, or another --output')
-    return None
+    if not resume:
+        if os.path.isfile(last):
+            raise UserError(f'{run_dir} holds a run: pass --resume to continue it, or another --output')
+        return None
+    if not os.path.isfile(last):
+        raise UserError(f'--resume: no {LAST} in {run_dir}')
+    state = load_checkpoint(last)
+    saved = state.get('config', {})
+    for key, value in (config or {}).items():
+        if key not in may_change and key in saved and saved[key] != value:
+            raise UserError(f'--resume: the run in {run_dir} has {key} {saved[key]!r}, not {value!r} '
+                            f'(only {", ".join(may_change) or "nothing"} may change when resuming)')
+    if config and 'epochs' in config and state['epoch'] + 1 >= config['epochs']:
+        raise UserError(f'--resume: the run in {run_dir} has finished its {state["epoch"] + 1} epochs; raise --epochs '
+                        'to continue it')
+    return state
 
 
 def rng_state() -> dict[str, Any]:
