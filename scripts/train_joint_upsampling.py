@@ -158,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         result = {'scale_factor': args.scale_factor, **score(model, val_loader, args, device,
                                                                                      amp_autocast)}
         say(f"x{args.scale_factor}: RMSE (x1e-2) {result['rmse']:.3f}, bilinear {result['bilinear_rmse']:.3f}")
+        if dist.is_initialized():  # an exit with the group alive can abort in gloo's threads
+            dist.destroy_process_group()
         return 0
 
     if len(train_loader) == 0:

@@ -34,9 +34,18 @@ def dry_run(tmp_path_factory):
     return result, out
 
 
-@pytest.mark.slow  # scripts/gpu_check.sh --dry-run: every part, ~2 min
-def test_dry_run_runs_every_part(dry_run):
+@pytest.mark.slow  # scripts/gpu_check.sh --dry-run: every part, ~2.5 min
+def test_dry_run(dry_run):
+    """One test reads the dry run: under pytest-xdist a module fixture runs once per worker, and two workers
+    would each make the 2.5-minute run."""
     result, out = dry_run
+    check_every_part_ran(result, out)
+    check_results(out)
+    check_the_gpu_calls_selection_is_exactly_the_cuda_cases(out)
+    check_benchmark_and_training_results(out)
+
+
+def check_every_part_ran(result, out):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     summary = (out / 'summary.txt').read_text()
     assert result.stdout.endswith(summary)  # printed last
@@ -47,9 +56,7 @@ def test_dry_run_runs_every_part(dry_run):
     assert sorted(os.listdir(out)) == ['results', 'results.tar.gz', 'summary.txt']  # a GPU call returns few files
 
 
-@pytest.mark.slow  # reads the dry run above
-def test_dry_run_results(dry_run):
-    _, out = dry_run
+def check_results(out):
     results = out / 'results'
     for part in PARTS:
         assert (results / f'{part}.log').is_file(), part
@@ -60,9 +67,7 @@ def test_dry_run_results(dry_run):
     assert int(suite.get('skipped')) == 0
 
 
-@pytest.mark.slow  # reads the dry run above
-def test_dry_run_checks_the_gpu_calls_selection_is_exactly_the_cuda_cases(dry_run):
-    _, out = dry_run
+def check_the_gpu_calls_selection_is_exactly_the_cuda_cases(out):
     results = out / 'results'
     selected = [line.strip() for line in (results / 'test_cuda_selection.txt').read_text().splitlines() if '::' in line]
     every = [line.strip() for line in (results / 'test_cuda_all.txt').read_text().splitlines() if '::' in line]
@@ -83,9 +88,7 @@ def test_dry_run_checks_the_gpu_calls_selection_is_exactly_the_cuda_cases(dry_ru
     assert re.search(r'selected \d+ of \d+ collected', (results / 'test_cuda.log').read_text())
 
 
-@pytest.mark.slow  # reads the dry run above
-def test_dry_run_benchmark_and_training_results(dry_run):
-    _, out = dry_run
+def check_benchmark_and_training_results(out):
     results = out / 'results'
     rows = [json.loads(line) for line in (results / 'op_layers.jsonl').read_text().splitlines()]
     # The peak bandwidth comes from the device: none on the CPU, so no % of it.
