@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from ddfnet.cli import OneLineArgumentParser, UserError, parse_args, rejected_as, resolved_config, run_main
 from ddfnet.data.detection import CocoDetectionFolder, coco_scores, collate_detection, ensure_detection_demo
 from ddfnet.models import fasterrcnn_ddf_resnet50_ddfup_fpn, fasterrcnn_resnet50_ddfup_fpn
+from ddfnet.training.args import add_run_arguments
 from ddfnet.training.checkpoint import save_checkpoint, start_or_resume
 from ddfnet.training.distributed import init_distributed
 from ddfnet.training.engine import autocast_context
@@ -79,16 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--warmup-iters', type=int, default=500, help='linear warm-up from lr / 1000, in steps')
     parser.add_argument('--hflip', action=argparse.BooleanOptionalAction, default=True,
                         help='random horizontal flips of the training images')
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--workers', type=int, default=0)
-    parser.add_argument('--amp', action=argparse.BooleanOptionalAction, default=False)
-    parser.add_argument('--amp-dtype', default='bfloat16', choices=('float16', 'bfloat16'))
-    parser.add_argument('--device', default='cpu')
-    parser.add_argument('--dist-timeout', type=float, default=600.0)
-    parser.add_argument('--output', default='output/detection', help='run folder')
-    parser.add_argument('--resume', action='store_true', help="continue the run in --output from its 'last' checkpoint")
-    parser.add_argument('--evaluate-only', action='store_true', help='score --checkpoint (or the untrained model)')
-    parser.add_argument('--checkpoint', help='detector weights to score with --evaluate-only')
+    add_run_arguments(parser, output='output/detection', weights='detector weights')
     return parser
 
 

@@ -32,6 +32,7 @@ from ddfnet.cli import OneLineArgumentParser, UserError, parse_args, resolved_co
 from ddfnet.data.rgbd import RGBDFolder, center_sample, ensure_rgbd_demo
 from ddfnet.models import BilinearJointUpsampling, DDFUpJointUpsamplingNet
 from ddfnet.models.joint_upsampling import SCALE_FACTORS
+from ddfnet.training.args import add_run_arguments
 from ddfnet.training.checkpoint import save_checkpoint, start_or_resume
 from ddfnet.training.distributed import init_distributed
 from ddfnet.training.engine import autocast_context
@@ -61,16 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--crop-size', type=int, default=0, help='random square training crops (0: whole images)')
     parser.add_argument('--max-depth', type=float, default=10.0, help='depth is divided by this for the loss')
     parser.add_argument('--border', type=int, default=6, help='pixels left out of the RMSE at each side')
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--workers', type=int, default=0)
-    parser.add_argument('--amp', action=argparse.BooleanOptionalAction, default=False)
-    parser.add_argument('--amp-dtype', default='bfloat16', choices=('float16', 'bfloat16'))
-    parser.add_argument('--device', default='cpu')
-    parser.add_argument('--dist-timeout', type=float, default=600.0)
-    parser.add_argument('--output', default='output/joint_upsampling', help='run folder')
-    parser.add_argument('--resume', action='store_true', help="continue the run in --output from its 'last' checkpoint")
-    parser.add_argument('--evaluate-only', action='store_true', help='score --checkpoint (or the untrained model)')
-    parser.add_argument('--checkpoint', help='weights to score with --evaluate-only')
+    add_run_arguments(parser, output='output/joint_upsampling', weights='weights')
     return parser
 
 

@@ -1,11 +1,28 @@
-"""Arguments of ``train.py``. Names follow timm's ``train.py`` where one exists; a config file's keys are
-these names with underscores (``--batch-size`` -> ``batch_size``)."""
+"""Arguments of ``train.py``, and those the task scripts (scripts/train_detection.py,
+scripts/train_joint_upsampling.py) share. Names follow timm's ``train.py`` where one exists; a config file's
+keys are these names with underscores (``--batch-size`` -> ``batch_size``)."""
 from __future__ import annotations
 
 import argparse
 
 from ..cli import OneLineArgumentParser, yaml_mapping
 from ..data.datasets import default_workers
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, output: str, weights: str) -> None:
+    """The task scripts' options for how a run goes, where it writes and what it scores: seed, workers, AMP,
+    device, torchrun timeout, the run folder (default ``output``), resume, evaluate-only and the checkpoint it
+    scores (``weights``: what that checkpoint holds, for the help)."""
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--workers', type=int, default=0)
+    parser.add_argument('--amp', action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument('--amp-dtype', default='bfloat16', choices=('float16', 'bfloat16'))
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--dist-timeout', type=float, default=600.0)
+    parser.add_argument('--output', default=output, help='run folder')
+    parser.add_argument('--resume', action='store_true', help="continue the run in --output from its 'last' checkpoint")
+    parser.add_argument('--evaluate-only', action='store_true', help='score --checkpoint (or the untrained model)')
+    parser.add_argument('--checkpoint', help=f'{weights} to score with --evaluate-only')
 
 
 def train_parser() -> argparse.ArgumentParser:
